@@ -1,0 +1,404 @@
+//! Configuration: defaults, an optional TOML file, environment overrides and validation.
+//!
+//! Precedence, lowest first: built-in defaults, the `--config` file, `AMQP_URL` /
+//! `DESKBRIDGE_BIND`, command-line flags. Validation runs once, on the merged result, so a
+//! mistake is reported with the key that holds it whatever its source.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::transform::TransformRule;
+
+/// Everything deskbridge needs to run; each field has a default (see `README.md`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// HTTP/WebSocket listen address; port 0 picks a free port (tests).
+    pub bind: String,
+    /// HTTP worker threads; 0 means one per core.
+    pub workers: usize,
+    /// Desks a browser may subscribe to; a routing key's desk is the text before its first `_`.
+    pub desks: Vec<String>,
+    /// Event names accepted in both directions.
+    pub events: Vec<String>,
+    /// Upper bound for a graceful shutdown, in milliseconds.
+    pub shutdown_timeout_ms: u64,
+    /// RabbitMQ side.
+    pub amqp: AmqpConfig,
+    /// Browser side.
+    pub ws: WsConfig,
+    /// Per-desk data transforms, applied in order.
+    pub transforms: Vec<TransformRule>,
+}
+
+/// RabbitMQ connection, topology and buffering settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AmqpConfig {
+    /// Broker URLs tried in order on every (re)connect: the first is the primary.
+    pub urls: Vec<String>,
+    /// Unacknowledged deliveries the broker may push to the consumer at once.
+    pub prefetch: u16,
+    /// Direct exchange desktop apps publish to (desktop → web).
+    pub inbound_exchange: String,
+    /// Queue bound to `inbound_exchange` for every desk × event; its dead letters go to
+    /// `<queue>.dlx` (fanout) and are kept in `<queue>.dead`.
+    pub inbound_queue: String,
+    /// Direct exchange browsers' events are published to (web → desktop).
+    pub outbound_exchange: String,
+    /// First reconnect delay in milliseconds.
+    pub reconnect_initial_ms: u64,
+    /// Reconnect delay cap in milliseconds.
+    pub reconnect_max_ms: u64,
+    /// Browser publishes held (buffered or awaiting confirm) before new ones are refused.
+    pub publish_buffer_messages: usize,
+    /// Body bytes held (buffered or awaiting confirm) before new publishes are refused.
+    pub publish_buffer_bytes: usize,
+    /// How long a publish may wait for the broker to come back, in milliseconds.
+    pub publish_ttl_ms: u64,
+}
+
+/// WebSocket session limits and heartbeat.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WsConfig {
+    /// Largest accepted frame (or reassembled message); larger ones close with 1009.
+    pub max_frame_bytes: usize,
+    /// Server ping interval in milliseconds.
+    pub heartbeat_interval_ms: u64,
+    /// Silence after which a peer is considered dead, in milliseconds.
+    pub client_timeout_ms: u64,
+    /// Frames queued for one browser before it is closed as too slow (1013).
+    pub outbound_queue_frames: usize,
+    /// Bytes queued for one browser before it is closed as too slow (1013).
+    pub outbound_queue_bytes: usize,
+    /// Concurrent sessions; further upgrades get 503.
+    pub max_sessions: usize,
+    /// Desks named in one subscribe or unsubscribe.
+    pub max_desks_per_subscribe: usize,
+    /// Frames a browser may send per second before getting `rate_limited`.
+    pub max_frames_per_second: u32,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            bind: "127.0.0.1:8080".into(),
+            workers: 0,
+            desks: vec!["A".into(), "B".into()],
+            events: vec![
+                "new_example".into(),
+                "update_example".into(),
+                "delete_example".into(),
+            ],
+            shutdown_timeout_ms: 10_000,
+            amqp: AmqpConfig::default(),
+            ws: WsConfig::default(),
+            transforms: Vec::new(),
+        }
+    }
+}
+
+impl Default for AmqpConfig {
+    fn default() -> Self {
+        AmqpConfig {
+            urls: vec!["amqp://guest:guest@127.0.0.1:5672/%2f".into()],
+            prefetch: 256,
+            inbound_exchange: "example".into(),
+            inbound_queue: "listener".into(),
+            outbound_exchange: "bwic".into(),
+            reconnect_initial_ms: 100,
+            reconnect_max_ms: 10_000,
+            publish_buffer_messages: 10_000,
+            publish_buffer_bytes: 64 * 1024 * 1024,
+            publish_ttl_ms: 30_000,
+        }
+    }
+}
+
+impl Default for WsConfig {
+    fn default() -> Self {
+        WsConfig {
+            max_frame_bytes: 64 * 1024,
+            heartbeat_interval_ms: 10_000,
+            client_timeout_ms: 30_000,
+            outbound_queue_frames: 1024,
+            outbound_queue_bytes: 8 * 1024 * 1024,
+            max_sessions: 10_000,
+            max_desks_per_subscribe: 64,
+            max_frames_per_second: 1000,
+        }
+    }
+}
+
+/// Why a configuration was refused; each names the file or key to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The `--config` file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// File given with `--config`.
+        path: PathBuf,
+        /// Underlying I/O error.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML or has a key of the wrong type or name.
+    #[error("config file {path}: {source}")]
+    Parse {
+        /// File given with `--config`.
+        path: PathBuf,
+        /// TOML error, which names the key and line.
+        source: toml::de::Error,
+    },
+    /// A value parsed but makes no sense.
+    #[error("config key `{key}`: {reason}")]
+    Invalid {
+        /// Dotted key path, e.g. `amqp.prefetch`.
+        key: String,
+        /// What is wrong and what is allowed.
+        reason: String,
+    },
+}
+
+/// Values that override the file, gathered from flags and the environment by `main`.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    /// `--bind` or `DESKBRIDGE_BIND`.
+    pub bind: Option<String>,
+    /// `AMQP_URL`: one URL or a comma-separated list.
+    pub amqp_url: Option<String>,
+}
+
+impl Config {
+    /// Builds the configuration: defaults, then `path` if given, then `overrides`, then validates.
+    pub fn load(path: Option<&Path>, overrides: &Overrides) -> Result<Config, ConfigError> {
+        let mut config = match path {
+            Some(path) => Config::from_file(path)?,
+            None => Config::default(),
+        };
+        if let Some(bind) = &overrides.bind {
+            config.bind = bind.clone();
+        }
+        if let Some(urls) = &overrides.amqp_url {
+            config.amqp.urls = split_urls(urls);
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_owned(),
+            source,
+        })
+    }
+
+    /// Checks cross-field rules that serde cannot express.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.bind.parse::<std::net::SocketAddr>().is_err() {
+            return invalid(
+                "bind",
+                format!("`{}` is not an address like 127.0.0.1:8080", self.bind),
+            );
+        }
+        check_names("desks", &self.desks, true)?;
+        check_names("events", &self.events, false)?;
+        if self.amqp.urls.is_empty() {
+            return invalid("amqp.urls", "at least one amqp:// URL is required");
+        }
+        for url in &self.amqp.urls {
+            if !url.starts_with("amqp://") {
+                return invalid(
+                    "amqp.urls",
+                    format!(
+                        "`{}` must start with amqp:// (TLS is not built in)",
+                        crate::amqp::redact(url)
+                    ),
+                );
+            }
+        }
+        for (key, value) in [
+            ("amqp.inbound_exchange", &self.amqp.inbound_exchange),
+            ("amqp.inbound_queue", &self.amqp.inbound_queue),
+            ("amqp.outbound_exchange", &self.amqp.outbound_exchange),
+        ] {
+            if value.is_empty() {
+                return invalid(key, "must not be empty");
+            }
+        }
+        for (key, value) in [
+            ("amqp.prefetch", self.amqp.prefetch as u64),
+            ("amqp.reconnect_initial_ms", self.amqp.reconnect_initial_ms),
+            (
+                "amqp.publish_buffer_messages",
+                self.amqp.publish_buffer_messages as u64,
+            ),
+            ("amqp.publish_buffer_bytes", self.amqp.publish_buffer_bytes as u64),
+            ("amqp.publish_ttl_ms", self.amqp.publish_ttl_ms),
+            ("ws.max_frame_bytes", self.ws.max_frame_bytes as u64),
+            ("ws.heartbeat_interval_ms", self.ws.heartbeat_interval_ms),
+            ("ws.outbound_queue_frames", self.ws.outbound_queue_frames as u64),
+            ("ws.outbound_queue_bytes", self.ws.outbound_queue_bytes as u64),
+            ("ws.max_sessions", self.ws.max_sessions as u64),
+            (
+                "ws.max_desks_per_subscribe",
+                self.ws.max_desks_per_subscribe as u64,
+            ),
+            ("ws.max_frames_per_second", self.ws.max_frames_per_second as u64),
+        ] {
+            if value == 0 {
+                return invalid(key, "must be greater than 0");
+            }
+        }
+        if self.amqp.reconnect_max_ms < self.amqp.reconnect_initial_ms {
+            return invalid(
+                "amqp.reconnect_max_ms",
+                "must be at least amqp.reconnect_initial_ms",
+            );
+        }
+        if self.ws.client_timeout_ms <= self.ws.heartbeat_interval_ms {
+            return invalid(
+                "ws.client_timeout_ms",
+                "must be longer than ws.heartbeat_interval_ms",
+            );
+        }
+        for (i, rule) in self.transforms.iter().enumerate() {
+            let key = format!("transforms[{i}]");
+            if rule.desk != "*" && !self.desks.contains(&rule.desk) {
+                return invalid(
+                    &format!("{key}.desk"),
+                    format!("`{}` is neither a configured desk nor `*`", rule.desk),
+                );
+            }
+            if rule.event != "*" && !self.events.contains(&rule.event) {
+                return invalid(
+                    &format!("{key}.event"),
+                    format!("`{}` is neither a configured event nor `*`", rule.event),
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// `shutdown_timeout_ms` as a duration.
+    pub fn shutdown_timeout(&self) -> Duration {
+        Duration::from_millis(self.shutdown_timeout_ms)
+    }
+}
+
+/// Splits `AMQP_URL`'s comma-separated list, ignoring blanks.
+pub fn split_urls(list: &str) -> Vec<String> {
+    list.split(',')
+        .map(str::trim)
+        .filter(|url| !url.is_empty())
+        .map(String::from)
+        .collect()
+}
+
+fn check_names(key: &str, names: &[String], is_desk: bool) -> Result<(), ConfigError> {
+    if names.is_empty() {
+        return invalid(key, "at least one name is required");
+    }
+    for name in names {
+        let ok_char = |c: char| c.is_ascii_alphanumeric() || c == '-' || (!is_desk && c == '_');
+        if name.is_empty() || !name.chars().all(ok_char) {
+            let allowed = if is_desk {
+                "letters, digits and `-` (no `_`: it separates desk from event in routing keys)"
+            } else {
+                "letters, digits, `-` and `_`"
+            };
+            return invalid(key, format!("`{name}` may only contain {allowed}"));
+        }
+    }
+    let mut sorted: Vec<&String> = names.iter().collect();
+    sorted.sort();
+    if let Some(pair) = sorted.windows(2).find(|pair| pair[0] == pair[1]) {
+        return invalid(key, format!("`{}` is listed twice", pair[0]));
+    }
+    Ok(())
+}
+
+fn invalid<T>(key: &str, reason: impl Into<String>) -> Result<T, ConfigError> {
+    Err(ConfigError::Invalid {
+        key: key.into(),
+        reason: reason.into(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|source| ConfigError::Parse {
+            path: "test.toml".into(),
+            source,
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    #[test]
+    fn defaults_are_valid_and_match_the_seed_names() {
+        let config = parse("").expect("defaults validate");
+        assert_eq!(config.bind, "127.0.0.1:8080");
+        assert_eq!(config.desks, ["A", "B"]);
+        assert_eq!(config.amqp.inbound_exchange, "example");
+        assert_eq!(config.amqp.inbound_queue, "listener");
+        assert_eq!(config.amqp.outbound_exchange, "bwic");
+        assert_eq!(config.amqp.prefetch, 256);
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let cases = [
+            ("desks = []", "desks"),
+            ("desks = [\"A_1\"]", "desks"),
+            ("events = [\"x\", \"x\"]", "events"),
+            ("bind = \"nowhere\"", "bind"),
+            ("[amqp]\nprefetch = 0", "amqp.prefetch"),
+            ("[amqp]\nurls = [\"http://x\"]", "amqp.urls"),
+            ("[ws]\nclient_timeout_ms = 5", "ws.client_timeout_ms"),
+            (
+                "[[transforms]]\ndesk = \"Z\"\ndirection = \"to_web\"",
+                "transforms[0].desk",
+            ),
+        ];
+        for (text, key) in cases {
+            let err = parse(text).expect_err(text).to_string();
+            assert!(err.contains(&format!("`{key}`")), "{text:?} gave {err}");
+        }
+    }
+
+    #[test]
+    fn unknown_and_ill_typed_keys_are_refused_by_name() {
+        let err = parse("[amqp]\nprefech = 10").expect_err("typo").to_string();
+        assert!(err.contains("prefech"), "{err}");
+        let err = parse("[ws]\nmax_frame_bytes = \"big\"")
+            .expect_err("type")
+            .to_string();
+        assert!(err.contains("max_frame_bytes"), "{err}");
+    }
+
+    #[test]
+    fn overrides_beat_the_file() {
+        let dir = std::env::temp_dir().join(format!("deskbridge-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let path = dir.join("c.toml");
+        std::fs::write(&path, "bind = \"127.0.0.1:1\"\n").expect("write");
+        let overrides = Overrides {
+            bind: Some("127.0.0.1:2".into()),
+            amqp_url: Some("amqp://a:5672/%2f, amqp://b:5672/%2f".into()),
+        };
+        let config = Config::load(Some(&path), &overrides).expect("valid");
+        assert_eq!(config.bind, "127.0.0.1:2");
+        assert_eq!(config.amqp.urls, ["amqp://a:5672/%2f", "amqp://b:5672/%2f"]);
+        std::fs::remove_dir_all(&dir).ok();
+    }
+}

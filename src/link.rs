@@ -1,0 +1,81 @@
+//! The state of one AMQP link (consumer or publisher), shared with `/health`.
+//!
+//! Workers write it, HTTP handlers read it; an atomic keeps both sides lock-free. A change is
+//! logged once, when it happens, so a broker that stays down for an hour is one log line, not
+//! one per retry.
+
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+
+use serde::Serialize;
+
+/// Where a link stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LinkStatus {
+    /// Connected, topology declared, working.
+    Up,
+    /// Trying to (re)connect.
+    Connecting,
+    /// The last attempt failed; waiting to retry.
+    Down,
+}
+
+/// A link's status plus the broker's flow-control flag.
+#[derive(Debug)]
+pub struct LinkState {
+    name: &'static str,
+    status: AtomicU8,
+    blocked: AtomicBool,
+}
+
+impl LinkState {
+    /// A new link, `connecting`.
+    pub fn new(name: &'static str) -> Self {
+        LinkState {
+            name,
+            status: AtomicU8::new(LinkStatus::Connecting as u8),
+            blocked: AtomicBool::new(false),
+        }
+    }
+
+    /// Current status.
+    pub fn status(&self) -> LinkStatus {
+        match self.status.load(Ordering::Acquire) {
+            0 => LinkStatus::Up,
+            1 => LinkStatus::Connecting,
+            _ => LinkStatus::Down,
+        }
+    }
+
+    /// Records a new status; logs only when it differs from the previous one.
+    pub fn set(&self, status: LinkStatus, detail: &str) {
+        let previous = self.status.swap(status as u8, Ordering::AcqRel);
+        if previous == status as u8 {
+            return;
+        }
+        match status {
+            LinkStatus::Up => log::info!("amqp {} link up {detail}", self.name),
+            LinkStatus::Connecting => log::info!("amqp {} link connecting {detail}", self.name),
+            LinkStatus::Down => log::warn!("amqp {} link down: {detail}", self.name),
+        }
+        if status != LinkStatus::Up {
+            self.set_blocked(false, "");
+        }
+    }
+
+    /// True while the broker has blocked this connection (connection.blocked: resource alarm).
+    pub fn blocked(&self) -> bool {
+        self.blocked.load(Ordering::Acquire)
+    }
+
+    /// Records connection.blocked / connection.unblocked.
+    pub fn set_blocked(&self, blocked: bool, reason: &str) {
+        if self.blocked.swap(blocked, Ordering::AcqRel) != blocked {
+            if blocked {
+                log::warn!("amqp {} link blocked by the broker: {reason}", self.name);
+            } else {
+                log::info!("amqp {} link unblocked", self.name);
+            }
+        }
+    }
+}

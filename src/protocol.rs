@@ -1,0 +1,379 @@
+//! The WebSocket wire protocol: JSON text frames, one object each, tagged by `op`.
+//!
+//! [`ClientFrame`] is what a browser sends, [`ServerFrame`] what it receives. A frame is parsed
+//! once, here, at the session edge; the router only ever sees typed values. Parsing takes the
+//! fast typed path first and diagnoses (to pick the right [`ErrorCode`]) only on failure.
+
+use bytestring::ByteString;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::transform::Data;
+
+/// A frame from a browser.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum ClientFrame {
+    /// Start receiving the events of these desks.
+    Subscribe {
+        /// Desk names.
+        desks: Vec<String>,
+    },
+    /// Stop receiving the events of these desks.
+    Unsubscribe {
+        /// Desk names.
+        desks: Vec<String>,
+    },
+    /// Publish an event for a desk to the desktop apps (and the desk's other browsers).
+    Publish {
+        /// Desk name.
+        desk: String,
+        /// Event name.
+        event: String,
+        /// Event payload; must be a JSON object.
+        data: Data,
+        /// Client's correlation id, echoed in the `ack` or `error`.
+        #[serde(rename = "ref", default)]
+        reference: Option<String>,
+    },
+    /// Liveness probe; answered with `pong`.
+    Ping,
+}
+
+/// The `op`s a browser may send, for telling `unknown_op` from `bad_request`.
+const CLIENT_OPS: [&str; 4] = ["subscribe", "unsubscribe", "publish", "ping"];
+
+/// Where an event came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Origin {
+    /// Consumed from RabbitMQ.
+    Desktop,
+    /// Published by another browser, after the broker confirmed it.
+    Web,
+}
+
+/// Machine-readable error codes sent in `error` frames.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The frame is not valid JSON.
+    BadJson,
+    /// Valid JSON but not a valid request: not an object, a missing or ill-typed field, binary frame.
+    BadRequest,
+    /// `op` names no known operation.
+    UnknownOp,
+    /// A desk that is not configured.
+    UnknownDesk,
+    /// An event that is not configured.
+    UnknownEvent,
+    /// The broker did not take the message (down, buffer full, waited too long, or nacked).
+    BrokerUnavailable,
+    /// A transform refused the data.
+    TransformFailed,
+    /// The session sent more frames per second than allowed.
+    RateLimited,
+    /// A bug or an unexpected state in the bridge.
+    Internal,
+}
+
+impl ErrorCode {
+    /// Every code, in declaration order (metrics iterate over it).
+    pub const ALL: [ErrorCode; 9] = [
+        ErrorCode::BadJson,
+        ErrorCode::BadRequest,
+        ErrorCode::UnknownOp,
+        ErrorCode::UnknownDesk,
+        ErrorCode::UnknownEvent,
+        ErrorCode::BrokerUnavailable,
+        ErrorCode::TransformFailed,
+        ErrorCode::RateLimited,
+        ErrorCode::Internal,
+    ];
+
+    /// The wire name, e.g. `bad_json`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::BadJson => "bad_json",
+            ErrorCode::BadRequest => "bad_request",
+            ErrorCode::UnknownOp => "unknown_op",
+            ErrorCode::UnknownDesk => "unknown_desk",
+            ErrorCode::UnknownEvent => "unknown_event",
+            ErrorCode::BrokerUnavailable => "broker_unavailable",
+            ErrorCode::TransformFailed => "transform_failed",
+            ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::Internal => "internal",
+        }
+    }
+}
+
+/// A request the bridge refuses, with what to send back.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Refusal {
+    /// Error code for the `error` frame.
+    pub code: ErrorCode,
+    /// Human-readable explanation.
+    pub message: String,
+    /// The request's `ref`, when it had a readable one.
+    pub reference: Option<String>,
+}
+
+impl Refusal {
+    /// A refusal with no `ref`.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Refusal {
+            code,
+            message: message.into(),
+            reference: None,
+        }
+    }
+
+    /// This refusal as a serialized `error` frame.
+    pub fn to_frame(&self) -> ByteString {
+        ServerFrame::Error {
+            reference: self.reference.as_deref(),
+            code: self.code,
+            message: &self.message,
+        }
+        .to_text()
+    }
+}
+
+/// A frame to a browser; borrowed fields so that building one copies nothing.
+#[derive(Debug, Serialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum ServerFrame<'a> {
+    /// First frame of every session.
+    Welcome {
+        /// Session id, also sent to desktop apps as `x-session`.
+        session: &'a str,
+        /// Bridge version.
+        version: &'a str,
+        /// Desks that can be subscribed.
+        desks: &'a [String],
+    },
+    /// Reply to `subscribe`: the desks of that request.
+    Subscribed {
+        /// Desk names.
+        desks: &'a [String],
+    },
+    /// Reply to `unsubscribe`: the desks of that request.
+    Unsubscribed {
+        /// Desk names.
+        desks: &'a [String],
+    },
+    /// The broker confirmed a publish.
+    Ack {
+        /// The publish's `ref`, if it had one.
+        #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
+        reference: Option<&'a str>,
+        /// The AMQP message_id, equal to the `id` other browsers see.
+        id: &'a str,
+        /// False when no queue was bound for the routing key (the broker returned it).
+        routed: bool,
+    },
+    /// A request failed.
+    Error {
+        /// The request's `ref`, if it had one.
+        #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
+        reference: Option<&'a str>,
+        /// Machine-readable code.
+        code: ErrorCode,
+        /// Human-readable explanation.
+        message: &'a str,
+    },
+    /// Reply to `ping`.
+    Pong,
+    /// An event for a subscribed desk.
+    Event {
+        /// Desk name.
+        desk: &'a str,
+        /// Event name.
+        event: &'a str,
+        /// Message id (AMQP message_id); browsers may drop duplicates by it.
+        id: &'a str,
+        /// Where it came from.
+        origin: Origin,
+        /// Event payload.
+        data: &'a Data,
+    },
+}
+
+impl ServerFrame<'_> {
+    /// Serializes the frame once; the result is cheap to clone and share among sessions.
+    pub fn to_text(&self) -> ByteString {
+        // Serializing these types cannot fail: every key is a string and no value is a
+        // non-finite float (serde_json::Value cannot hold one).
+        serde_json::to_string(self)
+            .expect("server frames always serialize")
+            .into()
+    }
+}
+
+/// Parses one text frame from a browser, or explains precisely what is wrong with it.
+pub fn parse_client_frame(text: &str) -> Result<ClientFrame, Refusal> {
+    match serde_json::from_str::<ClientFrame>(text) {
+        Ok(frame) => Ok(frame),
+        Err(typed_error) => Err(diagnose(text, typed_error)),
+    }
+}
+
+/// Slow path: the typed parse failed; find out why, to send the most useful error code.
+fn diagnose(text: &str, typed_error: serde_json::Error) -> Refusal {
+    let value: Value = match serde_json::from_str(text) {
+        Ok(value) => value,
+        Err(e) => return Refusal::new(ErrorCode::BadJson, format!("frame is not valid JSON: {e}")),
+    };
+    let Value::Object(object) = value else {
+        return Refusal::new(ErrorCode::BadRequest, "frame must be a JSON object");
+    };
+    let reference = object.get("ref").and_then(Value::as_str).map(String::from);
+    let refusal = match object.get("op") {
+        None => Refusal::new(ErrorCode::BadRequest, "frame has no `op` field"),
+        Some(Value::String(op)) if !CLIENT_OPS.contains(&op.as_str()) => Refusal::new(
+            ErrorCode::UnknownOp,
+            format!("unknown op `{op}`; expected one of {}", CLIENT_OPS.join(", ")),
+        ),
+        Some(Value::String(_)) => Refusal::new(ErrorCode::BadRequest, typed_error.to_string()),
+        Some(_) => Refusal::new(ErrorCode::BadRequest, "`op` must be a string"),
+    };
+    Refusal { reference, ..refusal }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn valid_frames_parse() {
+        let cases = [
+            (r#"{"op":"ping"}"#, ClientFrame::Ping),
+            (
+                r#"{"op":"subscribe","desks":["A","B"]}"#,
+                ClientFrame::Subscribe {
+                    desks: vec!["A".into(), "B".into()],
+                },
+            ),
+            (
+                r#"{"op":"unsubscribe","desks":[]}"#,
+                ClientFrame::Unsubscribe { desks: vec![] },
+            ),
+            (
+                r#"{"op":"publish","desk":"A","event":"new_example","data":{"x":1},"ref":"c1"}"#,
+                ClientFrame::Publish {
+                    desk: "A".into(),
+                    event: "new_example".into(),
+                    data: json!({"x": 1}).as_object().cloned().unwrap_or_default(),
+                    reference: Some("c1".into()),
+                },
+            ),
+        ];
+        for (text, expected) in cases {
+            assert_eq!(parse_client_frame(text), Ok(expected), "{text}");
+        }
+    }
+
+    #[test]
+    fn each_mistake_gets_its_code() {
+        let cases = [
+            ("{nope", ErrorCode::BadJson, None),
+            ("", ErrorCode::BadJson, None),
+            ("[1,2]", ErrorCode::BadRequest, None),
+            ("\"ping\"", ErrorCode::BadRequest, None),
+            (r#"{"desks":["A"]}"#, ErrorCode::BadRequest, None),
+            (r#"{"op":7}"#, ErrorCode::BadRequest, None),
+            (r#"{"op":"launch","ref":"r9"}"#, ErrorCode::UnknownOp, Some("r9")),
+            (r#"{"op":"subscribe"}"#, ErrorCode::BadRequest, None),
+            (r#"{"op":"subscribe","desks":"A"}"#, ErrorCode::BadRequest, None),
+            (
+                r#"{"op":"publish","desk":"A","event":"e","ref":"c2"}"#,
+                ErrorCode::BadRequest,
+                Some("c2"),
+            ),
+            (
+                r#"{"op":"publish","desk":"A","event":"e","data":[1],"ref":"c3"}"#,
+                ErrorCode::BadRequest,
+                Some("c3"),
+            ),
+            (
+                r#"{"op":"publish","desk":"A","event":"e","data":"x"}"#,
+                ErrorCode::BadRequest,
+                None,
+            ),
+            (
+                r#"{"op":"publish","desk":1,"event":"e","data":{}}"#,
+                ErrorCode::BadRequest,
+                None,
+            ),
+        ];
+        for (text, code, reference) in cases {
+            let refusal = parse_client_frame(text).expect_err(text);
+            assert_eq!(refusal.code, code, "{text}: {}", refusal.message);
+            assert_eq!(refusal.reference.as_deref(), reference, "{text}");
+            assert!(!refusal.message.is_empty());
+        }
+    }
+
+    #[test]
+    fn server_frames_have_the_documented_shape() {
+        let data = json!({"px": 1.5}).as_object().cloned().unwrap_or_default();
+        let desks = ["A".to_string()];
+        let cases = [
+            (ServerFrame::Pong, json!({"op": "pong"})),
+            (
+                ServerFrame::Subscribed { desks: &desks },
+                json!({"op": "subscribed", "desks": ["A"]}),
+            ),
+            (
+                ServerFrame::Ack {
+                    reference: Some("c1"),
+                    id: "m1",
+                    routed: true,
+                },
+                json!({"op": "ack", "ref": "c1", "id": "m1", "routed": true}),
+            ),
+            (
+                ServerFrame::Ack {
+                    reference: None,
+                    id: "m1",
+                    routed: false,
+                },
+                json!({"op": "ack", "id": "m1", "routed": false}),
+            ),
+            (
+                ServerFrame::Error {
+                    reference: None,
+                    code: ErrorCode::UnknownDesk,
+                    message: "no",
+                },
+                json!({"op": "error", "code": "unknown_desk", "message": "no"}),
+            ),
+            (
+                ServerFrame::Event {
+                    desk: "A",
+                    event: "new_example",
+                    id: "m2",
+                    origin: Origin::Desktop,
+                    data: &data,
+                },
+                json!({"op": "event", "desk": "A", "event": "new_example", "id": "m2", "origin": "desktop", "data": {"px": 1.5}}),
+            ),
+        ];
+        for (frame, expected) in cases {
+            let text = frame.to_text();
+            let got: Value = serde_json::from_str(&text).expect("valid JSON");
+            assert_eq!(got, expected);
+        }
+    }
+
+    #[test]
+    fn error_codes_serialize_as_their_names() {
+        for code in ErrorCode::ALL {
+            assert_eq!(
+                serde_json::to_value(code).ok(),
+                Some(Value::String(code.as_str().into()))
+            );
+        }
+    }
+}

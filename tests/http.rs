@@ -1,0 +1,101 @@
+//! HTTP surface and the binary: health, metrics, console page, configuration errors.
+
+mod common;
+
+use std::process::Command;
+
+use common::*;
+use serde_json::json;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_is_200_with_the_broker_up() {
+    let bridge = TestBridge::start(test_config("health"));
+    let health = bridge.wait_health(200).await;
+    assert_eq!(health["status"], "ok");
+    assert_eq!(health["version"], deskbridge::VERSION);
+    assert_eq!(
+        health["amqp"],
+        json!({"consumer": "up", "publisher": "up", "blocked": false})
+    );
+    assert_eq!(health["sessions"], 0);
+    assert_eq!(health["desks"], json!({"A": 0, "B": 0}));
+    assert!(health["uptime_seconds"].is_u64());
+    let (status, _) = http_get(bridge.addr, "/health/live").await;
+    assert_eq!(status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_is_503_without_a_broker_and_the_bridge_still_serves_browsers() {
+    let mut config = test_config("nobroker");
+    // Port 1 on loopback: nothing listens there, the connection is refused at once.
+    config.amqp.urls = vec!["amqp://guest:guest@127.0.0.1:1/%2f".into()];
+    let bridge = TestBridge::start(config);
+    let health = bridge.wait_health(503).await;
+    assert_eq!(health["status"], "degraded");
+    for link in ["consumer", "publisher"] {
+        let state = health["amqp"][link].as_str().expect("link state");
+        assert!(state == "down" || state == "connecting", "{link}: {state}");
+    }
+    let (status, _) = http_get(bridge.addr, "/health/live").await;
+    assert_eq!(status, 200, "live while serving, whatever the broker");
+    let mut browser = Browser::connect(&bridge).await;
+    browser.subscribe(&["A"]).await;
+    browser.assert_quiet().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_are_prometheus_text() {
+    let bridge = TestBridge::start_healthy(test_config("metrics")).await;
+    let _browser = Browser::connect(&bridge).await;
+    bridge.wait_metric("deskbridge_sessions 1").await;
+    let (status, body) = http_get(bridge.addr, "/metrics").await;
+    assert_eq!(status, 200);
+    for name in [
+        "# TYPE deskbridge_sessions gauge",
+        "deskbridge_messages_in_total{direction=\"desktop_to_web\"} 0",
+        "deskbridge_messages_in_total{direction=\"web_to_desktop\"} 0",
+        "deskbridge_rejects_total{reason=\"bad_body\"} 0",
+        "deskbridge_amqp_link_up{link=\"consumer\"} 1",
+        "deskbridge_publish_confirm_seconds_count 0",
+    ] {
+        assert!(
+            body.lines().any(|line| line == name),
+            "missing `{name}` in\n{body}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_console_page_is_served() {
+    let bridge = TestBridge::start(test_config("console"));
+    let (status, body) = http_get(bridge.addr, "/").await;
+    assert_eq!(status, 200);
+    assert!(body.contains("<title>deskbridge console</title>"), "{body}");
+    assert!(body.contains("new WebSocket("), "the page opens the WebSocket");
+}
+
+#[test]
+fn a_bad_config_file_stops_start_up_naming_the_key() {
+    let dir = std::env::temp_dir().join(format!("deskbridge-cli-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let cases = [
+        ("[amqp]\nprefetch = 0\n", "amqp.prefetch"),
+        ("[ws]\nmax_frame_bytes = \"lots\"\n", "max_frame_bytes"),
+        ("desks = [\"A_B\"]\n", "desks"),
+        ("[amqp]\nno_such_key = 1\n", "no_such_key"),
+    ];
+    for (text, key) in cases {
+        let path = dir.join("bad.toml");
+        std::fs::write(&path, text).expect("write config");
+        let output = Command::new(env!("CARGO_BIN_EXE_deskbridge"))
+            .arg("--config")
+            .arg(&path)
+            .env_remove("DESKBRIDGE_BIND")
+            .output()
+            .expect("run deskbridge");
+        assert_eq!(output.status.code(), Some(2), "{text}");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains(key), "stderr names `{key}`: {stderr}");
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}

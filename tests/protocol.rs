@@ -1,0 +1,203 @@
+//! Every WebSocket op and error code, against a running bridge and the real broker.
+
+mod common;
+
+use common::*;
+use serde_json::json;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::Message;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn welcome_ping_subscribe_unsubscribe() {
+    let bridge = TestBridge::start_healthy(test_config("ops")).await;
+    let mut browser = Browser::connect(&bridge).await;
+    assert_eq!(browser.welcome["version"], deskbridge::VERSION);
+    assert_eq!(browser.welcome["desks"], json!(["A", "B"]));
+    assert!(
+        uuid::Uuid::parse_str(&browser.session).is_ok(),
+        "session id is a uuid"
+    );
+
+    browser.assert_quiet().await;
+    browser.subscribe(&["A", "B"]).await;
+    browser.send(json!({"op": "unsubscribe", "desks": ["B"]})).await;
+    assert_eq!(
+        browser.recv().await,
+        json!({"op": "unsubscribed", "desks": ["B"]})
+    );
+    let health = bridge.wait_health(200).await;
+    assert_eq!(health["desks"], json!({"A": 1, "B": 0}));
+    assert_eq!(health["sessions"], 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_bad_frame_gets_its_error_code_and_the_session_stays_usable() {
+    let bridge = TestBridge::start_healthy(test_config("errors")).await;
+    let mut browser = Browser::connect(&bridge).await;
+    let cases = [
+        ("{not json", "bad_json", None),
+        ("[1,2,3]", "bad_request", None),
+        (r#"{"desks":["A"]}"#, "bad_request", None),
+        (r#"{"op":"subscribe","desks":"A"}"#, "bad_request", None),
+        (r#"{"op":"subscribe","desks":[]}"#, "bad_request", None),
+        (
+            r#"{"op":"publish","desk":"A","event":"new_example","ref":"r1"}"#,
+            "bad_request",
+            Some("r1"),
+        ),
+        (
+            r#"{"op":"publish","desk":"A","event":"new_example","data":[1],"ref":"r2"}"#,
+            "bad_request",
+            Some("r2"),
+        ),
+        (r#"{"op":"teleport","ref":"r3"}"#, "unknown_op", Some("r3")),
+        (r#"{"op":"subscribe","desks":["Z"]}"#, "unknown_desk", None),
+        (r#"{"op":"unsubscribe","desks":["Z"]}"#, "unknown_desk", None),
+        (
+            r#"{"op":"publish","desk":"Z","event":"new_example","data":{},"ref":"r4"}"#,
+            "unknown_desk",
+            Some("r4"),
+        ),
+        (
+            r#"{"op":"publish","desk":"A","event":"explode","data":{},"ref":"r5"}"#,
+            "unknown_event",
+            Some("r5"),
+        ),
+    ];
+    for (frame, code, reference) in cases {
+        browser.send_text(frame).await;
+        let reply = browser.recv().await;
+        assert_eq!(reply["op"], "error", "{frame} → {reply}");
+        assert_eq!(reply["code"], code, "{frame} → {reply}");
+        assert_eq!(
+            reply.get("ref").and_then(|r| r.as_str()),
+            reference,
+            "{frame} → {reply}"
+        );
+        assert!(
+            reply["message"].as_str().is_some_and(|m| !m.is_empty()),
+            "{reply}"
+        );
+        browser.assert_quiet().await;
+    }
+    browser.send_raw(Message::Binary(vec![1, 2, 3])).await;
+    let reply = browser.recv().await;
+    assert_eq!(
+        (reply["op"].as_str(), reply["code"].as_str()),
+        (Some("error"), Some("bad_request"))
+    );
+    browser.assert_quiet().await;
+    bridge
+        .wait_metric("deskbridge_ws_errors_total{code=\"unknown_desk\"} 3")
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscribe_with_an_unknown_desk_changes_nothing() {
+    let bridge = TestBridge::start_healthy(test_config("atomic")).await;
+    let mut browser = Browser::connect(&bridge).await;
+    browser
+        .send(json!({"op": "subscribe", "desks": ["A", "Z"]}))
+        .await;
+    assert_eq!(browser.recv().await["code"], "unknown_desk");
+    let health = bridge.wait_health(200).await;
+    assert_eq!(health["desks"], json!({"A": 0, "B": 0}), "A was not subscribed");
+
+    // Proof by traffic: an A event published now never reaches this browser; the B event does.
+    browser.subscribe(&["B"]).await;
+    let mut desktop = Desktop::connect();
+    let exchange = bridge.config.amqp.inbound_exchange.clone();
+    desktop.publish_json(&exchange, "A_new_example", &json!({"n": 1}));
+    desktop.publish_json(&exchange, "B_new_example", &json!({"n": 2}));
+    let event = browser.recv().await;
+    assert_eq!(
+        (event["desk"].as_str(), event["data"]["n"].as_i64()),
+        (Some("B"), Some(2))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversize_frame_closes_with_1009_and_the_bridge_keeps_serving() {
+    let mut config = test_config("oversize");
+    config.ws.max_frame_bytes = 1024;
+    let bridge = TestBridge::start_healthy(config).await;
+    let mut browser = Browser::connect(&bridge).await;
+    let big = format!(
+        r#"{{"op":"publish","desk":"A","event":"new_example","data":{{"x":"{}"}}}}"#,
+        "y".repeat(2000)
+    );
+    browser.send_text(&big).await;
+    let close = browser.closed().await.expect("a close frame");
+    assert_eq!(close.code, CloseCode::Size);
+
+    let mut next = Browser::connect(&bridge).await;
+    next.assert_quiet().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fragmented_messages_are_reassembled() {
+    let bridge = TestBridge::start_healthy(test_config("fragments")).await;
+    let mut browser = Browser::connect(&bridge).await;
+    use tokio_tungstenite::tungstenite::protocol::frame::{
+        coding::{Data, OpCode},
+        Frame,
+    };
+    let text = br#"{"op":"subscribe","desks":["A"]}"#;
+    let (first, rest) = text.split_at(10);
+    let mut frame = Frame::message(first.to_vec(), OpCode::Data(Data::Text), false);
+    browser.send_raw(Message::Frame(frame)).await;
+    frame = Frame::message(rest.to_vec(), OpCode::Data(Data::Continue), true);
+    browser.send_raw(Message::Frame(frame)).await;
+    assert_eq!(browser.recv().await, json!({"op": "subscribed", "desks": ["A"]}));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limits_on_rate_desks_per_request_and_sessions() {
+    let mut config = test_config("limits");
+    config.ws.max_frames_per_second = 5;
+    config.ws.max_desks_per_subscribe = 1;
+    config.ws.max_sessions = 2;
+    let bridge = TestBridge::start_healthy(config).await;
+
+    let mut browser = Browser::connect(&bridge).await;
+    browser
+        .send(json!({"op": "subscribe", "desks": ["A", "B"]}))
+        .await;
+    let reply = browser.recv().await;
+    assert_eq!(reply["code"], "bad_request");
+    assert!(
+        reply["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("max_desks_per_subscribe")),
+        "{reply}"
+    );
+
+    // 20 pings in one burst: the first few (within the second's budget) get pong, the rest
+    // rate_limited; every frame is answered.
+    for _ in 0..20 {
+        browser.send(json!({"op": "ping"})).await;
+    }
+    let mut limited = 0;
+    for _ in 0..20 {
+        let reply = browser.recv().await;
+        if reply["op"] == "error" {
+            assert_eq!(reply["code"], "rate_limited");
+            limited += 1;
+        } else {
+            assert_eq!(reply["op"], "pong");
+        }
+    }
+    assert!(
+        limited >= 10,
+        "at most 5 frames a second (+1 for the subscribe) pass; {limited} were limited"
+    );
+
+    let _second = Browser::connect(&bridge).await;
+    let refused = tokio_tungstenite::connect_async(bridge.ws_url()).await;
+    match refused {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => assert_eq!(response.status(), 503),
+        other => panic!("a third session must be refused with 503, got {other:?}"),
+    }
+    let (status, body) = http_get(bridge.addr, "/health").await;
+    assert_eq!(status, 200, "a refused upgrade leaves the bridge healthy: {body}");
+}
