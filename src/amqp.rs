@@ -57,7 +57,7 @@ impl From<amiquip::Error> for AmqpError {
 pub fn connect_any(urls: &[String], name: &str) -> Result<(Connection, String), AmqpError> {
     let mut last = None;
     for url in urls {
-        match Connection::insecure_open(&with_heartbeat(url)) {
+        match Connection::insecure_open(&with_link_defaults(url)) {
             Ok(connection) => return Ok((connection, redact(url))),
             Err(source) => {
                 log::debug!("amqp {name}: {} refused: {source}", redact(url));
@@ -72,16 +72,18 @@ pub fn connect_any(urls: &[String], name: &str) -> Result<(Connection, String), 
     Err(last.expect("config validation guarantees at least one AMQP URL"))
 }
 
-/// Adds a 10 s heartbeat unless the URL sets one: a broker that vanishes without closing
-/// the TCP connection is noticed within ~20 s instead of the 60 s default.
-fn with_heartbeat(url: &str) -> String {
-    if url.contains("heartbeat=") {
-        url.to_owned()
-    } else if url.contains('?') {
-        format!("{url}&heartbeat=10")
-    } else {
-        format!("{url}?heartbeat=10")
+/// Adds link-safety defaults the URL does not set itself: a 10 s heartbeat, so a broker that
+/// vanishes without closing TCP is noticed within ~20 s instead of 60 s, and a 5 s connection
+/// timeout, so an unreachable (blackholed) host does not stall a reconnect for the OS's ~2 min.
+fn with_link_defaults(url: &str) -> String {
+    let mut url = url.to_owned();
+    for (key, value) in [("heartbeat", "10"), ("connection_timeout", "5000")] {
+        if !url.contains(&format!("{key}=")) {
+            let separator = if url.contains('?') { '&' } else { '?' };
+            url = format!("{url}{separator}{key}={value}");
+        }
     }
+    url
 }
 
 /// The URL without its password, for logs and health.
@@ -245,10 +247,22 @@ mod tests {
         for (url, expected) in cases {
             assert_eq!(redact(url), expected);
         }
-        assert_eq!(with_heartbeat("amqp://h/%2f"), "amqp://h/%2f?heartbeat=10");
-        assert_eq!(
-            with_heartbeat("amqp://h/%2f?heartbeat=3"),
-            "amqp://h/%2f?heartbeat=3"
-        );
+        let cases = [
+            (
+                "amqp://h/%2f",
+                "amqp://h/%2f?heartbeat=10&connection_timeout=5000",
+            ),
+            (
+                "amqp://h/%2f?heartbeat=3",
+                "amqp://h/%2f?heartbeat=3&connection_timeout=5000",
+            ),
+            (
+                "amqp://h?connection_timeout=1",
+                "amqp://h?connection_timeout=1&heartbeat=10",
+            ),
+        ];
+        for (url, expected) in cases {
+            assert_eq!(with_link_defaults(url), expected);
+        }
     }
 }

@@ -7,7 +7,8 @@
 //! - [`actors`]: `Router`, `WsSession`, `AmqpConsumer`, `AmqpPublisher` and their messages.
 //! - [`amqp`]: connection through the URL list, topology, routing-key convention.
 //! - [`http`]: routes (`/`, `/ws`, `/health`, `/health/live`, `/metrics`).
-//! - [`link`], [`backoff`], [`metrics`]: link state, reconnect delays, counters.
+//! - [`link`], [`backoff`], [`port_watch`], [`metrics`]: link state, reconnect delays, early
+//!   retry when a broker comes back, counters.
 //!
 //! [`start`] wires them together and returns a [`Bridge`]; `main.rs` only parses the
 //! configuration, calls it and waits for a signal.
@@ -19,6 +20,7 @@ pub mod config;
 pub mod http;
 pub mod link;
 pub mod metrics;
+pub mod port_watch;
 pub mod protocol;
 pub mod transform;
 

@@ -14,9 +14,9 @@ use serde::Serialize;
 pub enum LinkStatus {
     /// Connected, topology declared, working.
     Up,
-    /// Trying to (re)connect.
+    /// Not connected yet since start-up.
     Connecting,
-    /// The last attempt failed; waiting to retry.
+    /// Was lost or never got through; retrying with backoff until it is up again.
     Down,
 }
 
@@ -47,10 +47,12 @@ impl LinkState {
         }
     }
 
-    /// Records a new status; logs only when it differs from the previous one.
+    /// Records a new status; logs only when it differs from the previous one, so a retry
+    /// loop against a broker that stays down logs once (the retries log at debug level).
     pub fn set(&self, status: LinkStatus, detail: &str) {
         let previous = self.status.swap(status as u8, Ordering::AcqRel);
         if previous == status as u8 {
+            log::debug!("amqp {} link still {status:?}: {detail}", self.name);
             return;
         }
         match status {

@@ -212,14 +212,16 @@ impl ServerFrame<'_> {
 
 /// Parses one text frame from a browser, or explains precisely what is wrong with it.
 pub fn parse_client_frame(text: &str) -> Result<ClientFrame, Refusal> {
-    match serde_json::from_str::<ClientFrame>(text) {
-        Ok(frame) => Ok(frame),
-        Err(typed_error) => Err(diagnose(text, typed_error)),
+    // serde also reads an internally tagged enum from an array whose first element is the tag
+    // (`["ping"]`); the protocol allows objects only, so anything else takes the slow path.
+    if !text.trim_start().starts_with('{') {
+        return Err(diagnose(text, None));
     }
+    serde_json::from_str::<ClientFrame>(text).map_err(|typed_error| diagnose(text, Some(typed_error)))
 }
 
 /// Slow path: the typed parse failed; find out why, to send the most useful error code.
-fn diagnose(text: &str, typed_error: serde_json::Error) -> Refusal {
+fn diagnose(text: &str, typed_error: Option<serde_json::Error>) -> Refusal {
     let value: Value = match serde_json::from_str(text) {
         Ok(value) => value,
         Err(e) => return Refusal::new(ErrorCode::BadJson, format!("frame is not valid JSON: {e}")),
@@ -234,7 +236,10 @@ fn diagnose(text: &str, typed_error: serde_json::Error) -> Refusal {
             ErrorCode::UnknownOp,
             format!("unknown op `{op}`; expected one of {}", CLIENT_OPS.join(", ")),
         ),
-        Some(Value::String(_)) => Refusal::new(ErrorCode::BadRequest, typed_error.to_string()),
+        Some(Value::String(_)) => Refusal::new(
+            ErrorCode::BadRequest,
+            typed_error.map_or_else(|| "invalid frame".to_string(), |e| e.to_string()),
+        ),
         Some(_) => Refusal::new(ErrorCode::BadRequest, "`op` must be a string"),
     };
     Refusal { reference, ..refusal }
@@ -280,6 +285,8 @@ mod tests {
             ("{nope", ErrorCode::BadJson, None),
             ("", ErrorCode::BadJson, None),
             ("[1,2]", ErrorCode::BadRequest, None),
+            (r#"["ping"]"#, ErrorCode::BadRequest, None),
+            (r#"  ["subscribe", ["A"]]"#, ErrorCode::BadRequest, None),
             ("\"ping\"", ErrorCode::BadRequest, None),
             (r#"{"desks":["A"]}"#, ErrorCode::BadRequest, None),
             (r#"{"op":7}"#, ErrorCode::BadRequest, None),
@@ -374,6 +381,61 @@ mod tests {
                 serde_json::to_value(code).ok(),
                 Some(Value::String(code.as_str().into()))
             );
+        }
+    }
+
+    mod fuzz {
+        use super::super::*;
+        use proptest::prelude::*;
+        use serde_json::{Map, Value};
+
+        /// Any JSON value, biased towards frames: objects often carry a real `op`.
+        fn json() -> impl Strategy<Value = Value> {
+            let leaf = prop_oneof![
+                Just(Value::Null),
+                any::<bool>().prop_map(Value::Bool),
+                any::<i64>().prop_map(Value::from),
+                any::<f64>().prop_map(|f| serde_json::Number::from_f64(f).map_or(Value::Null, Value::Number)),
+                "[a-zA-Z_]{0,12}".prop_map(Value::String),
+                prop::sample::select(vec!["ping", "subscribe", "unsubscribe", "publish", "A", "B"])
+                    .prop_map(|s| Value::String(s.into())),
+            ];
+            leaf.prop_recursive(4, 48, 6, |inner| {
+                let key = prop::sample::select(vec!["op", "desks", "desk", "event", "data", "ref", "x"]);
+                prop_oneof![
+                    prop::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
+                    prop::collection::vec((key, inner), 0..6).prop_map(|pairs| Value::Object(
+                        pairs
+                            .into_iter()
+                            .map(|(k, v)| (k.to_string(), v))
+                            .collect::<Map<_, _>>()
+                    )),
+                ]
+            })
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(2000))]
+
+            #[test]
+            fn any_text_is_parsed_or_refused_with_a_reason(text in "\\PC{0,80}") {
+                if let Err(refusal) = parse_client_frame(&text) {
+                    prop_assert!(!refusal.message.is_empty());
+                }
+            }
+
+            #[test]
+            fn any_json_is_parsed_or_refused_with_a_reason(value in json()) {
+                let text = value.to_string();
+                match parse_client_frame(&text) {
+                    Ok(_) => prop_assert!(value.is_object()),
+                    Err(refusal) => {
+                        prop_assert_ne!(refusal.code, ErrorCode::BadJson, "valid JSON is never bad_json");
+                        prop_assert!(!refusal.message.is_empty());
+                        let _ = refusal.to_frame();
+                    }
+                }
+            }
         }
     }
 }

@@ -47,10 +47,10 @@ pub trait Transform: Send + Sync {
 #[serde(deny_unknown_fields)]
 pub struct TransformRule {
     /// Desk name or `*`.
-    #[serde(default = "any")]
+    #[serde(default = "wildcard")]
     pub desk: String,
     /// Event name or `*`.
-    #[serde(default = "any")]
+    #[serde(default = "wildcard")]
     pub event: String,
     /// Direction the rule applies to.
     pub direction: Direction,
@@ -68,7 +68,7 @@ pub struct TransformRule {
     pub require: Vec<String>,
 }
 
-fn any() -> String {
+fn wildcard() -> String {
     "*".into()
 }
 
@@ -311,5 +311,59 @@ mod tests {
             .apply("A", "new_example", Direction::ToWeb, &mut data)
             .expect_err("rejects");
         assert_eq!(err.to_string(), "name must be a string");
+    }
+
+    mod fuzz {
+        use super::super::*;
+        use proptest::prelude::*;
+
+        fn key() -> impl Strategy<Value = String> {
+            prop::sample::select(vec!["a", "b", "c", "d", "e"]).prop_map(String::from)
+        }
+
+        fn rule() -> impl Strategy<Value = TransformRule> {
+            (
+                prop::collection::btree_map(key(), key(), 0..4),
+                prop::collection::vec(key(), 0..3),
+                prop::collection::btree_map(key(), any::<i32>(), 0..3),
+                prop::collection::vec(key(), 0..3),
+            )
+                .prop_map(|(rename, drop, set, require)| TransformRule {
+                    desk: "*".into(),
+                    event: "*".into(),
+                    direction: Direction::ToWeb,
+                    rename,
+                    drop,
+                    set: set.into_iter().map(|(k, v)| (k, Value::from(v))).collect(),
+                    require,
+                })
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(2000))]
+
+            #[test]
+            fn rules_never_panic_and_keep_their_promises(
+                rules in prop::collection::vec(rule(), 0..4),
+                input in prop::collection::btree_map(key(), any::<i32>(), 0..6),
+            ) {
+                let mut transforms = Transforms::from_rules(&rules);
+                transforms.resolve(&["A".into()], &["e".into()]);
+                let mut data: Data = input.into_iter().map(|(k, v)| (k, Value::from(v))).collect();
+                let result = transforms.apply("A", "e", Direction::ToWeb, &mut data);
+                if let Some(last) = rules.last() {
+                    if result.is_ok() {
+                        for field in &last.require {
+                            prop_assert!(data.contains_key(field));
+                        }
+                        for (field, value) in &last.set {
+                            prop_assert_eq!(data.get(field), Some(value));
+                        }
+                    }
+                } else {
+                    prop_assert!(result.is_ok());
+                }
+            }
+        }
     }
 }

@@ -22,6 +22,7 @@ use crate::backoff::Backoff;
 use crate::config::Config;
 use crate::link::{LinkState, LinkStatus};
 use crate::metrics::{Metrics, RejectReason};
+use crate::port_watch::PortWatch;
 use crate::transform::Data;
 
 /// The router's answer for one delivery.
@@ -61,12 +62,14 @@ impl AmqpConsumer {
                 Ok(()) => break,
                 Err(error) => self.link.set(LinkStatus::Down, &error.to_string()),
             }
-            match stop.recv_timeout(backoff.next_delay()) {
-                Err(RecvTimeoutError::Timeout) => self.link.set(LinkStatus::Connecting, "(retrying)"),
-                Ok(_) | Err(RecvTimeoutError::Disconnected) => break,
+            if !wait_to_retry(&stop, backoff.next_delay(), &self.config.amqp.urls) {
+                break;
             }
         }
-        self.link.set(LinkStatus::Down, "stopped");
+        log::info!(
+            "{} stopped",
+            std::thread::current().name().unwrap_or("amqp worker")
+        );
     }
 
     /// One connection's life: `Ok` when asked to stop, `Err` when the link was lost.
@@ -262,4 +265,19 @@ fn decode(
         )
     })?;
     Ok((desk.to_owned(), event.to_owned(), data))
+}
+
+/// Waits `delay` before reconnecting, or less if a broker port reopens; false when asked to stop.
+fn wait_to_retry(stop: &StopSignal, delay: std::time::Duration, urls: &[String]) -> bool {
+    let deadline = std::time::Instant::now() + delay;
+    let mut watch = PortWatch::start(urls);
+    loop {
+        match stop.recv_deadline(deadline.min(watch.next_probe())) {
+            Err(RecvTimeoutError::Timeout) if std::time::Instant::now() >= deadline || watch.reopened() => {
+                return true
+            }
+            Err(RecvTimeoutError::Timeout) => {}
+            Ok(_) | Err(RecvTimeoutError::Disconnected) => return false,
+        }
+    }
 }

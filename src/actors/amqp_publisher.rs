@@ -29,6 +29,7 @@ use crate::backoff::Backoff;
 use crate::config::{AmqpConfig, Config};
 use crate::link::{LinkState, LinkStatus};
 use crate::metrics::{Metrics, PublishFailure};
+use crate::port_watch::PortWatch;
 
 /// One browser publish on its way to RabbitMQ.
 #[derive(Debug)]
@@ -167,18 +168,22 @@ impl AmqpPublisher {
             if !self.wait(&stop, backoff.next_delay(), &mut buffer) {
                 break;
             }
-            self.link.set(LinkStatus::Connecting, "(retrying)");
         }
         for job in buffer.into_iter().chain(self.jobs.try_iter()) {
             self.finish(job, Err(PublishFailure::Shutdown));
         }
-        self.link.set(LinkStatus::Down, "stopped");
+        log::info!(
+            "{} stopped",
+            std::thread::current().name().unwrap_or("amqp worker")
+        );
     }
 
-    /// Waits out a reconnect delay while buffering new jobs and expiring old ones; false on stop.
+    /// Waits out a reconnect delay (less if a broker port reopens) while buffering new jobs and
+    /// expiring old ones; false on stop.
     fn wait(&self, stop: &StopSignal, delay: Duration, buffer: &mut VecDeque<PublishJob>) -> bool {
         let deadline = Instant::now() + delay;
         let ttl = Duration::from_millis(self.config.amqp.publish_ttl_ms);
+        let mut watch = PortWatch::start(&self.config.amqp.urls);
         loop {
             while buffer.front().is_some_and(|job| job.enqueued.elapsed() >= ttl) {
                 if let Some(job) = buffer.pop_front() {
@@ -186,12 +191,13 @@ impl AmqpPublisher {
                 }
             }
             let now = Instant::now();
-            if now >= deadline {
+            if now >= deadline || watch.reopened() {
                 return true;
             }
             let wake = buffer
                 .front()
-                .map_or(deadline, |job| (job.enqueued + ttl).min(deadline));
+                .map_or(deadline, |job| (job.enqueued + ttl).min(deadline))
+                .min(watch.next_probe());
             select! {
                 recv(self.jobs) -> job => match job {
                     Ok(job) => buffer.push_back(job),

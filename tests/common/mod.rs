@@ -150,6 +150,26 @@ impl TestBridge {
         }
     }
 
+    /// Waits until the counter `name` (exact series, labels included) reaches `at_least`.
+    pub async fn wait_metric_at_least(&self, name: &str, at_least: u64) {
+        let started = Instant::now();
+        loop {
+            let (_, body) = http_get(self.addr, "/metrics").await;
+            let value = body
+                .lines()
+                .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse::<f64>().ok())
+                .unwrap_or(0.0);
+            if value >= at_least as f64 {
+                return;
+            }
+            assert!(
+                started.elapsed() < DEADLINE,
+                "{name} stayed at {value} (wanted ≥ {at_least})"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     /// Stops the bridge gracefully and waits for its thread.
     pub fn stop(&mut self) {
         if let Some(stop) = self.stop.take() {
@@ -395,6 +415,19 @@ impl Browser {
         let (ws, _) = tokio_tungstenite::connect_async(bridge.ws_url())
             .await
             .expect("websocket upgrade");
+        Browser::from_stream(ws).await
+    }
+
+    /// Upgrades an already connected TCP stream (e.g. one with tuned socket buffers).
+    pub async fn over(stream: TcpStream, url: &str) -> Browser {
+        let (ws, _) = tokio_tungstenite::client_async(url, MaybeTlsStream::Plain(stream))
+            .await
+            .expect("websocket upgrade");
+        Browser::from_stream(ws).await
+    }
+
+    /// Wraps an upgraded socket and reads the `welcome`.
+    pub async fn from_stream(ws: WebSocketStream<MaybeTlsStream<TcpStream>>) -> Browser {
         let mut browser = Browser {
             ws,
             session: String::new(),
@@ -416,6 +449,19 @@ impl Browser {
             .send(Message::Text(text.into()))
             .await
             .expect("send frame");
+    }
+
+    /// Sends a frame; `Err` once the connection is closed.
+    pub async fn try_send(&mut self, frame: Value) -> Result<(), tokio_tungstenite::tungstenite::Error> {
+        self.ws.send(Message::Text(frame.to_string())).await
+    }
+
+    /// The next message of any kind, `None` when the stream ended (deadline applies).
+    pub async fn next_frame(&mut self) -> Option<Message> {
+        tokio::time::timeout(DEADLINE, self.ws.next())
+            .await
+            .expect("a frame arrives before the deadline")
+            .and_then(Result::ok)
     }
 
     pub async fn send_raw(&mut self, message: Message) {

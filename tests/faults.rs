@@ -1,0 +1,287 @@
+//! Broker faults injected with `rabbitmqctl`: connections closed from the broker side, the broker
+//! app stopped and started, a memory alarm (connection.blocked). These disturb the shared broker,
+//! so they run one at a time (a lock), and every disturbance is undone by a guard's `Drop`, also
+//! when the test fails.
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use amiquip::{ExchangeDeclareOptions, ExchangeType, FieldTable, QueueDeclareOptions, QueueDeleteOptions};
+use common::*;
+use serde_json::{json, Value};
+
+static BROKER: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Exclusive use of the broker for a disruptive test (async: held across awaits; never
+/// poisoned by a failing test).
+async fn exclusive() -> tokio::sync::MutexGuard<'static, ()> {
+    BROKER.lock().await
+}
+
+fn rabbitmqctl(args: &[&str]) -> String {
+    let output = Command::new("rabbitmqctl")
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run rabbitmqctl {args:?}: {e} (is RabbitMQ installed?)"));
+    assert!(
+        output.status.success(),
+        "rabbitmqctl {args:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// The broker app is stopped while this lives; dropping it starts the app and waits for it.
+struct AppStopped;
+
+impl AppStopped {
+    fn new() -> AppStopped {
+        rabbitmqctl(&["stop_app"]);
+        AppStopped
+    }
+}
+
+impl Drop for AppStopped {
+    fn drop(&mut self) {
+        rabbitmqctl(&["start_app"]);
+        rabbitmqctl(&["await_startup"]);
+    }
+}
+
+/// A memory alarm is raised while this lives (the broker blocks publishing connections).
+struct MemoryAlarm {
+    watermark: String,
+}
+
+impl MemoryAlarm {
+    fn new() -> MemoryAlarm {
+        let watermark = rabbitmqctl(&["eval", "vm_memory_monitor:get_vm_memory_high_watermark()."])
+            .trim()
+            .to_string();
+        rabbitmqctl(&["set_vm_memory_high_watermark", "0.000001"]);
+        MemoryAlarm { watermark }
+    }
+}
+
+impl Drop for MemoryAlarm {
+    fn drop(&mut self) {
+        let restore = if self.watermark.parse::<f64>().is_ok() {
+            self.watermark.as_str()
+        } else {
+            "0.4"
+        };
+        rabbitmqctl(&["set_vm_memory_high_watermark", restore]);
+    }
+}
+
+/// A durable queue bound to `exchange` with `key`, standing for a desktop app's queue that
+/// survives broker restarts. Deleted on drop.
+struct DurableQueue {
+    name: String,
+}
+
+impl DurableQueue {
+    fn bind(exchange: &str, key: &str) -> DurableQueue {
+        let name = unique("desktop");
+        let mut connection = broker();
+        let channel = connection.open_channel(None).expect("channel");
+        let options = ExchangeDeclareOptions {
+            durable: true,
+            ..Default::default()
+        };
+        channel
+            .exchange_declare(ExchangeType::Direct, exchange, options)
+            .expect("exchange");
+        let options = QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        };
+        channel.queue_declare(name.as_str(), options).expect("queue");
+        channel
+            .queue_bind(name.as_str(), exchange, key, FieldTable::new())
+            .expect("bind");
+        let _ = connection.close();
+        DurableQueue { name }
+    }
+}
+
+impl Drop for DurableQueue {
+    fn drop(&mut self) {
+        if let Ok(mut connection) = amiquip::Connection::insecure_open(&amqp_url()) {
+            if let Ok(channel) = connection.open_channel(None) {
+                let _ = channel.queue_delete(self.name.as_str(), QueueDeleteOptions::default());
+            }
+            let _ = connection.close();
+        }
+    }
+}
+
+fn fast_reconnect(test: &str) -> deskbridge::Config {
+    let mut config = test_config(test);
+    config.amqp.reconnect_initial_ms = 50;
+    config.amqp.reconnect_max_ms = 300;
+    config
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_closed_by_the_broker_are_reopened_and_traffic_resumes() {
+    let _broker = exclusive().await;
+    let bridge = TestBridge::start_healthy(fast_reconnect("closeall")).await;
+    let mut browser = Browser::connect(&bridge).await;
+    browser.subscribe(&["A"]).await;
+
+    rabbitmqctl(&["close_all_connections", "deskbridge fault test"]);
+    bridge
+        .wait_metric("deskbridge_amqp_reconnects_total{link=\"consumer\"} 1")
+        .await;
+    bridge
+        .wait_metric("deskbridge_amqp_reconnects_total{link=\"publisher\"} 1")
+        .await;
+    bridge.wait_health(200).await;
+
+    browser.assert_quiet().await;
+    let listener = Listener::bind(&bridge.config.amqp.outbound_exchange, &["A_new_example"]);
+    let ack = browser
+        .publish("A", "new_example", json!({"after": "reconnect"}), "r1")
+        .await;
+    assert_eq!(ack["op"], "ack", "{ack}");
+    assert_eq!(
+        listener.next().properties.message_id().as_deref(),
+        ack["id"].as_str()
+    );
+    Desktop::connect().publish_json(
+        &bridge.config.amqp.inbound_exchange,
+        "A_new_example",
+        &json!({"n": 1}),
+    );
+    assert_eq!(browser.recv().await["data"], json!({"n": 1}));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_restart_is_survived_and_publishes_made_during_it_are_delivered_and_acked() {
+    let _broker = exclusive().await;
+    let bridge = TestBridge::start_healthy(fast_reconnect("restart")).await;
+    let desktop_queue = DurableQueue::bind(&bridge.config.amqp.outbound_exchange, "A_new_example");
+    let mut browser = Browser::connect(&bridge).await;
+    browser.subscribe(&["A"]).await;
+
+    let stopped = AppStopped::new();
+    let health = bridge.wait_health(503).await;
+    assert_eq!(health["status"], "degraded");
+    assert_eq!(
+        health["sessions"], 1,
+        "the browser stays connected during the outage"
+    );
+    browser.assert_quiet().await;
+    for i in 0..20 {
+        browser
+            .send(json!({"op": "publish", "desk": "A", "event": "new_example", "data": {"i": i}, "ref": format!("p{i}")}))
+            .await;
+    }
+    browser.assert_quiet().await; // buffered: no ack (and no error) while the broker is away
+    drop(stopped);
+    bridge.wait_health(200).await;
+
+    let mut ids = Vec::new();
+    for i in 0..20 {
+        let ack = browser.recv().await;
+        assert_eq!(
+            (ack["op"].as_str(), ack["ref"].as_str(), ack["routed"].as_bool()),
+            (Some("ack"), Some(format!("p{i}").as_str()), Some(true)),
+            "{ack}"
+        );
+        ids.push(ack["id"].as_str().expect("ack id").to_string());
+    }
+    let desktop = Listener::existing(&desktop_queue.name);
+    for (i, id) in ids.iter().enumerate() {
+        let delivery = desktop.next();
+        assert_eq!(
+            delivery.properties.message_id().as_deref(),
+            Some(id.as_str()),
+            "in order"
+        );
+        let body: Value = serde_json::from_slice(&delivery.body).expect("JSON");
+        assert_eq!(body, json!({"i": i}));
+    }
+    Desktop::connect().publish_json(
+        &bridge.config.amqp.inbound_exchange,
+        "A_new_example",
+        &json!({"after": "restart"}),
+    );
+    assert_eq!(browser.recv().await["data"], json!({"after": "restart"}));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flow_control_is_reported_and_does_not_freeze_browsers() {
+    let _broker = exclusive().await;
+    let bridge = TestBridge::start_healthy(test_config("blocked")).await;
+    let desktop_queue = DurableQueue::bind(&bridge.config.amqp.outbound_exchange, "A_new_example");
+    let mut browser = Browser::connect(&bridge).await;
+
+    let alarm = MemoryAlarm::new();
+    // The broker blocks a connection when it next publishes: publish to trigger it.
+    browser
+        .send(json!({"op": "publish", "desk": "A", "event": "new_example", "data": {"during": "alarm"}, "ref": "b1"}))
+        .await;
+    let started = std::time::Instant::now();
+    loop {
+        let (_, body) = http_get(bridge.addr, "/health").await;
+        let health: Value = serde_json::from_str(&body).expect("JSON");
+        if health["amqp"]["blocked"] == true {
+            break;
+        }
+        assert!(
+            started.elapsed() < DEADLINE,
+            "health never reported flow control: {health}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    bridge
+        .wait_metric("deskbridge_amqp_blocked{link=\"publisher\"} 1")
+        .await;
+    let mut other = Browser::connect(&bridge).await;
+    other.subscribe(&["B"]).await;
+    browser.assert_quiet().await; // no ack while blocked, and the session answers at once
+
+    drop(alarm);
+    let ack = browser.recv().await;
+    assert_eq!(
+        (ack["op"].as_str(), ack["ref"].as_str()),
+        (Some("ack"), Some("b1")),
+        "{ack}"
+    );
+    assert_eq!(
+        Listener::existing(&desktop_queue.name)
+            .next()
+            .properties
+            .message_id()
+            .as_deref(),
+        ack["id"].as_str()
+    );
+    bridge
+        .wait_metric("deskbridge_amqp_blocked{link=\"publisher\"} 0")
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_long_backoff_the_bridge_is_back_within_a_second_of_the_broker() {
+    let _broker = exclusive().await;
+    let mut config = test_config("portwatch");
+    // Long delays: without noticing the broker's return, recovery would take 4–10 s more.
+    config.amqp.reconnect_initial_ms = 8_000;
+    config.amqp.reconnect_max_ms = 10_000;
+    let bridge = TestBridge::start_healthy(config).await;
+    let stopped = AppStopped::new();
+    bridge.wait_health(503).await;
+    drop(stopped); // returns once the broker has fully booted
+    let back = std::time::Instant::now();
+    bridge.wait_health(200).await;
+    let took = back.elapsed();
+    // One second is the promise; the margin absorbs a loaded CI machine.
+    assert!(
+        took < Duration::from_secs(3),
+        "health took {took:?} to return to 200"
+    );
+}

@@ -1,0 +1,369 @@
+//! Reliability without disturbing the shared broker: no broker at all, slow and dead browsers,
+//! shutdown under load, SIGTERM, hostile broker messages.
+
+mod common;
+
+use std::collections::HashSet;
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use amiquip::{AmqpProperties, AmqpValue, FieldTable};
+use common::*;
+use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::Message;
+
+fn without_broker(test: &str) -> deskbridge::Config {
+    let mut config = test_config(test);
+    // Port 1 on loopback: nothing listens, every connect is refused at once.
+    config.amqp.urls = vec!["amqp://guest:guest@127.0.0.1:1/%2f".into()];
+    config
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_broker_publishes_end_in_broker_unavailable_never_in_silence() {
+    let mut config = without_broker("nobuffer");
+    config.amqp.publish_buffer_messages = 3;
+    config.amqp.publish_ttl_ms = 1_000;
+    let bridge = TestBridge::start(config);
+    bridge.wait_health(503).await;
+    let mut browser = Browser::connect(&bridge).await;
+    for i in 0..5 {
+        browser
+            .send(json!({"op": "publish", "desk": "A", "event": "new_example", "data": {"i": i}, "ref": format!("p{i}")}))
+            .await;
+    }
+    // p3 and p4 find the buffer full at once; p0..p2 wait for the TTL, then fail, in order.
+    let mut refs = Vec::new();
+    for _ in 0..5 {
+        let error = browser.recv().await;
+        assert_eq!(
+            (error["op"].as_str(), error["code"].as_str()),
+            (Some("error"), Some("broker_unavailable")),
+            "{error}"
+        );
+        refs.push(error["ref"].as_str().expect("ref echoed").to_string());
+    }
+    assert_eq!(refs, ["p3", "p4", "p0", "p1", "p2"]);
+    bridge
+        .wait_metric("deskbridge_publish_failures_total{reason=\"buffer_full\"} 2")
+        .await;
+    bridge
+        .wait_metric("deskbridge_publish_failures_total{reason=\"expired\"} 3")
+        .await;
+    browser.assert_quiet().await;
+}
+
+/// A WebSocket client whose socket receive buffer is tiny and who stops reading on demand.
+async fn sluggish_browser(bridge: &TestBridge) -> Browser {
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.set_recv_buffer_size(4096).expect("SO_RCVBUF");
+    let stream = socket.connect(bridge.addr).await.expect("connect");
+    Browser::over(stream, &bridge.ws_url()).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_reader_is_closed_with_1013_while_a_fast_reader_gets_everything() {
+    let mut config = test_config("slow");
+    config.ws.outbound_queue_frames = 64;
+    config.ws.outbound_queue_bytes = 256 * 1024;
+    let bridge = TestBridge::start_healthy(config).await;
+    let mut slow = sluggish_browser(&bridge).await;
+    slow.subscribe(&["A"]).await;
+    let mut fast = Browser::connect(&bridge).await;
+    fast.subscribe(&["A"]).await;
+
+    // 1000 × 8 KiB = 8 MiB: more than the slow socket's kernel buffers (≤ 4 MiB) plus its queue.
+    let padding = "x".repeat(8 * 1024);
+    let messages: Vec<(String, Value)> = (0..1000)
+        .map(|seq| (key("A", "new_example"), json!({"seq": seq, "pad": padding})))
+        .collect();
+    let exchange = bridge.config.amqp.inbound_exchange.clone();
+    let publisher =
+        tokio::task::spawn_blocking(move || Desktop::connect().publish_many(&exchange, &messages));
+    for seq in 0..1000 {
+        assert_eq!(
+            fast.recv().await["data"]["seq"],
+            seq,
+            "the fast reader keeps its rate and misses nothing"
+        );
+    }
+    publisher.await.expect("desktop published");
+    bridge
+        .wait_metric("deskbridge_sessions_slow_closed_total 1")
+        .await;
+    let health = bridge.wait_health(200).await;
+    assert_eq!(health["desks"]["A"], 1, "the slow session's subscription is gone");
+
+    let close = slow
+        .closed()
+        .await
+        .expect("a close frame after what was already sent");
+    assert_eq!(close.code, CloseCode::Again);
+    assert!(close.reason.contains("too slow"), "{}", close.reason);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_peer_is_dropped_by_the_heartbeat_and_its_subscriptions_removed() {
+    let mut config = test_config("heartbeat");
+    config.ws.heartbeat_interval_ms = 100;
+    config.ws.client_timeout_ms = 400;
+    let bridge = TestBridge::start_healthy(config).await;
+    let mut silent = Browser::connect(&bridge).await;
+    silent.subscribe(&["A", "B"]).await;
+    // From now on nobody reads this socket, so its pings go unanswered.
+    let started = Instant::now();
+    loop {
+        let health = bridge.wait_health(200).await;
+        if health["sessions"] == 0 && health["desks"] == json!({"A": 0, "B": 0}) {
+            break;
+        }
+        assert!(
+            started.elapsed() < DEADLINE,
+            "the silent session was never removed: {health}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let close = silent.closed().await.expect("close frame");
+    assert_eq!(close.code, CloseCode::Away);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_under_load_loses_no_acked_message() {
+    let mut bridge = TestBridge::start_healthy(test_config("shutdown")).await;
+    let listener = Listener::bind(&bridge.config.amqp.outbound_exchange, &["A_new_example"]);
+    let mut tasks = Vec::new();
+    for client in 0..4 {
+        let mut browser = Browser::connect(&bridge).await;
+        tasks.push(tokio::spawn(async move {
+            let (mut acked, mut failed) = (Vec::new(), 0);
+            for i in 0..300 {
+                let publish = json!({"op": "publish", "desk": "A", "event": "new_example", "data": {"c": client, "i": i}});
+                if browser.try_send(publish).await.is_err() {
+                    break;
+                }
+            }
+            // Read until the bridge closes: every answer is an ack or broker_unavailable.
+            let close = loop {
+                match browser.next_frame().await {
+                    Some(Message::Text(text)) => {
+                        let frame: Value = serde_json::from_str(&text).expect("JSON");
+                        match frame["op"].as_str() {
+                            Some("ack") => acked.push(frame["id"].as_str().expect("id").to_string()),
+                            Some("error") => {
+                                assert_eq!(frame["code"], "broker_unavailable", "{frame}");
+                                failed += 1;
+                            }
+                            _ => panic!("unexpected frame {frame}"),
+                        }
+                    }
+                    Some(Message::Close(frame)) => break frame.map(|f| f.code),
+                    Some(_) => continue,
+                    None => break None,
+                }
+            };
+            (acked, failed, close)
+        }));
+    }
+    // Let traffic flow, then stop the bridge in the middle of it.
+    bridge
+        .wait_metric_at_least("deskbridge_messages_out_total{direction=\"web_to_desktop\"}", 50)
+        .await;
+    let started = Instant::now();
+    let mut bridge = tokio::task::spawn_blocking(move || {
+        bridge.stop();
+        bridge
+    })
+    .await
+    .expect("shutdown completes");
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(3 + 5),
+        "shutdown is bounded by shutdown_timeout_ms (3 s): took {took:?}"
+    );
+
+    let mut all_acked = Vec::new();
+    for task in tasks {
+        let (acked, _failed, close) = task.await.expect("client task");
+        assert_eq!(close, Some(CloseCode::Away), "browsers are told 1001 going away");
+        all_acked.extend(acked);
+    }
+    assert!(!all_acked.is_empty(), "some publishes were acked before shutdown");
+    let mut delivered = HashSet::new();
+    while delivered.len() < all_acked.len() {
+        let delivery = listener.next();
+        delivered.insert(delivery.properties.message_id().clone().expect("message_id"));
+    }
+    for id in &all_acked {
+        assert!(delivered.contains(id), "acked message {id} reached the desktop");
+    }
+    bridge.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_closes_browsers_with_1001_and_exits_zero() {
+    let config = test_config("sigterm");
+    let dir = std::env::temp_dir().join(unique("sigterm"));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let path = dir.join("deskbridge.toml");
+    let amqp = &config.amqp;
+    std::fs::write(
+        &path,
+        format!(
+            "bind = \"127.0.0.1:0\"\nworkers = 1\nshutdown_timeout_ms = 3000\n[amqp]\nurls = [\"{}\"]\n\
+             inbound_exchange = \"{}\"\ninbound_queue = \"{}\"\noutbound_exchange = \"{}\"\n",
+            amqp_url(),
+            amqp.inbound_exchange,
+            amqp.inbound_queue,
+            amqp.outbound_exchange
+        ),
+    )
+    .expect("write config");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_deskbridge"))
+        .arg("--config")
+        .arg(&path)
+        .env_remove("DESKBRIDGE_BIND")
+        .env_remove("AMQP_URL")
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start deskbridge");
+    let stderr = child.stderr.take().expect("stderr");
+    let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Some(addr) = line.split("listening on http://").nth(1) {
+                let _ = addr_tx.send(addr.trim().to_string());
+            }
+        }
+    });
+    let addr = addr_rx
+        .recv_timeout(DEADLINE)
+        .expect("deskbridge logs its address");
+    let bridge_addr: std::net::SocketAddr = addr.parse().expect("socket address");
+    let started = Instant::now();
+    while http_get(bridge_addr, "/health").await.0 != 200 {
+        assert!(started.elapsed() < DEADLINE, "bridge never became healthy");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws"))
+        .await
+        .expect("ws");
+    let mut browser = Browser::from_stream(ws).await;
+
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    let close = browser.closed().await.expect("close frame");
+    assert_eq!(close.code, CloseCode::Away);
+    let started = Instant::now();
+    let exit = loop {
+        if let Some(exit) = child.try_wait().expect("wait") {
+            break exit;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "deskbridge did not exit within 10 s of SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(exit.code(), Some(0));
+    delete_topology(&config);
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_broker_messages_never_crash_the_consumer() {
+    let bridge = TestBridge::start_healthy(test_config("hostile")).await;
+    let mut browser = Browser::connect(&bridge).await;
+    browser.subscribe(&["A"]).await;
+    let exchange = bridge.config.amqp.inbound_exchange.clone();
+    let mut desktop = Desktop::connect();
+
+    // 4 MiB of garbage: rejected.
+    desktop.publish_with(
+        &exchange,
+        "A_new_example",
+        &vec![b'{'; 4 << 20],
+        AmqpProperties::default(),
+    );
+    // Odd properties: x-instance of the wrong type, foreign content type, empty message_id.
+    let mut headers = FieldTable::new();
+    headers.insert("x-instance".into(), AmqpValue::LongLongInt(42));
+    let odd = AmqpProperties::default()
+        .with_headers(headers)
+        .with_content_type("text/plain".into())
+        .with_message_id(String::new());
+    desktop.publish_with(&exchange, "A_new_example", br#"{"odd":true}"#, odd);
+    // 2 MiB of valid JSON: delivered whole.
+    let big = json!({"blob": "z".repeat(2 << 20)});
+    desktop.publish_json(&exchange, "A_new_example", &big);
+
+    let event = browser.recv().await;
+    assert_eq!(event["data"], json!({"odd": true}));
+    let event = browser.recv().await;
+    assert_eq!(event["data"]["blob"].as_str().map(str::len), Some(2 << 20));
+    bridge
+        .wait_metric("deskbridge_rejects_total{reason=\"bad_body\"} 1")
+        .await;
+    browser.assert_quiet().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_frames_are_each_answered_and_never_break_the_session() {
+    let bridge = TestBridge::start_healthy(test_config("fuzzws")).await;
+    let mut browser = Browser::connect(&bridge).await;
+    let seeds = [
+        r#"{"op":"ping"}"#,
+        r#"{"op":"subscribe","desks":["A"]}"#,
+        r#"{"op":"unsubscribe","desks":["B"]}"#,
+        r#"{"op":"publish","desk":"A","event":"new_example","data":{"k":[1,{"x":null}]},"ref":"r"}"#,
+    ];
+    // A fixed-seed xorshift so a failure reproduces.
+    let mut state: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let alphabet: Vec<char> =
+        r#"{}[]":,0123456789.-eE truefalsnul\opAB_"#.chars().chain(['é', '\u{0}', '💥']).collect();
+    for _ in 0..400 {
+        let mut text: Vec<char> = seeds[(next() % seeds.len() as u64) as usize].chars().collect();
+        for _ in 0..(next() % 4) {
+            let at = (next() % (text.len() as u64 + 1)) as usize;
+            match next() % 3 {
+                0 if at < text.len() => {
+                    text.remove(at);
+                }
+                1 if at < text.len() => text[at] = alphabet[(next() % alphabet.len() as u64) as usize],
+                _ => text.insert(at, alphabet[(next() % alphabet.len() as u64) as usize]),
+            }
+        }
+        let text: String = text.into_iter().collect();
+        browser.send_text(&text).await;
+        let reply = browser.recv().await;
+        let op = reply["op"].as_str().unwrap_or_default();
+        assert!(
+            ["pong", "subscribed", "unsubscribed", "ack", "error"].contains(&op),
+            "{text:?} got {reply}"
+        );
+    }
+    browser.assert_quiet().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_urls_are_tried_in_order() {
+    let mut config = test_config("urls");
+    config.amqp.urls = vec!["amqp://guest:guest@127.0.0.1:1/%2f".into(), amqp_url()];
+    let bridge = TestBridge::start(config);
+    let health = bridge.wait_health(200).await;
+    assert_eq!(
+        health["amqp"]["consumer"], "up",
+        "the second URL took over: {health}"
+    );
+}
