@@ -213,14 +213,8 @@ impl Config {
             return invalid("amqp.urls", "at least one amqp:// URL is required");
         }
         for url in &self.amqp.urls {
-            if !url.starts_with("amqp://") {
-                return invalid(
-                    "amqp.urls",
-                    format!(
-                        "`{}` must start with amqp:// (TLS is not built in)",
-                        crate::amqp::redact(url)
-                    ),
-                );
+            if let Err(reason) = crate::amqp::BrokerUrl::parse(url) {
+                return invalid("amqp.urls", format!("`{}` {reason}", crate::amqp::redact(url)));
             }
         }
         for (key, value) in [

@@ -6,6 +6,7 @@
 //! - [`transform`]: per-desk data transforms (config rules and a trait for code).
 //! - [`actors`]: `Router`, `WsSession`, `AmqpConsumer`, `AmqpPublisher` and their messages.
 //! - [`amqp`]: connection through the URL list, topology, routing-key convention.
+//! - [`fd_limit`]: raises the open-files limit at start-up.
 //! - [`http`]: routes (`/`, `/ws`, `/health`, `/health/live`, `/metrics`).
 //! - [`link`], [`backoff`], [`port_watch`], [`metrics`]: link state, reconnect delays, early
 //!   retry when a broker comes back, counters.
@@ -17,6 +18,7 @@ pub mod actors;
 pub mod amqp;
 pub mod backoff;
 pub mod config;
+pub mod fd_limit;
 pub mod http;
 pub mod link;
 pub mod metrics;
@@ -128,6 +130,9 @@ pub async fn start(config: Config, mut transforms: Transforms) -> Result<Bridge,
     };
     let server = HttpServer::new(move || App::new().app_data(state.clone()).configure(http::configure))
         .workers(workers)
+        // Events are small frames that must leave at once: without this, Nagle's algorithm can
+        // hold one back up to a delayed-ACK timeout (40 ms on Linux).
+        .tcp_nodelay(true)
         .disable_signals()
         .shutdown_timeout(config.shutdown_timeout().as_secs().max(1))
         .bind(config.bind.as_str())

@@ -37,6 +37,19 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    match deskbridge::fd_limit::raise_to_hard_limit() {
+        Ok((before, after)) => {
+            log::info!("open-files limit: {after} (was {before})");
+            let needed = config.ws.max_sessions as u64 + 64;
+            if after < needed {
+                log::warn!(
+                    "open-files limit {after} is below ws.max_sessions + 64 = {needed}: raise `ulimit -Hn` \
+                     or lower ws.max_sessions, or new connections will fail before the limit"
+                );
+            }
+        }
+        Err(error) => log::warn!("cannot raise the open-files limit: {error}"),
+    }
     let transforms = Transforms::from_rules(&config.transforms);
     let bridge = match deskbridge::start(config, transforms).await {
         Ok(bridge) => bridge,

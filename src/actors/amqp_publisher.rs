@@ -18,11 +18,10 @@ use amiquip::{
     AmqpProperties, AmqpValue, Channel, Confirm, ConfirmSmoother, ConnectionBlockedNotification, FieldTable,
     Publish, Return,
 };
-use bytestring::ByteString;
 use crossbeam_channel::{select, Receiver, Sender};
 use uuid::Uuid;
 
-use crate::actors::router::{Confirmed, PublishOutcome};
+use crate::actors::router::{Confirmed, PublishOutcome, PublishOutcomes};
 use crate::actors::StopSignal;
 use crate::amqp::{self, AmqpError};
 use crate::backoff::Backoff;
@@ -30,6 +29,7 @@ use crate::config::{AmqpConfig, Config};
 use crate::link::{LinkState, LinkStatus};
 use crate::metrics::{Metrics, PublishFailure};
 use crate::port_watch::PortWatch;
+use crate::transform::Data;
 
 /// One browser publish on its way to RabbitMQ.
 #[derive(Debug)]
@@ -42,12 +42,14 @@ pub struct PublishJob {
     pub reference: Option<String>,
     /// Desk, for the web fan-out after the confirm.
     pub desk: String,
+    /// Event name, for the web fan-out.
+    pub event: String,
+    /// The data as the browser sent it (web field names), for the web fan-out.
+    pub data: Data,
     /// `{desk}_{event}`.
     pub routing_key: String,
     /// JSON body after `to_desktop` transforms.
     pub body: Vec<u8>,
-    /// The `event` frame other browsers on the desk get once the broker confirmed.
-    pub web_frame: ByteString,
     /// When the router accepted it, for the TTL.
     pub enqueued: Instant,
 }
@@ -120,7 +122,7 @@ pub struct AmqpPublisher {
     /// The handle the jobs came through, for its budget.
     pub handle: PublisherHandle,
     /// Where outcomes go.
-    pub outcomes: Recipient<PublishOutcome>,
+    pub outcomes: Recipient<PublishOutcomes>,
     /// This link's state, read by `/health`.
     pub link: Arc<LinkState>,
     /// Shared counters.
@@ -292,7 +294,7 @@ impl AmqpPublisher {
                     }
                 },
                 recv(confirms) -> confirm => match confirm {
-                    Ok(confirm) => self.confirm(confirm, &returns, pipeline),
+                    Ok(confirm) => self.confirm(confirm, &confirms, &returns, pipeline),
                     Err(_) => return Err(lost("the channel closed (confirm stream ended)")),
                 },
                 recv(returns) -> returned => match returned {
@@ -367,45 +369,56 @@ impl AmqpPublisher {
         channel.basic_publish(self.config.amqp.outbound_exchange.as_str(), publish)
     }
 
-    /// Resolves the jobs a confirm covers, in tag order.
-    fn confirm(&self, confirm: Confirm, returns: &Receiver<Return>, pipeline: &mut Pipeline) {
+    /// Resolves the jobs that `first` and any confirms already waiting cover, in tag order,
+    /// and reports them to the router in one message.
+    fn confirm(
+        &self,
+        first: Confirm,
+        confirms: &Receiver<Confirm>,
+        returns: &Receiver<Return>,
+        pipeline: &mut Pipeline,
+    ) {
         let Pipeline {
             in_flight,
             smoother,
             returned,
             ..
         } = pipeline;
-        for confirm in smoother.process(confirm) {
-            // The broker sends basic.return before the basic.ack of the same message, so
-            // any return for this message is already waiting.
-            for message in returns.try_iter() {
-                note_return_into(message, returned);
+        let mut settled = Vec::new();
+        for received in std::iter::once(first).chain(confirms.try_iter()) {
+            for confirm in smoother.process(received) {
+                // The broker sends basic.return before the basic.ack of the same message, so
+                // any return for this message is already waiting.
+                for message in returns.try_iter() {
+                    note_return_into(message, returned);
+                }
+                let (tag, acked) = match confirm {
+                    Confirm::Ack(payload) => (payload.delivery_tag, true),
+                    Confirm::Nack(payload) => (payload.delivery_tag, false),
+                };
+                let Some(done) = in_flight.pop_front() else {
+                    log::error!("amqp publisher: confirm for tag {tag} with nothing in flight");
+                    continue;
+                };
+                if done.tag != tag {
+                    log::error!(
+                        "amqp publisher: confirm for tag {tag} but the oldest in flight is {}",
+                        done.tag
+                    );
+                }
+                let result = if acked {
+                    Ok(Confirmed {
+                        routed: !returned.remove(&done.job.id),
+                        latency: done.sent.elapsed(),
+                    })
+                } else {
+                    returned.remove(&done.job.id);
+                    Err(PublishFailure::Nacked)
+                };
+                settled.push(self.settled(done.job, result));
             }
-            let (tag, acked) = match confirm {
-                Confirm::Ack(payload) => (payload.delivery_tag, true),
-                Confirm::Nack(payload) => (payload.delivery_tag, false),
-            };
-            let Some(done) = in_flight.pop_front() else {
-                log::error!("amqp publisher: confirm for tag {tag} with nothing in flight");
-                continue;
-            };
-            if done.tag != tag {
-                log::error!(
-                    "amqp publisher: confirm for tag {tag} but the oldest in flight is {}",
-                    done.tag
-                );
-            }
-            let result = if acked {
-                Ok(Confirmed {
-                    routed: !returned.remove(&done.job.id),
-                    latency: done.sent.elapsed(),
-                })
-            } else {
-                returned.remove(&done.job.id);
-                Err(PublishFailure::Nacked)
-            };
-            self.finish(done.job, result);
         }
+        self.send(settled);
     }
 
     /// Shutdown: waits for outstanding confirms until `deadline`, then fails what is left.
@@ -418,7 +431,7 @@ impl AmqpPublisher {
     ) {
         while !pipeline.in_flight.is_empty() {
             match confirms.recv_deadline(deadline) {
-                Ok(confirm) => self.confirm(confirm, returns, pipeline),
+                Ok(confirm) => self.confirm(confirm, confirms, returns, pipeline),
                 Err(_) => break,
             }
         }
@@ -427,9 +440,20 @@ impl AmqpPublisher {
         }
     }
 
+    /// Settles one job on its own (cold paths: expiry, shutdown).
     fn finish(&self, job: PublishJob, result: Result<Confirmed, PublishFailure>) {
+        self.send(vec![self.settled(job, result)]);
+    }
+
+    fn settled(&self, job: PublishJob, result: Result<Confirmed, PublishFailure>) -> PublishOutcome {
         self.handle.budget.release(job.body.len());
-        self.outcomes.do_send(PublishOutcome { job, result });
+        PublishOutcome { job, result }
+    }
+
+    fn send(&self, outcomes: Vec<PublishOutcome>) {
+        if !outcomes.is_empty() {
+            self.outcomes.do_send(PublishOutcomes(outcomes));
+        }
     }
 }
 

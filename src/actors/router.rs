@@ -3,7 +3,7 @@
 //! It owns the session registry and desk subscriptions, validates desks and events, applies
 //! transforms, and fans events out. Sessions send it `Connect`, `Disconnect`, `Subscribe`,
 //! `Unsubscribe` and `Publish`; the AMQP consumer sends `Inbound` and gets a [`Verdict`] back;
-//! the AMQP publisher sends `PublishOutcome`. Every frame it sends is serialized once and the
+//! the AMQP publisher sends `PublishOutcomes`. Every frame it sends is serialized once and the
 //! bytes are shared; a session whose queue is full is closed (1013), never waited for.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -97,9 +97,13 @@ pub struct Inbound {
     pub reply: Sender<Verdict>,
 }
 
-/// How a browser's publish ended at the broker.
+/// How browsers' publishes ended at the broker: everything one broker confirm settled, so
+/// that a burst of confirms costs the router one wake-up, not one per message.
 #[derive(Message)]
 #[rtype(result = "()")]
+pub struct PublishOutcomes(pub Vec<PublishOutcome>);
+
+/// How one browser publish ended at the broker.
 pub struct PublishOutcome {
     /// The publish, handed back.
     pub job: PublishJob,
@@ -287,24 +291,15 @@ impl Router {
         }
         // A map of JSON values always serializes.
         .expect("JSON objects always serialize");
-        let id = Uuid::new_v4().to_string();
-        // Built now, while the web-shaped data is at hand; fanned out once the broker confirms.
-        let web_frame = ServerFrame::Event {
-            desk: &msg.desk,
-            event: &msg.event,
-            id: &id,
-            origin: Origin::Web,
-            data: &msg.data,
-        }
-        .to_text();
         Ok(PublishJob {
             routing_key: crate::amqp::routing_key(&msg.desk, &msg.event),
-            id,
+            id: Uuid::new_v4().to_string(),
             session: msg.session,
             reference: msg.reference,
             desk: msg.desk,
+            event: msg.event,
+            data: msg.data,
             body,
-            web_frame,
             enqueued: Instant::now(),
         })
     }
@@ -441,12 +436,22 @@ impl Handler<Inbound> for Router {
     }
 }
 
-impl Handler<PublishOutcome> for Router {
+impl Handler<PublishOutcomes> for Router {
     type Result = ();
 
-    fn handle(&mut self, msg: PublishOutcome, _: &mut Context<Self>) {
-        let job = msg.job;
-        match msg.result {
+    fn handle(&mut self, msg: PublishOutcomes, _: &mut Context<Self>) {
+        for outcome in msg.0 {
+            self.settle(outcome);
+        }
+    }
+}
+
+impl Router {
+    /// Tells the publisher its outcome; on success, fans the event out to the desk's other
+    /// browsers (serialized only if there is one).
+    fn settle(&mut self, outcome: PublishOutcome) {
+        let job = outcome.job;
+        match outcome.result {
             Ok(confirmed) => {
                 let ack = ServerFrame::Ack {
                     reference: job.reference.as_deref(),
@@ -454,7 +459,22 @@ impl Handler<PublishOutcome> for Router {
                     routed: confirmed.routed,
                 };
                 self.reply(job.session, ack.to_text());
-                let receivers = self.fan_out(&job.desk, &job.web_frame, Some(job.session));
+                let others = self.desks.get(&job.desk).map_or(0, |subscribers| {
+                    subscribers.len() - usize::from(subscribers.contains_key(&job.session))
+                });
+                let receivers = if others == 0 {
+                    0
+                } else {
+                    let frame = ServerFrame::Event {
+                        desk: &job.desk,
+                        event: &job.event,
+                        id: &job.id,
+                        origin: Origin::Web,
+                        data: &job.data,
+                    }
+                    .to_text();
+                    self.fan_out(&job.desk, &frame, Some(job.session))
+                };
                 self.metrics
                     .web_confirmed(confirmed.latency, confirmed.routed, receivers);
             }

@@ -1,0 +1,1035 @@
+//! deskbridge load benchmark: the same workloads against deskbridge and RabbitMQ Web-STOMP, on
+//! the same broker, in one run. See `docs/PERFORMANCE.md` for how to run it and what it found.
+//!
+//! Scenarios (each prints one JSON line and a readable row):
+//! - `fanout`: N browsers subscribed to desk A; one AMQP publisher sends M messages
+//!   (`A_new_example`, ~150-byte JSON carrying a send timestamp), unpaced.
+//! - `paced`: the same at a fixed rate (default 100 msg/s).
+//! - `ingest`: N browsers each publish K messages with up to W unacknowledged; an AMQP consumer
+//!   counts arrivals.
+//! - `idle`: N idle subscribed sessions; the server's RSS per session.
+//! - `slow`: (deskbridge only) fast readers plus one browser that never reads, under a stream of
+//!   large events: the bridge's RSS stays bounded and the slow one is closed with 1013.
+//!
+//! Every loop is bounded (counts and deadlines) and every address must be on loopback.
+
+use std::collections::VecDeque;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use amiquip::{
+    AmqpProperties, Connection, ConsumerMessage, ConsumerOptions, ExchangeDeclareOptions, ExchangeType,
+    FieldTable, Publish, QueueDeclareOptions,
+};
+use clap::{Parser, ValueEnum};
+use futures_util::{SinkExt, StreamExt};
+use hdrhistogram::Histogram;
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// Longest silence before a receiver gives up and counts the rest as lost.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Interval of STOMP client heart-beats (Web-STOMP drops clients silent for too long).
+const STOMP_HEARTBEAT: Duration = Duration::from_secs(10);
+
+#[derive(Parser, Debug, Clone)]
+#[command(about = "Load benchmark: deskbridge vs RabbitMQ Web-STOMP")]
+struct Args {
+    /// Scenarios to run.
+    #[arg(long, value_delimiter = ',', default_value = "fanout,paced,ingest,idle")]
+    scenario: Vec<Scenario>,
+    /// Systems to drive.
+    #[arg(long, value_delimiter = ',', default_value = "deskbridge,stomp")]
+    target: Vec<Target>,
+    /// Broker for both systems (the private bench node: scripts/bench-broker.sh).
+    #[arg(long, default_value = "amqp://guest:guest@127.0.0.1:5673/%2f")]
+    amqp_url: String,
+    /// Web-STOMP endpoint of the same broker.
+    #[arg(long, default_value = "ws://127.0.0.1:15684/ws")]
+    stomp_url: String,
+    /// deskbridge binary to start for each scenario.
+    #[arg(long, default_value = "target/release/deskbridge")]
+    bridge_bin: String,
+    /// deskbridge's `workers` (HTTP/WebSocket threads); 0 = one per core.
+    #[arg(long, default_value_t = 0)]
+    bridge_workers: usize,
+    /// OS pid of the broker, for its CPU seconds and RSS.
+    #[arg(long)]
+    broker_pid: Option<u32>,
+    /// Subscriber counts for `fanout`.
+    #[arg(long, value_delimiter = ',', default_value = "200,1000")]
+    subscribers: Vec<usize>,
+    /// Messages per `fanout` run.
+    #[arg(long, default_value_t = 500)]
+    messages: usize,
+    /// Subscribers for `paced`.
+    #[arg(long, default_value_t = 200)]
+    paced_subscribers: usize,
+    /// Messages per second for `paced`.
+    #[arg(long, default_value_t = 100)]
+    rate: u64,
+    /// Seconds of `paced` traffic.
+    #[arg(long, default_value_t = 10)]
+    paced_seconds: u64,
+    /// Publishing clients for `ingest`.
+    #[arg(long, default_value_t = 50)]
+    ingest_clients: usize,
+    /// Messages per client for `ingest`.
+    #[arg(long, default_value_t = 400)]
+    per_client: usize,
+    /// Unacknowledged publishes per client for `ingest`.
+    #[arg(long, default_value_t = 64)]
+    window: usize,
+    /// Sessions for `idle`.
+    #[arg(long, default_value_t = 5000)]
+    idle_sessions: usize,
+    /// Messages of `slow`.
+    #[arg(long, default_value_t = 4000)]
+    slow_messages: usize,
+    /// Size of each `slow` event, KiB.
+    #[arg(long, default_value_t = 16)]
+    slow_event_kib: usize,
+    /// Messages per second of `slow` (the fast readers must keep up).
+    #[arg(long, default_value_t = 400)]
+    slow_rate: u64,
+    /// Passed by `cargo bench`; ignored.
+    #[arg(long, hide = true)]
+    bench: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, ValueEnum)]
+enum Scenario {
+    Fanout,
+    Paced,
+    Ingest,
+    Idle,
+    Slow,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, ValueEnum)]
+enum Target {
+    Deskbridge,
+    Stomp,
+}
+
+impl Target {
+    fn name(self) -> &'static str {
+        match self {
+            Target::Deskbridge => "deskbridge",
+            Target::Stomp => "web-stomp",
+        }
+    }
+}
+
+/// Exchange names per target, so the two never see each other's traffic.
+struct Names {
+    inbound: &'static str,
+    outbound: &'static str,
+}
+
+const BRIDGE_NAMES: Names = Names {
+    inbound: "bench.bridge.in",
+    outbound: "bench.bridge.out",
+};
+const STOMP_NAMES: Names = Names {
+    inbound: "bench.stomp.in",
+    outbound: "bench.stomp.out",
+};
+
+// ---------------------------------------------------------------------------------------------
+// Process accounting
+
+/// CPU seconds (user + system) of a process.
+fn cpu_seconds(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return f64::NAN;
+    };
+    // Fields after the command (which may contain spaces) start after the last ')'.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or("", |(_, rest)| rest)
+        .split_whitespace()
+        .collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(f64::NAN)
+    };
+    (ticks(11) + ticks(12)) / 100.0 // utime, stime; USER_HZ is 100 on Linux
+}
+
+/// Resident set size in KiB.
+fn rss_kib(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).map(String::from))
+        .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+        .unwrap_or(f64::NAN)
+}
+
+struct CpuMeter {
+    bridge: Option<u32>,
+    broker: Option<u32>,
+    start: (f64, f64),
+}
+
+impl CpuMeter {
+    fn start(bridge: Option<u32>, broker: Option<u32>) -> CpuMeter {
+        let read = |pid: Option<u32>| pid.map_or(f64::NAN, cpu_seconds);
+        CpuMeter {
+            bridge,
+            broker,
+            start: (read(bridge), read(broker)),
+        }
+    }
+
+    fn stop(&self) -> (f64, f64) {
+        let read = |pid: Option<u32>| pid.map_or(f64::NAN, cpu_seconds);
+        (read(self.bridge) - self.start.0, read(self.broker) - self.start.1)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// deskbridge process
+
+struct Bridge {
+    child: Child,
+    addr: SocketAddr,
+    config: std::path::PathBuf,
+}
+
+impl Bridge {
+    async fn start(args: &Args) -> Bridge {
+        let config = std::env::temp_dir().join(format!("deskbridge-bench-{}.toml", std::process::id()));
+        std::fs::write(
+            &config,
+            format!(
+                "bind = \"127.0.0.1:0\"\nworkers = {}\n[amqp]\nurls = [\"{}\"]\ninbound_exchange = \"{}\"\n\
+                 inbound_queue = \"bench.bridge.listener\"\noutbound_exchange = \"{}\"\n",
+                args.bridge_workers, args.amqp_url, BRIDGE_NAMES.inbound, BRIDGE_NAMES.outbound
+            ),
+        )
+        .expect("write bench config");
+        let mut child = Command::new(&args.bridge_bin)
+            .arg("--config")
+            .arg(&config)
+            .env_remove("DESKBRIDGE_BIND")
+            .env_remove("AMQP_URL")
+            .env("RUST_LOG", "warn,deskbridge=info")
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot start {} ({e}); build it with `cargo build --release`",
+                    args.bridge_bin
+                )
+            });
+        let stderr = child.stderr.take().expect("piped stderr");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(addr) = line.split("listening on http://").nth(1) {
+                    let _ = tx.send(addr.trim().to_string());
+                } else if line.contains("WARN") || line.contains("ERROR") {
+                    eprintln!("  bridge: {line}");
+                }
+            }
+        });
+        let addr: SocketAddr = rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("deskbridge logs its address")
+            .parse()
+            .expect("socket address");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while http_get(addr, "/health").await.0 != 200 {
+            assert!(Instant::now() < deadline, "deskbridge never became healthy");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Bridge { child, addr, config }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn stop(mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = std::fs::remove_file(&self.config);
+    }
+}
+
+async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let Ok(mut stream) = TcpStream::connect(addr).await else {
+        return (0, String::new());
+    };
+    let _ = stream
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .await;
+    let mut response = String::new();
+    let _ = stream.read_to_string(&mut response).await;
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (
+        status,
+        response
+            .split_once("\r\n\r\n")
+            .map_or(String::new(), |(_, b)| b.to_string()),
+    )
+}
+
+// ---------------------------------------------------------------------------------------------
+// Clients: the same operations over deskbridge's protocol and over STOMP.
+
+enum Client {
+    Bridge(Ws),
+    Stomp {
+        ws: Ws,
+        heartbeat: tokio::time::Interval,
+    },
+}
+
+/// What a client received.
+enum Inbound {
+    /// An event/MESSAGE body.
+    Event(String),
+    /// An ack/RECEIPT for this reference.
+    Ack(u64),
+    Other,
+}
+
+impl Client {
+    async fn connect(target: Target, args: &Args, bridge: Option<&Bridge>) -> Client {
+        match target {
+            Target::Deskbridge => {
+                let url = format!("ws://{}/ws", bridge.expect("bridge running").addr);
+                let (mut ws, _) = tokio_tungstenite::connect_async(url).await.expect("ws connect");
+                let welcome = next_text(&mut ws).await.expect("welcome");
+                assert!(welcome.contains("\"welcome\""), "{welcome}");
+                Client::Bridge(ws)
+            }
+            Target::Stomp => {
+                let (mut ws, _) = tokio_tungstenite::connect_async(args.stomp_url.as_str())
+                    .await
+                    .expect("stomp connect");
+                let beat = STOMP_HEARTBEAT.as_millis();
+                let connect = format!(
+                    "CONNECT\naccept-version:1.2\nhost:/\nlogin:guest\npasscode:guest\nheart-beat:{beat},0\n\n\0"
+                );
+                ws.send(Message::Text(connect)).await.expect("send CONNECT");
+                let reply = next_text(&mut ws).await.expect("CONNECTED");
+                assert!(reply.starts_with("CONNECTED"), "{reply}");
+                let mut heartbeat = tokio::time::interval(STOMP_HEARTBEAT);
+                heartbeat.tick().await;
+                Client::Stomp { ws, heartbeat }
+            }
+        }
+    }
+
+    async fn subscribe(&mut self) {
+        match self {
+            Client::Bridge(ws) => {
+                ws.send(Message::Text(r#"{"op":"subscribe","desks":["A"]}"#.into()))
+                    .await
+                    .expect("send");
+                let reply = next_text(ws).await.expect("subscribed");
+                assert!(reply.contains("subscribed"), "{reply}");
+            }
+            Client::Stomp { ws, .. } => {
+                let frame = format!(
+                    "SUBSCRIBE\nid:0\ndestination:/exchange/{}/A_new_example\nack:auto\nreceipt:sub\n\n\0",
+                    STOMP_NAMES.inbound
+                );
+                ws.send(Message::Text(frame)).await.expect("send SUBSCRIBE");
+                let reply = next_text(ws).await.expect("RECEIPT");
+                assert!(reply.starts_with("RECEIPT"), "{reply}");
+            }
+        }
+    }
+
+    /// Queues a publish (not flushed; call `flush`).
+    async fn feed_publish(&mut self, reference: u64, body: &str) {
+        match self {
+            Client::Bridge(ws) => {
+                let frame = format!(
+                    r#"{{"op":"publish","desk":"A","event":"new_example","data":{body},"ref":"{reference}"}}"#
+                );
+                ws.feed(Message::Text(frame)).await.expect("feed");
+            }
+            Client::Stomp { ws, .. } => {
+                let frame = format!(
+                    "SEND\ndestination:/exchange/{}/A_new_example\ncontent-type:application/json\npersistent:true\nreceipt:{reference}\n\n{body}\0",
+                    STOMP_NAMES.outbound
+                );
+                ws.feed(Message::Text(frame)).await.expect("feed");
+            }
+        }
+    }
+
+    async fn flush(&mut self) {
+        match self {
+            Client::Bridge(ws) | Client::Stomp { ws, .. } => ws.flush().await.expect("flush"),
+        }
+    }
+
+    /// The next frame, or `None` after `IDLE_TIMEOUT` of silence or when the socket closed.
+    async fn next(&mut self) -> Option<Inbound> {
+        loop {
+            match self {
+                Client::Bridge(ws) => {
+                    let text = tokio::time::timeout(IDLE_TIMEOUT, next_text(ws)).await.ok()??;
+                    return Some(if text.starts_with(r#"{"op":"event""#) {
+                        Inbound::Event(text)
+                    } else if text.starts_with(r#"{"op":"ack""#) {
+                        Inbound::Ack(field_u64(&text, "\"ref\":\"").unwrap_or(u64::MAX))
+                    } else {
+                        Inbound::Other
+                    });
+                }
+                Client::Stomp { ws, heartbeat } => {
+                    let text = tokio::select! {
+                        text = tokio::time::timeout(IDLE_TIMEOUT, next_text(ws)) => text.ok()??,
+                        _ = heartbeat.tick() => {
+                            ws.send(Message::Text("\n".into())).await.ok()?;
+                            continue;
+                        }
+                    };
+                    return Some(if text.starts_with("MESSAGE") {
+                        Inbound::Event(text)
+                    } else if text.starts_with("RECEIPT") {
+                        Inbound::Ack(field_u64(&text, "receipt-id:").unwrap_or(u64::MAX))
+                    } else {
+                        Inbound::Other
+                    });
+                }
+            }
+        }
+    }
+}
+
+/// The next text frame; `None` when the socket closed.
+async fn next_text(ws: &mut Ws) -> Option<String> {
+    loop {
+        match ws.next().await? {
+            Ok(Message::Text(text)) => {
+                if text.trim().is_empty() {
+                    continue; // a STOMP heart-beat
+                }
+                return Some(text);
+            }
+            Ok(Message::Close(_)) | Err(_) => return None,
+            Ok(_) => continue,
+        }
+    }
+}
+
+/// The unsigned number right after `marker` in `text` (no full JSON parse on the hot path,
+/// so both targets pay the same small client cost).
+fn field_u64(text: &str, marker: &str) -> Option<u64> {
+    let start = text.find(marker)? + marker.len();
+    let digits: &str = &text[start..];
+    let end = digits.find(|c: char| !c.is_ascii_digit()).unwrap_or(digits.len());
+    digits[..end].parse().ok()
+}
+
+/// A ~150-byte JSON body carrying its sequence number and send time (µs since `epoch`).
+fn body(seq: u64, epoch: Instant) -> String {
+    let t = epoch.elapsed().as_micros();
+    format!(
+        r#"{{"seq":{seq},"t":{t},"bond":"XS0123456789","side":"bid","px":101.255,"qty":5000000,"trader":"desk-a-07","venue":"BBG"}}"#
+    )
+}
+
+// ---------------------------------------------------------------------------------------------
+// The desktop side (amiquip, blocking, on its own threads)
+
+fn amqp(url: &str) -> Connection {
+    Connection::insecure_open(url).unwrap_or_else(|e| {
+        panic!("cannot reach the bench broker at {url}: {e}; start it with scripts/bench-broker.sh start")
+    })
+}
+
+fn declare_exchange(url: &str, name: &str) {
+    let mut connection = amqp(url);
+    let channel = connection.open_channel(None).expect("channel");
+    declare_exchange_on(&channel, name);
+    let _ = connection.close();
+}
+
+/// A durable direct exchange, as deskbridge declares its own.
+fn declare_exchange_on(channel: &amiquip::Channel, name: &str) {
+    let options = ExchangeDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    channel
+        .exchange_declare(ExchangeType::Direct, name, options)
+        .expect("declare exchange");
+}
+
+/// Publishes `count` bodies to `exchange` at `rate` per second (0 = unpaced). Returns the
+/// instant of the first publish.
+fn desktop_publish(url: &str, exchange: &str, count: usize, rate: u64, epoch: Instant) -> Instant {
+    let mut connection = amqp(url);
+    let channel = connection.open_channel(None).expect("channel");
+    let first = Instant::now();
+    for seq in 0..count as u64 {
+        if let Some(offset) = (seq * 1_000_000).checked_div(rate) {
+            let due = first + Duration::from_micros(offset);
+            if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                std::thread::sleep(wait);
+            }
+        }
+        let payload = body(seq, epoch);
+        let props = AmqpProperties::default().with_content_type("application/json".into());
+        channel
+            .basic_publish(
+                exchange,
+                Publish::with_properties(payload.as_bytes(), "A_new_example", props),
+            )
+            .expect("publish");
+    }
+    let _ = connection.close();
+    first
+}
+
+/// Counts messages arriving on `exchange` with `A_new_example` until `expected` or 10 s of silence.
+fn desktop_counter(
+    url: &str,
+    exchange: &str,
+) -> (
+    std::sync::mpsc::Receiver<()>,
+    std::thread::JoinHandle<usize>,
+    Arc<std::sync::atomic::AtomicUsize>,
+) {
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let expected = Arc::new(std::sync::atomic::AtomicUsize::new(usize::MAX));
+    let want = Arc::clone(&expected);
+    let url = url.to_string();
+    let exchange = exchange.to_string();
+    let thread = std::thread::spawn(move || {
+        let mut connection = amqp(&url);
+        let channel = connection.open_channel(None).expect("channel");
+        declare_exchange_on(&channel, &exchange);
+        let queue = channel
+            .queue_declare(
+                "",
+                QueueDeclareOptions {
+                    exclusive: true,
+                    auto_delete: true,
+                    ..Default::default()
+                },
+            )
+            .expect("queue");
+        channel
+            .queue_bind(
+                queue.name(),
+                exchange.as_str(),
+                "A_new_example",
+                FieldTable::new(),
+            )
+            .expect("bind");
+        let consumer = queue
+            .consume(ConsumerOptions {
+                no_ack: true,
+                ..Default::default()
+            })
+            .expect("consume");
+        let _ = ready_tx.send(());
+        let mut count = 0;
+        while count < want.load(std::sync::atomic::Ordering::Acquire) {
+            match consumer.receiver().recv_timeout(IDLE_TIMEOUT) {
+                Ok(ConsumerMessage::Delivery(_)) => count += 1,
+                _ => break,
+            }
+        }
+        let _ = connection.close();
+        count
+    });
+    (ready_rx, thread, expected)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Scenarios
+
+#[derive(Default)]
+struct Receipt {
+    received: usize,
+    duplicated: usize,
+    last: Option<Instant>,
+    latencies: Option<Histogram<u64>>,
+    /// (latency µs, seq) of the slowest delivery, to tell warm-up from steady-state tails.
+    slowest: (u64, u64),
+}
+
+fn histogram() -> Histogram<u64> {
+    // 1 µs .. 120 s, 3 significant digits.
+    Histogram::new_with_bounds(1, 120_000_000, 3).expect("valid histogram bounds")
+}
+
+async fn connect_many(
+    target: Target,
+    args: &Args,
+    bridge: Option<&Bridge>,
+    count: usize,
+    subscribe: bool,
+) -> Vec<Client> {
+    let mut clients = Vec::with_capacity(count);
+    let mut pending = futures_util::stream::iter(0..count)
+        .map(|_| async move {
+            let mut client = Client::connect(target, args, bridge).await;
+            if subscribe {
+                client.subscribe().await;
+            }
+            client
+        })
+        .buffer_unordered(64);
+    while let Some(client) = pending.next().await {
+        clients.push(client);
+    }
+    clients
+}
+
+/// Runs one fan-out: `subscribers` clients, `messages` messages at `rate` (0 = unpaced).
+async fn fanout(
+    target: Target,
+    args: &Args,
+    subscribers: usize,
+    messages: usize,
+    rate: u64,
+) -> serde_json::Value {
+    let names = match target {
+        Target::Deskbridge => &BRIDGE_NAMES,
+        Target::Stomp => &STOMP_NAMES,
+    };
+    let bridge = match target {
+        Target::Deskbridge => Some(Bridge::start(args).await),
+        Target::Stomp => {
+            declare_exchange(&args.amqp_url, names.inbound);
+            None
+        }
+    };
+    let clients = connect_many(target, args, bridge.as_ref(), subscribers, true).await;
+    let epoch = Instant::now();
+    let meter = CpuMeter::start(bridge.as_ref().map(Bridge::pid), args.broker_pid);
+    let mut tasks = Vec::new();
+    for mut client in clients {
+        tasks.push(tokio::spawn(async move {
+            let mut receipt = Receipt {
+                latencies: Some(histogram()),
+                ..Default::default()
+            };
+            let mut seen = vec![false; messages];
+            while receipt.received < messages {
+                let Some(Inbound::Event(text)) = client.next().await else {
+                    break;
+                };
+                let now = epoch.elapsed().as_micros() as u64;
+                let (Some(seq), Some(sent)) = (field_u64(&text, "\"seq\":"), field_u64(&text, "\"t\":"))
+                else {
+                    continue;
+                };
+                match seen.get_mut(seq as usize) {
+                    Some(flag) if *flag => receipt.duplicated += 1,
+                    Some(flag) => {
+                        *flag = true;
+                        receipt.received += 1;
+                    }
+                    None => {}
+                }
+                let latency = now.saturating_sub(sent).max(1);
+                if let Some(h) = receipt.latencies.as_mut() {
+                    let _ = h.record(latency);
+                }
+                receipt.slowest = receipt.slowest.max((latency, seq));
+                receipt.last = Some(Instant::now());
+            }
+            drop(client);
+            receipt
+        }));
+    }
+    let url = args.amqp_url.clone();
+    let exchange = names.inbound.to_string();
+    let first = tokio::task::spawn_blocking(move || desktop_publish(&url, &exchange, messages, rate, epoch))
+        .await
+        .expect("publisher");
+    let mut total = Receipt {
+        latencies: Some(histogram()),
+        ..Default::default()
+    };
+    for task in tasks {
+        let receipt = task.await.expect("receiver");
+        total.received += receipt.received;
+        total.duplicated += receipt.duplicated;
+        total.last = total.last.max(receipt.last);
+        total.slowest = total.slowest.max(receipt.slowest);
+        if let (Some(all), Some(one)) = (total.latencies.as_mut(), receipt.latencies.as_ref()) {
+            let _ = all.add(one);
+        }
+    }
+    let (bridge_cpu, broker_cpu) = meter.stop();
+    if let Some(bridge) = bridge {
+        bridge.stop();
+    }
+    let expected = subscribers * messages;
+    let seconds = total
+        .last
+        .map_or(f64::NAN, |last| last.duration_since(first).as_secs_f64());
+    let h = total.latencies.unwrap_or_else(histogram);
+    let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+    json!({
+        "scenario": if rate > 0 { "paced" } else { "fanout" },
+        "target": target.name(),
+        "subscribers": subscribers,
+        "messages": messages,
+        "rate_per_s": rate,
+        "deliveries": total.received,
+        "deliveries_per_s": (total.received as f64 / seconds).round(),
+        "latency_ms": {"p50": ms(0.5), "p99": ms(0.99), "p999": ms(0.999), "max": h.max() as f64 / 1000.0},
+        "lost": expected - total.received,
+        "duplicated": total.duplicated,
+        "slowest_seq": total.slowest.1,
+        "seconds": seconds,
+        "cpu_seconds": {"bridge": bridge_cpu, "broker": broker_cpu},
+    })
+}
+
+async fn ingest(target: Target, args: &Args) -> serde_json::Value {
+    let names = match target {
+        Target::Deskbridge => &BRIDGE_NAMES,
+        Target::Stomp => &STOMP_NAMES,
+    };
+    let bridge = match target {
+        Target::Deskbridge => Some(Bridge::start(args).await),
+        Target::Stomp => None,
+    };
+    let (ready, counter, expected) = desktop_counter(&args.amqp_url, names.outbound);
+    ready
+        .recv_timeout(Duration::from_secs(20))
+        .expect("counter ready");
+    let clients = connect_many(target, args, bridge.as_ref(), args.ingest_clients, false).await;
+    let (per_client, window) = (args.per_client, args.window);
+    let epoch = Instant::now();
+    let meter = CpuMeter::start(bridge.as_ref().map(Bridge::pid), args.broker_pid);
+    let first = Instant::now();
+    let mut tasks = Vec::new();
+    for mut client in clients {
+        tasks.push(tokio::spawn(async move {
+            let mut h = histogram();
+            let mut in_flight: VecDeque<(u64, Instant)> = VecDeque::new();
+            let (mut sent, mut acked, mut last) = (0usize, 0usize, None);
+            while acked < per_client {
+                while sent < per_client && in_flight.len() < window {
+                    client.feed_publish(sent as u64, &body(sent as u64, epoch)).await;
+                    in_flight.push_back((sent as u64, Instant::now()));
+                    sent += 1;
+                }
+                client.flush().await;
+                match client.next().await {
+                    Some(Inbound::Ack(reference)) => {
+                        // Acks come in publish order for both systems; tolerate otherwise.
+                        if let Some(pos) = in_flight.iter().position(|(r, _)| *r == reference) {
+                            if let Some((_, at)) = in_flight.remove(pos) {
+                                let _ = h.record((at.elapsed().as_micros() as u64).max(1));
+                            }
+                        }
+                        acked += 1;
+                        last = Some(Instant::now());
+                    }
+                    Some(_) => {}
+                    None => break,
+                }
+            }
+            (acked, last, h)
+        }));
+    }
+    let mut h = histogram();
+    let (mut acked, mut last) = (0, None);
+    for task in tasks {
+        let (a, l, one) = task.await.expect("publisher task");
+        acked += a;
+        last = last.max(l);
+        let _ = h.add(&one);
+    }
+    let total = args.ingest_clients * per_client;
+    expected.store(total, std::sync::atomic::Ordering::Release);
+    let arrived = tokio::task::spawn_blocking(move || counter.join().expect("counter"))
+        .await
+        .expect("join");
+    let (bridge_cpu, broker_cpu) = meter.stop();
+    if let Some(bridge) = bridge {
+        bridge.stop();
+    }
+    let seconds = last.map_or(f64::NAN, |l: Instant| l.duration_since(first).as_secs_f64());
+    let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+    json!({
+        "scenario": "ingest",
+        "target": target.name(),
+        "clients": args.ingest_clients,
+        "per_client": per_client,
+        "window": window,
+        "acked": acked,
+        "acked_per_s": (acked as f64 / seconds).round(),
+        "ack_latency_ms": {"p50": ms(0.5), "p99": ms(0.99), "p999": ms(0.999), "max": h.max() as f64 / 1000.0},
+        "arrived": arrived,
+        "lost": acked.saturating_sub(arrived),
+        "unacked": total - acked,
+        "seconds": seconds,
+        "cpu_seconds": {"bridge": bridge_cpu, "broker": broker_cpu},
+    })
+}
+
+async fn idle(target: Target, args: &Args) -> serde_json::Value {
+    let bridge = match target {
+        Target::Deskbridge => Some(Bridge::start(args).await),
+        Target::Stomp => {
+            declare_exchange(&args.amqp_url, STOMP_NAMES.inbound);
+            None
+        }
+    };
+    let server_pid = match target {
+        Target::Deskbridge => bridge.as_ref().map(Bridge::pid),
+        Target::Stomp => args.broker_pid,
+    };
+    // Warm up allocator and runtime with a few sessions, then measure from there.
+    let warm = connect_many(target, args, bridge.as_ref(), 10, true).await;
+    let before = server_pid.map_or(f64::NAN, rss_kib);
+    let clients = connect_many(target, args, bridge.as_ref(), args.idle_sessions, true).await;
+    if let Some(bridge) = &bridge {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let (_, health) = http_get(bridge.addr, "/health").await;
+            if health.contains(&format!("\"sessions\":{}", args.idle_sessions + 10))
+                || Instant::now() > deadline
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let after = server_pid.map_or(f64::NAN, rss_kib);
+    let per_session = (after - before) / args.idle_sessions as f64;
+    drop(clients);
+    drop(warm);
+    if let Some(bridge) = bridge {
+        bridge.stop();
+    }
+    json!({
+        "scenario": "idle",
+        "target": target.name(),
+        "sessions": args.idle_sessions,
+        "rss_kib_before": before,
+        "rss_kib_after": after,
+        "rss_kib_per_session": (per_session * 100.0).round() / 100.0,
+    })
+}
+
+/// Fast readers and one browser that never reads, under `slow_messages` paced large events:
+/// reports the bridge's RSS before, at its peak, and after, and how the slow one ended.
+async fn slow(args: &Args) -> serde_json::Value {
+    let bridge = Bridge::start(args).await;
+    let pid = bridge.pid();
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.set_recv_buffer_size(4096).expect("SO_RCVBUF");
+    let stream = socket.connect(bridge.addr).await.expect("connect");
+    let url = format!("ws://{}/ws", bridge.addr);
+    let (mut sluggish, _) = tokio_tungstenite::client_async(url, MaybeTlsStream::Plain(stream))
+        .await
+        .expect("ws");
+    let _welcome = next_text(&mut sluggish).await;
+    sluggish
+        .send(Message::Text(r#"{"op":"subscribe","desks":["A"]}"#.into()))
+        .await
+        .expect("send");
+    let _subscribed = next_text(&mut sluggish).await;
+    let fast = connect_many(Target::Deskbridge, args, Some(&bridge), 4, true).await;
+    let messages = args.slow_messages;
+    let before = rss_kib(pid);
+    let readers: Vec<_> = fast
+        .into_iter()
+        .map(|mut client| {
+            tokio::spawn(async move {
+                let mut received = 0;
+                while received < messages {
+                    match client.next().await {
+                        Some(Inbound::Event(_)) => received += 1,
+                        Some(_) => {}
+                        None => break,
+                    }
+                }
+                received
+            })
+        })
+        .collect();
+    let sampling = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let still = Arc::clone(&sampling);
+    let sampler = tokio::spawn(async move {
+        let mut peak = 0f64;
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while still.load(std::sync::atomic::Ordering::Acquire) && Instant::now() < deadline {
+            peak = peak.max(rss_kib(pid));
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        peak
+    });
+    let url = args.amqp_url.clone();
+    let (kib, rate) = (args.slow_event_kib, args.slow_rate);
+    let publisher = tokio::task::spawn_blocking(move || {
+        let mut connection = amqp(&url);
+        let channel = connection.open_channel(None).expect("channel");
+        let pad = "p".repeat(kib * 1024);
+        let first = Instant::now();
+        for seq in 0..messages {
+            if let Some(offset) = (seq as u64 * 1_000_000).checked_div(rate) {
+                if let Some(wait) =
+                    (first + Duration::from_micros(offset)).checked_duration_since(Instant::now())
+                {
+                    std::thread::sleep(wait);
+                }
+            }
+            let payload = format!(r#"{{"seq":{seq},"pad":"{pad}"}}"#);
+            channel
+                .basic_publish(
+                    BRIDGE_NAMES.inbound,
+                    Publish::new(payload.as_bytes(), "A_new_example"),
+                )
+                .expect("publish");
+        }
+        let _ = connection.close();
+    });
+    publisher.await.expect("publisher");
+    let mut delivered = Vec::new();
+    for reader in readers {
+        delivered.push(reader.await.expect("reader"));
+    }
+    sampling.store(false, std::sync::atomic::Ordering::Release);
+    let peak = sampler.await.expect("sampler").max(before);
+    // What the slow browser got: events already in its socket, then the close.
+    let mut close = None;
+    while let Ok(Some(frame)) = tokio::time::timeout(IDLE_TIMEOUT, sluggish.next()).await {
+        if let Ok(Message::Close(frame)) = frame {
+            close = frame.map(|f| (u16::from(f.code), f.reason.to_string()));
+            break;
+        }
+    }
+    let after = rss_kib(pid);
+    bridge.stop();
+    json!({
+        "scenario": "slow",
+        "target": "deskbridge",
+        "messages": messages,
+        "event_kib": kib,
+        "rate_per_s": rate,
+        "published_mib": (messages * kib) as f64 / 1024.0,
+        "fast_readers_received": delivered,
+        "rss_kib_before": before,
+        "rss_kib_peak": peak,
+        "rss_kib_after": after,
+        "slow_close": close,
+    })
+}
+
+fn loopback_only(args: &Args) {
+    for url in [&args.amqp_url, &args.stomp_url] {
+        let host = url
+            .split("://")
+            .nth(1)
+            .unwrap_or("")
+            .rsplit('@')
+            .next()
+            .unwrap_or("");
+        let host = host.split(['/', ':', '?']).next().unwrap_or("");
+        assert!(
+            host == "localhost" || host.starts_with("127.") || host == "[::1]",
+            "the benchmark only targets loopback; {url} is not"
+        );
+    }
+}
+
+fn print_row(result: &serde_json::Value) {
+    println!("{result}");
+    let f = |path: &[&str]| {
+        let mut v = result;
+        for key in path {
+            v = &v[*key];
+        }
+        v.as_f64().map_or_else(|| v.to_string(), |x| format!("{x:.2}"))
+    };
+    match result["scenario"].as_str() {
+        Some("fanout") | Some("paced") => eprintln!(
+            "  {:<10} {:<6} subs={:<5} msgs={:<5} deliveries/s={:<10} p50={}ms p99={}ms p999={}ms max={}ms (seq {}) lost={} dup={} cpu bridge={}s broker={}s",
+            result["target"].as_str().unwrap_or(""), result["scenario"].as_str().unwrap_or(""),
+            result["subscribers"], result["messages"], f(&["deliveries_per_s"]), f(&["latency_ms", "p50"]),
+            f(&["latency_ms", "p99"]), f(&["latency_ms", "p999"]), f(&["latency_ms", "max"]), result["slowest_seq"], result["lost"],
+            result["duplicated"], f(&["cpu_seconds", "bridge"]), f(&["cpu_seconds", "broker"])
+        ),
+        Some("ingest") => eprintln!(
+            "  {:<10} ingest clients={} window={} acked/s={} p50={}ms p99={}ms max={}ms arrived={} unacked={} cpu bridge={}s broker={}s",
+            result["target"].as_str().unwrap_or(""), result["clients"], result["window"], f(&["acked_per_s"]),
+            f(&["ack_latency_ms", "p50"]), f(&["ack_latency_ms", "p99"]), f(&["ack_latency_ms", "max"]),
+            result["arrived"], result["unacked"], f(&["cpu_seconds", "bridge"]), f(&["cpu_seconds", "broker"])
+        ),
+        Some("slow") => eprintln!(
+            "  deskbridge slow   messages={} fast readers got {} rss before={} KiB peak={} KiB after={} KiB slow close={}",
+            result["messages"], result["fast_readers_received"], f(&["rss_kib_before"]), f(&["rss_kib_peak"]),
+            f(&["rss_kib_after"]), result["slow_close"]
+        ),
+        _ => eprintln!(
+            "  {:<10} idle sessions={} rss before={} KiB after={} KiB per session={} KiB",
+            result["target"].as_str().unwrap_or(""), result["sessions"], f(&["rss_kib_before"]),
+            f(&["rss_kib_after"]), f(&["rss_kib_per_session"])
+        ),
+    }
+}
+
+fn main() {
+    let args = Args::parse();
+    loopback_only(&args);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    runtime.block_on(async {
+        for scenario in args.scenario.clone() {
+            for target in args.target.clone() {
+                match scenario {
+                    Scenario::Fanout => {
+                        for &subscribers in &args.subscribers {
+                            print_row(&fanout(target, &args, subscribers, args.messages, 0).await);
+                        }
+                    }
+                    Scenario::Paced => {
+                        let messages = (args.rate * args.paced_seconds) as usize;
+                        print_row(&fanout(target, &args, args.paced_subscribers, messages, args.rate).await);
+                    }
+                    Scenario::Ingest => print_row(&ingest(target, &args).await),
+                    Scenario::Idle => print_row(&idle(target, &args).await),
+                    Scenario::Slow if target == Target::Deskbridge => print_row(&slow(&args).await),
+                    Scenario::Slow => {}
+                }
+            }
+        }
+    });
+}
