@@ -91,6 +91,35 @@ pub async fn start(config: Config, mut transforms: Transforms) -> Result<Bridge,
         Arc::clone(&metrics),
     )
     .start();
+    let state = web::Data::new(AppState {
+        config: Arc::clone(&config),
+        router: router.clone(),
+        metrics: Arc::clone(&metrics),
+        consumer: Arc::clone(&consumer_link),
+        publisher: Arc::clone(&publisher_link),
+        started: Instant::now(),
+    });
+    let workers = match config.workers {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    };
+    let bind_error = |source| StartError::Bind {
+        addr: config.bind.clone(),
+        source,
+    };
+    let server = HttpServer::new(move || App::new().app_data(state.clone()).configure(http::configure))
+        .workers(workers)
+        // Events are small frames that must leave at once: without this, Nagle's algorithm can
+        // hold one back up to a delayed-ACK timeout (40 ms on Linux).
+        .tcp_nodelay(true)
+        .disable_signals()
+        .shutdown_timeout(config.shutdown_timeout().as_secs().max(1))
+        .bind(config.bind.as_str())
+        .map_err(bind_error)?;
+    // `bind` succeeded, so there is at least one address.
+    let addr = server.addrs()[0];
+
+    // The AMQP workers start only once the port is ours: a failed start leaves nothing running.
     let publisher = AmqpPublisher {
         config: Arc::clone(&config),
         jobs,
@@ -111,33 +140,6 @@ pub async fn start(config: Config, mut transforms: Transforms) -> Result<Bridge,
     };
     let consumer =
         Worker::spawn("amqp-consumer", move |stop| consumer.run(stop)).map_err(StartError::Thread)?;
-
-    let state = web::Data::new(AppState {
-        config: Arc::clone(&config),
-        router: router.clone(),
-        metrics,
-        consumer: consumer_link,
-        publisher: publisher_link,
-        started: Instant::now(),
-    });
-    let workers = match config.workers {
-        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
-        n => n,
-    };
-    let bind_error = |source| StartError::Bind {
-        addr: config.bind.clone(),
-        source,
-    };
-    let server = HttpServer::new(move || App::new().app_data(state.clone()).configure(http::configure))
-        .workers(workers)
-        // Events are small frames that must leave at once: without this, Nagle's algorithm can
-        // hold one back up to a delayed-ACK timeout (40 ms on Linux).
-        .tcp_nodelay(true)
-        .disable_signals()
-        .shutdown_timeout(config.shutdown_timeout().as_secs().max(1))
-        .bind(config.bind.as_str())
-        .map_err(bind_error)?;
-    let addr = server.addrs()[0];
     let server = server.run();
     let handle = server.handle();
     actix_web::rt::spawn(server);

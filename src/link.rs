@@ -5,8 +5,14 @@
 //! one per retry.
 
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
 
 use serde::Serialize;
+
+use crate::backoff::Backoff;
+use crate::config::AmqpConfig;
+use crate::metrics::Metrics;
 
 /// Where a link stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -23,7 +29,8 @@ pub enum LinkStatus {
 /// A link's status plus the broker's flow-control flag.
 #[derive(Debug)]
 pub struct LinkState {
-    name: &'static str,
+    /// `consumer` or `publisher`: names the link in logs and metrics.
+    pub name: &'static str,
     status: AtomicU8,
     blocked: AtomicBool,
 }
@@ -79,5 +86,53 @@ impl LinkState {
                 log::info!("amqp {} link unblocked", self.name);
             }
         }
+    }
+}
+
+/// A worker's link across reconnects: the shared state `/health` reads, the reconnect backoff,
+/// and whether it was ever up (so that only re-connections are counted).
+pub struct LinkLife {
+    state: Arc<LinkState>,
+    backoff: Backoff,
+    metrics: Arc<Metrics>,
+    was_up: bool,
+}
+
+impl LinkLife {
+    /// Starts `connecting`, with the configured backoff.
+    pub fn new(state: Arc<LinkState>, metrics: Arc<Metrics>, config: &AmqpConfig) -> Self {
+        LinkLife {
+            state,
+            backoff: Backoff::new(
+                Duration::from_millis(config.reconnect_initial_ms),
+                Duration::from_millis(config.reconnect_max_ms),
+            ),
+            metrics,
+            was_up: false,
+        }
+    }
+
+    /// Connected and ready: report it, reset the backoff, count a reconnection.
+    pub fn up(&mut self, detail: &str) {
+        self.state.set(LinkStatus::Up, detail);
+        self.backoff.reset();
+        if std::mem::replace(&mut self.was_up, true) {
+            self.metrics.reconnected(self.state.name);
+        }
+    }
+
+    /// Lost or refused: report it (once per outage).
+    pub fn down(&self, error: &dyn std::fmt::Display) {
+        self.state.set(LinkStatus::Down, &error.to_string());
+    }
+
+    /// How long to wait before the next attempt.
+    pub fn next_delay(&mut self) -> Duration {
+        self.backoff.next_delay()
+    }
+
+    /// The shared state, for flow-control notifications.
+    pub fn state(&self) -> &LinkState {
+        &self.state
     }
 }

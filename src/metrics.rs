@@ -200,7 +200,7 @@ impl Metrics {
         self.ws_errors[code as usize].fetch_add(1, Relaxed);
     }
 
-    /// A link reconnected after having been up before.
+    /// A link (`consumer` or `publisher`) reconnected after having been up before.
     pub fn reconnected(&self, link: &str) {
         match link {
             "consumer" => &self.reconnects_consumer,
@@ -209,10 +209,10 @@ impl Metrics {
         .fetch_add(1, Relaxed);
     }
 
-    /// Renders every metric in Prometheus text exposition format.
+    /// Renders every metric in Prometheus text exposition format (not a hot path).
     pub fn render(&self, consumer: &LinkState, publisher: &LinkState) -> String {
         let mut out = String::with_capacity(4096);
-        let mut metric = |name: &str, kind: &str, help: &str, samples: &[(&str, f64)]| {
+        let mut metric = |name: &str, kind: &str, help: &str, samples: &[(String, f64)]| {
             // Writing to a String cannot fail.
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
             for (labels, value) in samples {
@@ -220,137 +220,135 @@ impl Metrics {
             }
         };
         let get = |counter: &AtomicU64| counter.load(Relaxed) as f64;
+        let one = |value: f64| vec![(String::new(), value)];
+        // Counter arrays are declared in the order of their enum's `ALL`.
+        let labelled = |key: &str, names: &[&str], counters: &[AtomicU64]| -> Vec<(String, f64)> {
+            names
+                .iter()
+                .zip(counters)
+                .map(|(name, counter)| (format!("{{{key}=\"{name}\"}}"), get(counter)))
+                .collect()
+        };
+        let per_link = |consumer: f64, publisher: f64| {
+            vec![
+                ("{link=\"consumer\"}".to_string(), consumer),
+                ("{link=\"publisher\"}".to_string(), publisher),
+            ]
+        };
+        let direction = |pairs: &[(&str, &AtomicU64)]| -> Vec<(String, f64)> {
+            pairs
+                .iter()
+                .map(|(name, counter)| (format!("{{direction=\"{name}\"}}"), get(counter)))
+                .collect()
+        };
+        let flag = |on: bool| if on { 1.0 } else { 0.0 };
+
         metric(
             "deskbridge_sessions",
             "gauge",
             "Open WebSocket sessions.",
-            &[("", self.sessions.load(Relaxed) as f64)],
+            &one(self.sessions.load(Relaxed) as f64),
         );
         metric(
             "deskbridge_sessions_opened_total",
             "counter",
             "WebSocket sessions accepted.",
-            &[("", get(&self.sessions_opened))],
+            &one(get(&self.sessions_opened)),
         );
         metric(
             "deskbridge_sessions_refused_total",
             "counter",
             "WebSocket upgrades refused at ws.max_sessions.",
-            &[("", get(&self.sessions_refused))],
+            &one(get(&self.sessions_refused)),
         );
         metric(
             "deskbridge_sessions_slow_closed_total",
             "counter",
             "Sessions closed with 1013 because their outbound queue was full.",
-            &[("", get(&self.sessions_slow))],
+            &one(get(&self.sessions_slow)),
         );
         metric(
             "deskbridge_messages_in_total",
             "counter",
             "Messages received, by direction.",
-            &[
-                ("{direction=\"desktop_to_web\"}", get(&self.desktop_in)),
-                ("{direction=\"web_to_desktop\"}", get(&self.web_in)),
-            ],
+            &direction(&[
+                ("desktop_to_web", &self.desktop_in),
+                ("web_to_desktop", &self.web_in),
+            ]),
         );
         metric(
             "deskbridge_messages_out_total",
             "counter",
             "Messages delivered: event frames queued to browsers, or publishes confirmed by the broker.",
-            &[
-                ("{direction=\"desktop_to_web\"}", get(&self.desktop_out)),
-                ("{direction=\"web_to_desktop\"}", get(&self.web_confirmed)),
-                ("{direction=\"web_to_web\"}", get(&self.web_to_web_out)),
-            ],
+            &direction(&[
+                ("desktop_to_web", &self.desktop_out),
+                ("web_to_desktop", &self.web_confirmed),
+                ("web_to_web", &self.web_to_web_out),
+            ]),
         );
         metric(
             "deskbridge_publish_unroutable_total",
             "counter",
             "Confirmed publishes the broker returned: no queue bound for the routing key.",
-            &[("", get(&self.unroutable))],
+            &one(get(&self.unroutable)),
         );
         metric(
             "deskbridge_own_echo_total",
             "counter",
             "Deliveries of this instance's own publishes, acked and not delivered again.",
-            &[("", get(&self.own_echo))],
+            &one(get(&self.own_echo)),
         );
-        let labels: Vec<String> = RejectReason::ALL
-            .iter()
-            .map(|r| format!("{{reason=\"{}\"}}", r.as_str()))
-            .collect();
-        let samples: Vec<(&str, f64)> = RejectReason::ALL
-            .iter()
-            .zip(&labels)
-            .map(|(r, l)| (l.as_str(), get(&self.rejects[*r as usize])))
-            .collect();
         metric(
             "deskbridge_rejects_total",
             "counter",
             "Deliveries rejected to the dead-letter queue, by reason.",
-            &samples,
+            &labelled(
+                "reason",
+                &RejectReason::ALL.map(RejectReason::as_str),
+                &self.rejects,
+            ),
         );
-        let labels: Vec<String> = PublishFailure::ALL
-            .iter()
-            .map(|f| format!("{{reason=\"{}\"}}", f.as_str()))
-            .collect();
-        let samples: Vec<(&str, f64)> = PublishFailure::ALL
-            .iter()
-            .zip(&labels)
-            .map(|(f, l)| (l.as_str(), get(&self.publish_failures[*f as usize])))
-            .collect();
         metric(
             "deskbridge_publish_failures_total",
             "counter",
             "Browser publishes answered with broker_unavailable, by reason.",
-            &samples,
+            &labelled(
+                "reason",
+                &PublishFailure::ALL.map(PublishFailure::as_str),
+                &self.publish_failures,
+            ),
         );
-        let labels: Vec<String> = ErrorCode::ALL
-            .iter()
-            .map(|c| format!("{{code=\"{}\"}}", c.as_str()))
-            .collect();
-        let samples: Vec<(&str, f64)> = ErrorCode::ALL
-            .iter()
-            .zip(&labels)
-            .map(|(c, l)| (l.as_str(), get(&self.ws_errors[*c as usize])))
-            .collect();
         metric(
             "deskbridge_ws_errors_total",
             "counter",
             "Error frames sent to browsers, by code.",
-            &samples,
+            &labelled("code", &ErrorCode::ALL.map(ErrorCode::as_str), &self.ws_errors),
         );
-        let up = |link: &LinkState| if link.status() == LinkStatus::Up { 1.0 } else { 0.0 };
-        let blocked = |link: &LinkState| if link.blocked() { 1.0 } else { 0.0 };
+        let up = |link: &LinkState| flag(link.status() == LinkStatus::Up);
         metric(
             "deskbridge_amqp_link_up",
             "gauge",
             "1 when the AMQP link is connected.",
-            &[
-                ("{link=\"consumer\"}", up(consumer)),
-                ("{link=\"publisher\"}", up(publisher)),
-            ],
+            &per_link(up(consumer), up(publisher)),
         );
         metric(
             "deskbridge_amqp_blocked",
             "gauge",
             "1 while the broker blocks the connection (flow control).",
-            &[
-                ("{link=\"consumer\"}", blocked(consumer)),
-                ("{link=\"publisher\"}", blocked(publisher)),
-            ],
+            &per_link(flag(consumer.blocked()), flag(publisher.blocked())),
         );
         metric(
             "deskbridge_amqp_reconnects_total",
             "counter",
             "Reconnections after a lost AMQP connection.",
-            &[
-                ("{link=\"consumer\"}", get(&self.reconnects_consumer)),
-                ("{link=\"publisher\"}", get(&self.reconnects_publisher)),
-            ],
+            &per_link(get(&self.reconnects_consumer), get(&self.reconnects_publisher)),
         );
 
-        let _ = writeln!(out, "# HELP deskbridge_publish_confirm_seconds Browser publish to broker confirm.\n# TYPE deskbridge_publish_confirm_seconds histogram");
+        let _ = writeln!(
+            out,
+            "# HELP deskbridge_publish_confirm_seconds Browser publish to broker confirm.\n\
+             # TYPE deskbridge_publish_confirm_seconds histogram"
+        );
         let mut cumulative = 0;
         for (bound, bucket) in LATENCY_BUCKETS.iter().zip(&self.confirm_buckets) {
             cumulative += bucket.load(Relaxed);
@@ -364,11 +362,8 @@ impl Metrics {
             out,
             "deskbridge_publish_confirm_seconds_bucket{{le=\"+Inf\"}} {count}"
         );
-        let _ = writeln!(
-            out,
-            "deskbridge_publish_confirm_seconds_sum {}",
-            self.confirm_sum_micros.load(Relaxed) as f64 / 1e6
-        );
+        let sum = self.confirm_sum_micros.load(Relaxed) as f64 / 1e6;
+        let _ = writeln!(out, "deskbridge_publish_confirm_seconds_sum {sum}");
         let _ = writeln!(out, "deskbridge_publish_confirm_seconds_count {count}");
         out
     }

@@ -99,3 +99,18 @@ fn a_bad_config_file_stops_start_up_naming_the_key() {
     }
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn a_taken_port_is_refused_with_a_clear_error() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("a port");
+    let addr = taken.local_addr().expect("addr").to_string();
+    let mut config = test_config("taken");
+    config.bind = addr.clone();
+    let result = actix_web::rt::System::new().block_on(deskbridge::start(
+        config.clone(),
+        deskbridge::Transforms::default(),
+    ));
+    let error = result.err().expect("start fails on a taken port").to_string();
+    assert!(error.contains(&addr) && error.contains("--bind"), "{error}");
+    delete_topology(&config);
+}

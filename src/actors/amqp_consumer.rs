@@ -18,9 +18,8 @@ use crossbeam_channel::{select, Receiver, RecvTimeoutError, Sender};
 use crate::actors::router::Inbound;
 use crate::actors::StopSignal;
 use crate::amqp::{self, AmqpError};
-use crate::backoff::Backoff;
 use crate::config::Config;
-use crate::link::{LinkState, LinkStatus};
+use crate::link::{LinkLife, LinkState};
 use crate::metrics::{Metrics, RejectReason};
 use crate::port_watch::PortWatch;
 use crate::transform::Data;
@@ -51,18 +50,17 @@ pub struct AmqpConsumer {
 impl AmqpConsumer {
     /// Connects, consumes and reconnects until `stop` fires.
     pub fn run(self, stop: StopSignal) {
-        let amqp = &self.config.amqp;
-        let mut backoff = Backoff::new(
-            std::time::Duration::from_millis(amqp.reconnect_initial_ms),
-            std::time::Duration::from_millis(amqp.reconnect_max_ms),
+        let mut life = LinkLife::new(
+            Arc::clone(&self.link),
+            Arc::clone(&self.metrics),
+            &self.config.amqp,
         );
-        let mut connected_before = false;
         loop {
-            match self.session(&stop, &mut backoff, &mut connected_before) {
+            match self.session(&stop, &mut life) {
                 Ok(()) => break,
-                Err(error) => self.link.set(LinkStatus::Down, &error.to_string()),
+                Err(error) => life.down(&error),
             }
-            if !wait_to_retry(&stop, backoff.next_delay(), &self.config.amqp.urls) {
+            if !wait_to_retry(&stop, life.next_delay(), &self.config.amqp.urls) {
                 break;
             }
         }
@@ -73,14 +71,9 @@ impl AmqpConsumer {
     }
 
     /// One connection's life: `Ok` when asked to stop, `Err` when the link was lost.
-    fn session(
-        &self,
-        stop: &StopSignal,
-        backoff: &mut Backoff,
-        connected_before: &mut bool,
-    ) -> Result<(), AmqpError> {
+    fn session(&self, stop: &StopSignal, life: &mut LinkLife) -> Result<(), AmqpError> {
         let (mut connection, url) = amqp::connect_any(&self.config.amqp.urls, "consumer")?;
-        let end = self.consume(&mut connection, &url, stop, backoff, connected_before);
+        let end = self.consume(&mut connection, &url, stop, life);
         if end.is_ok() {
             // Unacked deliveries go back to the queue when the connection closes.
             if let Err(error) = connection.close() {
@@ -95,8 +88,7 @@ impl AmqpConsumer {
         connection: &mut amiquip::Connection,
         url: &str,
         stop: &StopSignal,
-        backoff: &mut Backoff,
-        connected_before: &mut bool,
+        life: &mut LinkLife,
     ) -> Result<(), AmqpError> {
         let amqp = &self.config.amqp;
         let blocked = connection.listen_for_connection_blocked()?;
@@ -105,14 +97,7 @@ impl AmqpConsumer {
         channel.qos(0, amqp.prefetch, false)?;
         let consumer = channel.basic_consume(amqp.inbound_queue.as_str(), ConsumerOptions::default())?;
 
-        self.link.set(
-            LinkStatus::Up,
-            &format!("({url}, queue `{}`)", amqp.inbound_queue),
-        );
-        backoff.reset();
-        if std::mem::replace(connected_before, true) {
-            self.metrics.reconnected("consumer");
-        }
+        life.up(&format!("({url}, queue `{}`)", amqp.inbound_queue));
         let desks: HashSet<&str> = self.config.desks.iter().map(String::as_str).collect();
         let events: HashSet<&str> = self.config.events.iter().map(String::as_str).collect();
         let (reply, verdicts) = crossbeam_channel::unbounded();
@@ -150,8 +135,8 @@ impl AmqpConsumer {
                     }
                 }
                 recv(blocked) -> notification => match notification {
-                    Ok(ConnectionBlockedNotification::Blocked(reason)) => self.link.set_blocked(true, &reason),
-                    Ok(ConnectionBlockedNotification::Unblocked) => self.link.set_blocked(false, ""),
+                    Ok(ConnectionBlockedNotification::Blocked(reason)) => life.state().set_blocked(true, &reason),
+                    Ok(ConnectionBlockedNotification::Unblocked) => life.state().set_blocked(false, ""),
                     Err(_) => return Err(AmqpError::Lost("the connection's I/O thread ended".into())),
                 },
                 recv(stop) -> _ => return Ok(()),

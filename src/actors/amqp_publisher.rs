@@ -24,9 +24,8 @@ use uuid::Uuid;
 use crate::actors::router::{Confirmed, PublishOutcome, PublishOutcomes};
 use crate::actors::StopSignal;
 use crate::amqp::{self, AmqpError};
-use crate::backoff::Backoff;
 use crate::config::{AmqpConfig, Config};
-use crate::link::{LinkState, LinkStatus};
+use crate::link::{LinkLife, LinkState};
 use crate::metrics::{Metrics, PublishFailure};
 use crate::port_watch::PortWatch;
 use crate::transform::Data;
@@ -155,19 +154,18 @@ fn lost(what: &str) -> AmqpError {
 impl AmqpPublisher {
     /// Connects, publishes and reconnects until `stop` fires; then settles every job it holds.
     pub fn run(self, stop: StopSignal) {
-        let amqp = &self.config.amqp;
-        let mut backoff = Backoff::new(
-            Duration::from_millis(amqp.reconnect_initial_ms),
-            Duration::from_millis(amqp.reconnect_max_ms),
+        let mut life = LinkLife::new(
+            Arc::clone(&self.link),
+            Arc::clone(&self.metrics),
+            &self.config.amqp,
         );
         let mut buffer = VecDeque::new();
-        let mut connected_before = false;
         loop {
-            match self.session(&stop, &mut buffer, &mut backoff, &mut connected_before) {
+            match self.session(&stop, &mut buffer, &mut life) {
                 Ok(()) => break,
-                Err(error) => self.link.set(LinkStatus::Down, &error.to_string()),
+                Err(error) => life.down(&error),
             }
-            if !self.wait(&stop, backoff.next_delay(), &mut buffer) {
+            if !self.wait(&stop, life.next_delay(), &mut buffer) {
                 break;
             }
         }
@@ -215,23 +213,14 @@ impl AmqpPublisher {
         &self,
         stop: &StopSignal,
         buffer: &mut VecDeque<PublishJob>,
-        backoff: &mut Backoff,
-        connected_before: &mut bool,
+        life: &mut LinkLife,
     ) -> Result<(), AmqpError> {
         let (mut connection, url) = amqp::connect_any(&self.config.amqp.urls, "publisher")?;
         let mut pipeline = Pipeline {
             next_tag: 1,
             ..Pipeline::default()
         };
-        let end = self.publish_all(
-            &mut connection,
-            &url,
-            stop,
-            buffer,
-            &mut pipeline,
-            backoff,
-            connected_before,
-        );
+        let end = self.publish_all(&mut connection, &url, stop, buffer, &mut pipeline, life);
         match end {
             Ok(()) => {
                 if let Err(error) = connection.close() {
@@ -249,7 +238,6 @@ impl AmqpPublisher {
         end
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn publish_all(
         &self,
         connection: &mut amiquip::Connection,
@@ -257,8 +245,7 @@ impl AmqpPublisher {
         stop: &StopSignal,
         buffer: &mut VecDeque<PublishJob>,
         pipeline: &mut Pipeline,
-        backoff: &mut Backoff,
-        connected_before: &mut bool,
+        life: &mut LinkLife,
     ) -> Result<(), AmqpError> {
         let blocked = connection.listen_for_connection_blocked()?;
         let channel = connection.open_channel(None)?;
@@ -269,12 +256,7 @@ impl AmqpPublisher {
         amqp::declare_outbound(&channel, &self.config.amqp)?;
 
         let exchange = &self.config.amqp.outbound_exchange;
-        self.link
-            .set(LinkStatus::Up, &format!("({url}, exchange `{exchange}`)"));
-        backoff.reset();
-        if std::mem::replace(connected_before, true) {
-            self.metrics.reconnected("publisher");
-        }
+        life.up(&format!("({url}, exchange `{exchange}`)"));
         let ttl = Duration::from_millis(self.config.amqp.publish_ttl_ms);
         while let Some(job) = buffer.pop_front() {
             if job.enqueued.elapsed() >= ttl {
@@ -302,8 +284,8 @@ impl AmqpPublisher {
                     Err(_) => return Err(lost("the channel closed (return stream ended)")),
                 },
                 recv(blocked) -> notification => match notification {
-                    Ok(ConnectionBlockedNotification::Blocked(reason)) => self.link.set_blocked(true, &reason),
-                    Ok(ConnectionBlockedNotification::Unblocked) => self.link.set_blocked(false, ""),
+                    Ok(ConnectionBlockedNotification::Blocked(reason)) => life.state().set_blocked(true, &reason),
+                    Ok(ConnectionBlockedNotification::Unblocked) => life.state().set_blocked(false, ""),
                     Err(_) => return Err(lost("the connection's I/O thread ended")),
                 },
                 recv(stop) -> deadline => {
