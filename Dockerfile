@@ -21,7 +21,8 @@ RUN touch src/main.rs src/lib.rs \
  && strip target/release/deskbridge
 
 FROM debian:bookworm-slim
-RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin deskbridge
+RUN groupadd --system --gid 10001 deskbridge \
+ && useradd --system --uid 10001 --gid 10001 --no-create-home --shell /usr/sbin/nologin deskbridge
 COPY --from=build /src/target/release/deskbridge /usr/local/bin/deskbridge
 USER 10001:10001
 # Every setting has a default; these are the ones a container usually sets.

@@ -66,23 +66,26 @@ async fn sluggish_browser(bridge: &TestBridge) -> Browser {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_reader_is_closed_with_1013_while_a_fast_reader_gets_everything() {
     let mut config = test_config("slow");
-    config.ws.outbound_queue_frames = 64;
-    config.ws.outbound_queue_bytes = 256 * 1024;
+    // Enough slack (256 events of 8 KiB) that a reader that keeps reading is never cut, even
+    // on a loaded machine; a reader that stops still exceeds it many times over.
+    config.ws.outbound_queue_frames = 512;
+    config.ws.outbound_queue_bytes = 2 * 1024 * 1024;
     let bridge = TestBridge::start_healthy(config).await;
     let mut slow = sluggish_browser(&bridge).await;
     slow.subscribe(&["A"]).await;
     let mut fast = Browser::connect(&bridge).await;
     fast.subscribe(&["A"]).await;
 
-    // 1000 × 8 KiB = 8 MiB: more than the slow socket's kernel buffers (≤ 4 MiB) plus its queue.
+    // 1500 × 8 KiB = 12 MiB: far more than the slow socket's kernel buffers (≤ 4 MiB) plus its
+    // 2 MiB queue.
     let padding = "x".repeat(8 * 1024);
-    let messages: Vec<(String, Value)> = (0..1000)
+    let messages: Vec<(String, Value)> = (0..1500)
         .map(|seq| (key("A", "new_example"), json!({"seq": seq, "pad": padding})))
         .collect();
     let exchange = bridge.config.amqp.inbound_exchange.clone();
     let publisher =
         tokio::task::spawn_blocking(move || Desktop::connect().publish_many(&exchange, &messages));
-    for seq in 0..1000 {
+    for seq in 0..1500 {
         assert_eq!(
             fast.recv().await["data"]["seq"],
             seq,
