@@ -114,6 +114,8 @@ mod tests {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("listen");
         let port = listener.local_addr().expect("addr").port();
         let mut watch = PortWatch::start(&[format!("amqp://127.0.0.1:{port}/%2f")]);
+        // Not a wait for luck: a probe runs only once due, so let one fall due, then check
+        // that an open-from-the-start port never ends the wait.
         std::thread::sleep(PROBE_EVERY);
         assert!(!watch.reopened());
     }
