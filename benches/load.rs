@@ -237,7 +237,7 @@ impl Bridge {
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Some(addr) = line.split("listening on http://").nth(1) {
+                if let Some(addr) = line.split(deskbridge::LISTENING_ON).nth(1) {
                     let _ = tx.send(addr.trim().to_string());
                 } else if line.contains("WARN") || line.contains("ERROR") {
                     eprintln!("  bridge: {line}");

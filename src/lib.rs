@@ -43,6 +43,10 @@ use crate::link::LinkState;
 use crate::metrics::Metrics;
 pub use crate::transform::Transforms;
 
+/// Start of the log line that tells where the bridge listens (`… listening on http://ADDR`);
+/// launchers that start the binary on port 0 (tests, the benchmark) read the address from it.
+pub const LISTENING_ON: &str = "listening on http://";
+
 /// This crate's version, sent in `welcome` and `/health`.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
@@ -167,8 +171,7 @@ impl Bridge {
         self.server.pause().await;
         // A failed send means the router already stopped; nothing is left to tell it.
         let _ = self.router.send(BeginShutdown).await;
-        let publisher = self.publisher;
-        join_worker(publisher, deadline).await;
+        join_worker(self.publisher, deadline).await;
         let _ = self.router.send(CloseAll).await;
         join_worker(self.consumer, deadline).await;
         self.server.stop(true).await;

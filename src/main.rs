@@ -59,8 +59,9 @@ async fn main() -> ExitCode {
         }
     };
     log::info!(
-        "deskbridge {} listening on http://{}",
+        "deskbridge {} {}{}",
         deskbridge::VERSION,
+        deskbridge::LISTENING_ON,
         bridge.local_addr()
     );
     match wait_for_signal().await {

@@ -236,7 +236,7 @@ async fn sigterm_closes_browsers_with_1001_and_exits_zero() {
     let (addr_tx, addr_rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if let Some(addr) = line.split("listening on http://").nth(1) {
+            if let Some(addr) = line.split(deskbridge::LISTENING_ON).nth(1) {
                 let _ = addr_tx.send(addr.trim().to_string());
             }
         }

@@ -197,8 +197,9 @@ impl Router {
         self.reply(session, refusal.to_frame());
     }
 
-    /// The first desk of `desks` that is not configured, as a refusal.
-    fn unknown_desk(&self, desks: &[String]) -> Option<Refusal> {
+    /// Why `desks` cannot be used: empty (`bad_request`) or naming an unconfigured desk
+    /// (`unknown_desk`, the first one); `None` when all are known.
+    fn check_desks(&self, desks: &[String]) -> Option<Refusal> {
         if desks.is_empty() {
             return Some(Refusal::new(
                 ErrorCode::BadRequest,
@@ -266,10 +267,10 @@ impl Router {
         if self.shutting_down {
             return Err(Refusal::new(
                 ErrorCode::BrokerUnavailable,
-                PublishFailure::Shutdown.message(),
+                "the bridge is shutting down; the message was not sent",
             ));
         }
-        if let Some(refusal) = self.unknown_desk(std::slice::from_ref(&msg.desk)) {
+        if let Some(refusal) = self.check_desks(std::slice::from_ref(&msg.desk)) {
             return Err(refusal);
         }
         if !self.events.contains(&msg.event) {
@@ -333,7 +334,7 @@ impl Handler<Subscribe> for Router {
     type Result = ();
 
     fn handle(&mut self, msg: Subscribe, _: &mut Context<Self>) {
-        if let Some(refusal) = self.unknown_desk(&msg.desks) {
+        if let Some(refusal) = self.check_desks(&msg.desks) {
             return self.refuse(msg.session, refusal);
         }
         let Some(entry) = self.sessions.get_mut(&msg.session) else {
@@ -357,7 +358,7 @@ impl Handler<Unsubscribe> for Router {
     type Result = ();
 
     fn handle(&mut self, msg: Unsubscribe, _: &mut Context<Self>) {
-        if let Some(refusal) = self.unknown_desk(&msg.desks) {
+        if let Some(refusal) = self.check_desks(&msg.desks) {
             return self.refuse(msg.session, refusal);
         }
         let Some(entry) = self.sessions.get_mut(&msg.session) else {
