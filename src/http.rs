@@ -1,19 +1,38 @@
-//! HTTP routes: the console page, the WebSocket upgrade, health and metrics.
+//! The HTTP server and its routes: the console page, health and metrics; WebSocket upgrades
+//! go to [`crate::websocket`].
 
 use std::collections::BTreeMap;
+use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use actix::Addr;
-use actix_web::{http::header, web, HttpRequest, HttpResponse};
-use actix_web_actors::ws;
+use actix_codec::Framed;
+use actix_http::{h1, HttpService, Request};
+use actix_service::map_config;
+use actix_web::dev::{fn_service, AppConfig, Server};
+use actix_web::{web, App, HttpResponse};
 use serde::Serialize;
+use tokio::net::{TcpSocket, TcpStream};
 
 use crate::actors::router::{GetStats, Router};
-use crate::actors::session::{SessionSlot, WsSession};
 use crate::config::Config;
 use crate::link::{LinkState, LinkStatus};
 use crate::metrics::Metrics;
+use crate::websocket;
+
+/// Pending connections the kernel holds per listener: thousands of browsers reconnect at once
+/// after a restart, and the OS default (128) would drop their SYNs.
+const BACKLOG: u32 = 2048;
+
+/// JSON body of an HTTP error answer (`/ws` refusals, `/health` failures).
+#[derive(Serialize)]
+pub struct ErrorBody {
+    /// Stable, machine-readable reason.
+    pub error: &'static str,
+    /// What a person should do about it.
+    pub message: String,
+}
 
 /// What every handler can reach.
 pub struct AppState {
@@ -31,10 +50,76 @@ pub struct AppState {
     pub started: Instant,
 }
 
+/// Binds every address `bind` resolves to (`localhost` may give IPv4 and IPv6).
+pub fn bind(bind: &str) -> std::io::Result<Vec<TcpListener>> {
+    let mut listeners = Vec::new();
+    let mut last_error = None;
+    for addr in bind.to_socket_addrs()? {
+        match listen(addr) {
+            Ok(listener) => listeners.push(listener),
+            Err(error) => last_error = Some(error),
+        }
+    }
+    match (listeners.is_empty(), last_error) {
+        (true, Some(error)) => Err(error),
+        (true, None) => Err(std::io::Error::other("the address resolved to nothing")),
+        (false, _) => Ok(listeners),
+    }
+}
+
+fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    // A restarted bridge must get its port back while old connections sit in TIME_WAIT.
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(BACKLOG)?.into_std()
+}
+
+/// The HTTP server on `listeners`, not yet running. Built from actix-http's service rather than
+/// `HttpServer` for one reason: `HttpServer` has no upgrade hook, and WebSocket connections
+/// must leave the HTTP/1 dispatcher once upgraded (see [`crate::websocket`]).
+pub fn server(
+    state: web::Data<AppState>,
+    listeners: Vec<TcpListener>,
+    workers: usize,
+    shutdown_timeout: Duration,
+) -> std::io::Result<Server> {
+    let mut builder = Server::build()
+        .workers(workers)
+        .backlog(BACKLOG)
+        .disable_signals()
+        .shutdown_timeout(shutdown_timeout.as_secs().max(1));
+    for listener in listeners {
+        let addr = listener.local_addr()?;
+        let state = state.clone();
+        builder = builder.listen("deskbridge-http", listener, move || {
+            let app = App::new().app_data(state.clone()).configure(configure);
+            let state = state.clone();
+            HttpService::build()
+                .local_addr(addr)
+                // Events are small frames that must leave at once: without this, Nagle's
+                // algorithm can hold one back up to a delayed-ACK timeout (40 ms on Linux).
+                .tcp_nodelay(true)
+                .upgrade(fn_service(
+                    move |(req, framed): (Request, Framed<TcpStream, h1::Codec>)| {
+                        websocket::upgrade(req, framed, state.clone())
+                    },
+                ))
+                .finish(map_config(app, |_| AppConfig::default()))
+                .tcp()
+        })?;
+    }
+    Ok(builder.run())
+}
+
 /// Mounts every route; tests mount the same app.
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.route("/", web::get().to(console))
-        .route("/ws", web::get().to(websocket))
+        .route(websocket::PATH, web::get().to(not_upgraded))
         .route("/health", web::get().to(health))
         .route("/health/live", web::get().to(live))
         .route("/metrics", web::get().to(metrics));
@@ -49,29 +134,15 @@ async fn console() -> HttpResponse {
         .body(CONSOLE)
 }
 
-async fn websocket(
-    req: HttpRequest,
-    stream: web::Payload,
-    state: web::Data<AppState>,
-) -> actix_web::Result<HttpResponse> {
-    let max = state.config.ws.max_sessions;
-    let Some(slot) = SessionSlot::acquire(&state.metrics, max) else {
-        return Ok(HttpResponse::ServiceUnavailable()
-            .insert_header((header::RETRY_AFTER, "5"))
-            .json(serde_json::json!({
-                "error": "too_many_sessions",
-                "message": format!("this bridge already serves {max} sessions (ws.max_sessions); retry later"),
-            })));
-    };
-    let session = WsSession::new(
-        state.router.clone(),
-        Arc::clone(&state.config),
-        Arc::clone(&state.metrics),
-        slot,
-    );
-    ws::WsResponseBuilder::new(session, &req, stream)
-        .frame_size(state.config.ws.max_frame_bytes)
-        .start()
+/// `/ws` without the upgrade headers: the upgrade hook sees every real handshake first.
+async fn not_upgraded() -> HttpResponse {
+    HttpResponse::BadRequest().json(ErrorBody {
+        error: "websocket_upgrade_required",
+        message: format!(
+            "{} speaks WebSocket only: send Connection: Upgrade and Upgrade: websocket",
+            websocket::PATH
+        ),
+    })
 }
 
 /// `/health` body.
@@ -98,8 +169,10 @@ async fn health(state: web::Data<AppState>) -> HttpResponse {
         Ok(stats) => stats,
         Err(error) => {
             log::error!("health: the router did not answer: {error}");
-            return HttpResponse::InternalServerError()
-                .json(serde_json::json!({"status": "error", "message": "router unavailable"}));
+            return HttpResponse::InternalServerError().json(ErrorBody {
+                error: "router_unavailable",
+                message: "the router did not answer; the bridge is stopping or broken".into(),
+            });
         }
     };
     let amqp = AmqpHealth {

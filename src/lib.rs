@@ -7,7 +7,8 @@
 //! - [`actors`]: `Router`, `WsSession`, `AmqpConsumer`, `AmqpPublisher` and their messages.
 //! - [`amqp`]: connection through the URL list, topology, routing-key convention.
 //! - [`fd_limit`]: raises the open-files limit at start-up.
-//! - [`http`]: routes (`/`, `/ws`, `/health`, `/health/live`, `/metrics`).
+//! - [`http`]: the server and its routes (`/`, `/health`, `/health/live`, `/metrics`).
+//! - [`websocket`]: `/ws`, the handshake and the pump between a socket and its session.
 //! - [`link`], [`backoff`], [`port_watch`], [`metrics`]: link state, reconnect delays, early
 //!   retry when a broker comes back, counters.
 //!
@@ -25,13 +26,14 @@ pub mod metrics;
 pub mod port_watch;
 pub mod protocol;
 pub mod transform;
+pub mod websocket;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
 use actix::{Actor, Addr};
-use actix_web::{dev::ServerHandle, web, App, HttpServer};
+use actix_web::{dev::ServerHandle, web};
 
 use crate::actors::amqp_consumer::AmqpConsumer;
 use crate::actors::amqp_publisher::{AmqpPublisher, PublisherHandle};
@@ -111,17 +113,10 @@ pub async fn start(config: Config, mut transforms: Transforms) -> Result<Bridge,
         addr: config.bind.clone(),
         source,
     };
-    let server = HttpServer::new(move || App::new().app_data(state.clone()).configure(http::configure))
-        .workers(workers)
-        // Events are small frames that must leave at once: without this, Nagle's algorithm can
-        // hold one back up to a delayed-ACK timeout (40 ms on Linux).
-        .tcp_nodelay(true)
-        .disable_signals()
-        .shutdown_timeout(config.shutdown_timeout().as_secs().max(1))
-        .bind(config.bind.as_str())
-        .map_err(bind_error)?;
-    // `bind` succeeded, so there is at least one address.
-    let addr = server.addrs()[0];
+    let listeners = http::bind(&config.bind).map_err(bind_error)?;
+    // `bind` returns at least one listener, and a bound listener has an address.
+    let addr = listeners[0].local_addr().map_err(bind_error)?;
+    let server = http::server(state, listeners, workers, config.shutdown_timeout()).map_err(bind_error)?;
 
     // The AMQP workers start only once the port is ours: a failed start leaves nothing running.
     let publisher = AmqpPublisher {
@@ -144,7 +139,6 @@ pub async fn start(config: Config, mut transforms: Transforms) -> Result<Bridge,
     };
     let consumer =
         Worker::spawn("amqp-consumer", move |stop| consumer.run(stop)).map_err(StartError::Thread)?;
-    let server = server.run();
     let handle = server.handle();
     actix_web::rt::spawn(server);
     Ok(Bridge {

@@ -102,6 +102,7 @@ pub struct Metrics {
     sessions_opened: AtomicU64,
     sessions_refused: AtomicU64,
     sessions_slow: AtomicU64,
+    sessions_stalled: AtomicU64,
     desktop_in: AtomicU64,
     desktop_out: AtomicU64,
     web_in: AtomicU64,
@@ -146,6 +147,14 @@ impl Metrics {
     pub fn session_slow(&self, session: &uuid::Uuid, desk: &str) {
         self.sessions_slow.fetch_add(1, Relaxed);
         log::warn!("closing session {session}: its outbound queue is full (slow reader on desk {desk})");
+    }
+
+    /// A browser took no bytes for `ws.client_timeout_ms` and its connection was dropped.
+    pub fn session_stalled(&self, peer: Option<std::net::SocketAddr>, stall: std::time::Duration) {
+        self.sessions_stalled.fetch_add(1, Relaxed);
+        log::warn!(
+            "dropping the connection of {peer:?}: it took no bytes for {stall:?} (ws.client_timeout_ms)"
+        );
     }
 
     /// A delivery from RabbitMQ was accepted and fanned out to `receivers` sessions.
@@ -266,6 +275,12 @@ impl Metrics {
             "counter",
             "Sessions closed with 1013 because their outbound queue was full.",
             &one(get(&self.sessions_slow)),
+        );
+        metric(
+            "deskbridge_sessions_stalled_total",
+            "counter",
+            "Connections dropped because the browser took no bytes for ws.client_timeout_ms.",
+            &one(get(&self.sessions_stalled)),
         );
         metric(
             "deskbridge_messages_in_total",

@@ -114,3 +114,41 @@ fn a_taken_port_is_refused_with_a_clear_error() {
     assert!(error.contains(&addr) && error.contains("--bind"), "{error}");
     delete_topology(&config);
 }
+
+/// A WebSocket handshake request for `path`, with or without its `Sec-WebSocket-Key`.
+fn handshake(path: &str, key: bool) -> String {
+    let key = if key {
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+    } else {
+        ""
+    };
+    format!(
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+         Sec-WebSocket-Version: 13\r\n{key}\r\n"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_upgrades_get_clear_http_errors_and_leave_the_bridge_serving() {
+    let bridge = TestBridge::start(test_config("upgrades"));
+    let (status, body) = http_request(bridge.addr, &handshake("/elsewhere", true)).await;
+    assert_eq!(status, 404, "{body}");
+    let body: serde_json::Value = serde_json::from_str(&body).expect("JSON error body");
+    assert_eq!(body["error"], "not_found");
+
+    let (status, body) = http_request(bridge.addr, &handshake("/ws", false)).await;
+    assert_eq!(status, 400, "a handshake without Sec-WebSocket-Key: {body}");
+
+    let (status, body) = http_get(bridge.addr, "/ws").await;
+    assert_eq!(status, 400, "{body}");
+    let body: serde_json::Value = serde_json::from_str(&body).expect("JSON error body");
+    assert_eq!(body["error"], "websocket_upgrade_required");
+
+    let mut browser = Browser::connect(&bridge).await;
+    browser.assert_quiet().await;
+    let health = bridge.wait_health(200).await;
+    assert_eq!(
+        health["sessions"], 1,
+        "refused upgrades hold no session: {health}"
+    );
+}

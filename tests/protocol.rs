@@ -201,3 +201,42 @@ async fn limits_on_rate_desks_per_request_and_sessions() {
     let (status, body) = http_get(bridge.addr, "/health").await;
     assert_eq!(status, 200, "a refused upgrade leaves the bridge healthy: {body}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frames_sent_together_with_the_handshake_are_not_lost() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let bridge = TestBridge::start_healthy(test_config("early")).await;
+    // Handshake and a first (masked) frame in one write: the bridge reads both at once, while
+    // the connection is still HTTP.
+    let mut bytes = format!(
+        "GET /ws HTTP/1.1\r\nHost: {}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+        bridge.addr
+    )
+    .into_bytes();
+    let payload = br#"{"op":"ping"}"#;
+    let mask = [0x37, 0xfa, 0x21, 0x3d];
+    bytes.extend([0x81, 0x80 | payload.len() as u8]);
+    bytes.extend(mask);
+    bytes.extend(payload.iter().zip(mask.iter().cycle()).map(|(b, m)| b ^ m));
+    let mut stream = tokio::net::TcpStream::connect(bridge.addr)
+        .await
+        .expect("connect");
+    stream.write_all(&bytes).await.expect("send");
+    // Read the 101's head byte by byte so that no WebSocket byte is taken with it.
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        head.push(stream.read_u8().await.expect("response head"));
+    }
+    let head = String::from_utf8_lossy(&head);
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    let ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
+        tokio_tungstenite::MaybeTlsStream::Plain(stream),
+        tokio_tungstenite::tungstenite::protocol::Role::Client,
+        None,
+    )
+    .await;
+    let mut browser = Browser::from_stream(ws).await;
+    assert_eq!(browser.recv().await, json!({"op": "pong"}));
+    browser.assert_quiet().await;
+}

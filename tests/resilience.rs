@@ -108,6 +108,48 @@ async fn a_slow_reader_is_closed_with_1013_while_a_fast_reader_gets_everything()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_browser_whose_socket_stays_full_is_dropped_after_client_timeout() {
+    let mut config = test_config("stall");
+    config.ws.heartbeat_interval_ms = 500;
+    config.ws.client_timeout_ms = 1_000;
+    // Queues large enough that the router never cuts it as slow: only the full socket can.
+    config.ws.outbound_queue_frames = 10_000;
+    config.ws.outbound_queue_bytes = 64 * 1024 * 1024;
+    let bridge = TestBridge::start_healthy(config).await;
+    let mut stalled = sluggish_browser(&bridge).await;
+    stalled.subscribe(&["A"]).await;
+    // 1000 × 8 KiB fill its socket at once; from then on the session cannot write, so its
+    // heartbeat cannot run either: only the stalled write can end it.
+    let padding = "x".repeat(8 * 1024);
+    let messages: Vec<(String, Value)> = (0..1000)
+        .map(|seq| (key("A", "new_example"), json!({"seq": seq, "pad": padding})))
+        .collect();
+    let exchange = bridge.config.amqp.inbound_exchange.clone();
+    tokio::task::spawn_blocking(move || Desktop::connect().publish_many(&exchange, &messages))
+        .await
+        .expect("desktop published");
+    let started = Instant::now();
+    loop {
+        let health = bridge.wait_health(200).await;
+        if health["sessions"] == 0 && health["desks"]["A"] == 0 {
+            break;
+        }
+        assert!(
+            started.elapsed() < DEADLINE,
+            "a session that cannot write was never dropped: {health}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    bridge.wait_metric("deskbridge_sessions_stalled_total 1").await;
+    bridge
+        .wait_metric("deskbridge_sessions_slow_closed_total 0")
+        .await;
+    let mut fresh = Browser::connect(&bridge).await;
+    fresh.assert_quiet().await;
+    drop(stalled);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_peer_is_dropped_by_the_heartbeat_and_its_subscriptions_removed() {
     let mut config = test_config("heartbeat");
     config.ws.heartbeat_interval_ms = 100;

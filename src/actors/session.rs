@@ -4,8 +4,9 @@
 //! itself, forwards subscriptions and publishes to the router, and writes what the router sends
 //! it ([`ToSession`]). It pings every `ws.heartbeat_interval_ms` and closes after
 //! `ws.client_timeout_ms` of silence. Its mailbox is its bounded outbound queue: the router
-//! `try_send`s into it, and actix-web stops polling the actor while the socket cannot take more,
-//! so a full mailbox means a slow reader.
+//! `try_send`s into it, and the connection's pump ([`crate::websocket`]) stops polling the actor
+//! while the socket cannot take more, so a full mailbox means a slow reader. A socket that
+//! takes nothing for `ws.client_timeout_ms` is dropped by the pump.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;

@@ -225,8 +225,12 @@ pub fn queue_depth(queue: &str) -> u32 {
 
 /// A minimal HTTP/1.0 GET: (status, body).
 pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    http_request(addr, &format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")).await
+}
+
+/// Sends `request` as is and reads the answer until the server closes: (status, body).
+pub async fn http_request(addr: SocketAddr, request: &str) -> (u16, String) {
     let mut stream = TcpStream::connect(addr).await.expect("connect to bridge");
-    let request = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n");
     stream.write_all(request.as_bytes()).await.expect("send request");
     let mut response = String::new();
     stream.read_to_string(&mut response).await.expect("read response");

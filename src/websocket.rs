@@ -1,0 +1,267 @@
+//! `/ws`: the WebSocket handshake on the raw HTTP/1 connection, and the pump that joins the
+//! socket to its [`WsSession`].
+//!
+//! actix-web's usual upgrade (`actix_web_actors::ws::start`) keeps the HTTP/1 dispatcher alive
+//! for the whole life of the socket, with an 8 KiB read and an 8 KiB write buffer that no
+//! setting shrinks; with thousands of mostly idle browsers those buffers were 40 % of the
+//! bridge's memory. So the server hands upgrade requests here instead (actix-http's `upgrade`
+//! hook): once the 101 is written the dispatcher is gone, reads land in a stack buffer and are
+//! handed to the session's decoder, and the session's encoded frames are written straight to
+//! the socket. An idle session holds no I/O buffer at all. The session actor, its
+//! `WebsocketContext` and the protocol are the same as before.
+
+use std::convert::Infallible;
+use std::future::{poll_fn, Future};
+use std::io;
+use std::pin::{pin, Pin};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use actix::prelude::Stream;
+use actix_codec::Framed;
+use actix_http::body::{BodySize, BoxBody, MessageBody};
+use actix_http::error::PayloadError;
+use actix_http::h1::{Codec, Message};
+use actix_http::{header, Request, Response, StatusCode};
+use actix_web::web::{Bytes, Data};
+use actix_web_actors::ws::WebsocketContext;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+use crate::actors::session::{SessionSlot, WsSession};
+use crate::http::{AppState, ErrorBody};
+
+/// The one path that speaks WebSocket.
+pub const PATH: &str = "/ws";
+
+/// Bytes read from the socket per call; on the stack, so idle sessions do not pay for it.
+const READ_CHUNK: usize = 8 * 1024;
+
+/// How long a closed connection waits for the browser to close its side.
+const LINGER: Duration = Duration::from_secs(2);
+
+/// How a connection ended other than by a clean close.
+#[derive(Debug, thiserror::Error)]
+enum Ended {
+    /// The browser took no bytes for this long (`ws.client_timeout_ms`).
+    #[error("the browser took no bytes for {0:?} (ws.client_timeout_ms)")]
+    Stalled(Duration),
+    /// The socket failed or the peer vanished.
+    #[error(transparent)]
+    Io(#[from] io::Error),
+}
+
+/// Handles one upgrade request from the HTTP/1 dispatcher: answers it, and for a WebSocket
+/// handshake on `/ws` runs the session until either side ends it. Failures are the peer's
+/// business (it went away or sent garbage), so they are logged here, never returned.
+///
+/// This future lives as long as the connection, inside its task, so it is kept small: the
+/// handshake's values are dropped before the session starts.
+pub async fn upgrade(
+    req: Request,
+    mut framed: Framed<TcpStream, Codec>,
+    state: Data<AppState>,
+) -> Result<(), Infallible> {
+    let peer = req.peer_addr();
+    let verdict = answer(&req, &state);
+    drop(req);
+    let result = match verdict {
+        Err(refusal) => respond(&mut framed, refusal).await.map_err(Ended::from),
+        Ok((accepted, slot)) => match respond(&mut framed, accepted).await {
+            Ok(()) => run(framed, slot, &state).await,
+            Err(error) => Err(error.into()),
+        },
+    };
+    match result {
+        Ok(()) => {}
+        Err(Ended::Stalled(stall)) => state.metrics.session_stalled(peer, stall),
+        Err(Ended::Io(error)) => log::debug!("websocket connection from {peer:?} ended: {error}"),
+    }
+    Ok(())
+}
+
+/// The 101 and a place under `ws.max_sessions` for a WebSocket handshake on `/ws`, or the
+/// refusal to send instead.
+fn answer(req: &Request, state: &AppState) -> Result<(Response<BoxBody>, SessionSlot), Response<BoxBody>> {
+    if req.path() != PATH {
+        let body = ErrorBody {
+            error: "not_found",
+            message: format!("WebSocket upgrades are served on {PATH} only"),
+        };
+        return Err(json(StatusCode::NOT_FOUND, &body));
+    }
+    let accepted = actix_http::ws::handshake(req.head())
+        .map_err(Response::from)?
+        .finish()
+        .map_into_boxed_body();
+    let max = state.config.ws.max_sessions;
+    let Some(slot) = SessionSlot::acquire(&state.metrics, max) else {
+        let body = ErrorBody {
+            error: "too_many_sessions",
+            message: format!("this bridge already serves {max} sessions (ws.max_sessions); retry later"),
+        };
+        let mut refusal = json(StatusCode::SERVICE_UNAVAILABLE, &body);
+        refusal
+            .headers_mut()
+            .insert(header::RETRY_AFTER, header::HeaderValue::from_static("5"));
+        return Err(refusal);
+    };
+    Ok((accepted, slot))
+}
+
+/// Starts an accepted session; the future runs it to its end. Not an `async fn`: the set-up
+/// would then be stored in the connection's task beside the pump (2.4 KiB more per session).
+fn run(
+    framed: Framed<TcpStream, Codec>,
+    slot: SessionSlot,
+    state: &AppState,
+) -> impl Future<Output = Result<(), Ended>> {
+    let (socket, early) = detach(framed);
+    let socket = Rc::new(socket);
+    let session = WsSession::new(
+        state.router.clone(),
+        Arc::clone(&state.config),
+        Arc::clone(&state.metrics),
+        slot,
+    );
+    let inbound = Inbound {
+        early,
+        socket: Rc::clone(&socket),
+    };
+    let codec = actix_http::ws::Codec::new().max_size(state.config.ws.max_frame_bytes);
+    let frames = WebsocketContext::with_codec(session, inbound, codec);
+    let stall = Duration::from_millis(state.config.ws.client_timeout_ms);
+    pump(frames, socket, stall)
+}
+
+/// Leaves HTTP/1: the socket, and what the browser sent after its request head (its first
+/// WebSocket frames, which must reach the decoder before anything read later). The codec and
+/// both HTTP buffers are freed here, not held for the life of the session.
+fn detach(framed: Framed<TcpStream, Codec>) -> (TcpStream, Option<Bytes>) {
+    let parts = framed.into_parts();
+    let early = (!parts.read_buf.is_empty()).then(|| Bytes::copy_from_slice(&parts.read_buf));
+    (parts.io, early)
+}
+
+/// Writes a whole response (head and body) on a connection that is still HTTP/1.
+async fn respond(framed: &mut Framed<TcpStream, Codec>, response: Response<BoxBody>) -> io::Result<()> {
+    let (head, body) = response.into_parts();
+    let size = body.size();
+    // Every answer here is built in memory (handshake, JSON refusals), never streamed.
+    let body = body
+        .try_into_bytes()
+        .map_err(|_| io::Error::other("a streamed response cannot answer an upgrade"))?;
+    let mut framed = Pin::new(framed);
+    framed.as_mut().write(Message::Item((head, size)))?;
+    if size != BodySize::None {
+        framed.as_mut().write(Message::Chunk(Some(body)))?;
+        framed.as_mut().write(Message::Chunk(None))?;
+    }
+    poll_fn(|cx| framed.as_mut().flush(cx)).await
+}
+
+fn json(status: StatusCode, body: &ErrorBody) -> Response<BoxBody> {
+    // A struct of a &str and a String always serializes.
+    let text = serde_json::to_string(body).unwrap_or_default();
+    let mut response = Response::with_body(status, text).map_into_boxed_body();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+/// The socket as the byte stream the session's WebSocket decoder polls.
+struct Inbound {
+    /// Bytes that arrived with the handshake.
+    early: Option<Bytes>,
+    socket: Rc<TcpStream>,
+}
+
+impl Stream for Inbound {
+    type Item = Result<Bytes, PayloadError>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if let Some(early) = self.early.take() {
+            return Poll::Ready(Some(Ok(early)));
+        }
+        loop {
+            if let Err(error) = ready!(self.socket.poll_read_ready(cx)) {
+                return Poll::Ready(Some(Err(PayloadError::Io(error))));
+            }
+            let mut chunk = [0u8; READ_CHUNK];
+            return Poll::Ready(match self.socket.try_read(&mut chunk) {
+                Ok(0) => None,
+                Ok(n) => Some(Ok(Bytes::copy_from_slice(&chunk[..n]))),
+                // Readiness was stale; `try_read` cleared it, so the next poll waits.
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(error) => Some(Err(PayloadError::Io(error))),
+            });
+        }
+    }
+}
+
+/// Writes what the session encodes until the session ends, then closes the connection the
+/// way RFC 6455 asks: FIN, then read until the browser closes its side (bounded by
+/// [`LINGER`]), so that its close frame is not lost to a reset.
+///
+/// A browser that takes no byte for `stall` is dropped at once: while its socket is full the
+/// session is not polled, so neither its heartbeat nor a close frame could reach it.
+async fn pump(
+    frames: impl Stream<Item = Result<Bytes, actix_web::Error>>,
+    socket: Rc<TcpStream>,
+    stall: Duration,
+) -> Result<(), Ended> {
+    {
+        let mut frames = pin!(frames);
+        while let Some(chunk) = poll_fn(|cx| frames.as_mut().poll_next(cx)).await {
+            let chunk = chunk.map_err(|error| io::Error::other(error.to_string()))?;
+            write_all(&socket, &chunk, stall).await?;
+        }
+    }
+    // The session (and with it `Inbound`'s handle) is gone now that its stream ended.
+    let mut socket = Rc::into_inner(socket).ok_or_else(|| io::Error::other("socket still shared"))?;
+    socket.shutdown().await?;
+    // Boxed, like the stall timer below: a timer's state would otherwise sit in every idle
+    // session's task for its whole life.
+    let _ = Box::pin(tokio::time::timeout(
+        LINGER,
+        poll_fn(|cx| discard_until_eof(&socket, cx)),
+    ))
+    .await;
+    Ok(())
+}
+
+/// Reads and drops whatever the browser still sends until it closes (or fails).
+fn discard_until_eof(socket: &TcpStream, cx: &mut Context<'_>) -> Poll<()> {
+    loop {
+        if ready!(socket.poll_read_ready(cx)).is_err() {
+            return Poll::Ready(());
+        }
+        let mut sink = [0u8; 512];
+        match socket.try_read(&mut sink) {
+            Ok(1..) => {}
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
+            Ok(0) | Err(_) => return Poll::Ready(()),
+        }
+    }
+}
+
+async fn write_all(socket: &TcpStream, mut rest: &[u8], stall: Duration) -> Result<(), Ended> {
+    while !rest.is_empty() {
+        match socket.try_write(rest) {
+            Ok(0) => return Err(io::Error::from(io::ErrorKind::WriteZero).into()),
+            Ok(written) => rest = &rest[written..],
+            // Only a full socket arms the stall timer, so the usual write costs no timer.
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
+                Box::pin(tokio::time::timeout(stall, socket.writable()))
+                    .await
+                    .map_err(|_| Ended::Stalled(stall))??
+            }
+            Err(error) => return Err(error.into()),
+        }
+    }
+    Ok(())
+}
