@@ -63,6 +63,14 @@ async fn sluggish_browser(bridge: &TestBridge) -> Browser {
     Browser::over(stream, &bridge.ws_url()).await
 }
 
+/// `count` events for desk A numbered by `seq`, each padded to 8 KiB.
+fn padded_events(count: usize) -> Vec<(String, Value)> {
+    let padding = "x".repeat(8 * 1024);
+    (0..count)
+        .map(|seq| (key("A", "new_example"), json!({"seq": seq, "pad": padding})))
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_reader_is_closed_with_1013_while_a_fast_reader_gets_everything() {
     let mut config = test_config("slow");
@@ -78,10 +86,7 @@ async fn a_slow_reader_is_closed_with_1013_while_a_fast_reader_gets_everything()
 
     // 1500 × 8 KiB = 12 MiB: far more than the slow socket's kernel buffers (≤ 4 MiB) plus its
     // 2 MiB queue.
-    let padding = "x".repeat(8 * 1024);
-    let messages: Vec<(String, Value)> = (0..1500)
-        .map(|seq| (key("A", "new_example"), json!({"seq": seq, "pad": padding})))
-        .collect();
+    let messages = padded_events(1500);
     let exchange = bridge.config.amqp.inbound_exchange.clone();
     let publisher =
         tokio::task::spawn_blocking(move || Desktop::connect().publish_many(&exchange, &messages));
@@ -120,10 +125,7 @@ async fn a_browser_whose_socket_stays_full_is_dropped_after_client_timeout() {
     stalled.subscribe(&["A"]).await;
     // 1000 × 8 KiB fill its socket at once; from then on the session cannot write, so its
     // heartbeat cannot run either: only the stalled write can end it.
-    let padding = "x".repeat(8 * 1024);
-    let messages: Vec<(String, Value)> = (0..1000)
-        .map(|seq| (key("A", "new_example"), json!({"seq": seq, "pad": padding})))
-        .collect();
+    let messages = padded_events(1000);
     let exchange = bridge.config.amqp.inbound_exchange.clone();
     tokio::task::spawn_blocking(move || Desktop::connect().publish_many(&exchange, &messages))
         .await
