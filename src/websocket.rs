@@ -7,8 +7,8 @@
 //! bridge's memory. So the server hands upgrade requests here instead (actix-http's `upgrade`
 //! hook): once the 101 is written the dispatcher is gone, reads land in a stack buffer and are
 //! handed to the session's decoder, and the session's encoded frames are written straight to
-//! the socket. An idle session holds no I/O buffer at all. The session actor, its
-//! `WebsocketContext` and the protocol are the same as before.
+//! the socket. An idle session holds no I/O buffer at all. The session is still an
+//! actix-web-actors `WebsocketContext` actor; only the bytes underneath take a shorter path.
 
 use std::convert::Infallible;
 use std::future::{poll_fn, Future};
