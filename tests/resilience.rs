@@ -123,15 +123,18 @@ async fn a_browser_whose_socket_stays_full_is_dropped_after_client_timeout() {
     let bridge = TestBridge::start_healthy(config).await;
     let mut stalled = sluggish_browser(&bridge).await;
     stalled.subscribe(&["A"]).await;
-    // 1000 × 8 KiB fill its socket at once; from then on the session cannot write, so its
-    // heartbeat cannot run either: only the stalled write can end it.
+    // 1000 × 8 KiB fill its socket; from then on the session cannot write, and since it is no
+    // longer polled its heartbeat cannot run either: only the stalled write can end it.
     let messages = padded_events(1000);
     let exchange = bridge.config.amqp.inbound_exchange.clone();
-    tokio::task::spawn_blocking(move || Desktop::connect().publish_many(&exchange, &messages))
-        .await
-        .expect("desktop published");
+    let publisher =
+        tokio::task::spawn_blocking(move || Desktop::connect().publish_many(&exchange, &messages));
     let started = Instant::now();
     loop {
+        // Sending needs no reading: this keeps the heartbeat fed for as long as the session is
+        // still polled, so that on a slow machine the heartbeat cannot end it first. Once the
+        // bridge drops the connection, sends fail and are ignored.
+        let _ = stalled.try_send(json!({"op": "ping"})).await;
         let health = bridge.wait_health(200).await;
         if health["sessions"] == 0 && health["desks"]["A"] == 0 {
             break;
@@ -140,8 +143,9 @@ async fn a_browser_whose_socket_stays_full_is_dropped_after_client_timeout() {
             started.elapsed() < DEADLINE,
             "a session that cannot write was never dropped: {health}"
         );
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    publisher.await.expect("desktop published");
     bridge.wait_metric("deskbridge_sessions_stalled_total 1").await;
     bridge
         .wait_metric("deskbridge_sessions_slow_closed_total 0")
