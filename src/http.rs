@@ -25,7 +25,7 @@ use crate::websocket;
 /// after a restart, and the OS default (128) would drop their SYNs.
 const BACKLOG: u32 = 2048;
 
-/// JSON body of an HTTP error answer (`/ws` refusals, `/health` failures).
+/// JSON body of an HTTP error answer (`/ws` refusals).
 #[derive(Serialize)]
 pub struct ErrorBody {
     /// Stable, machine-readable reason.
@@ -171,10 +171,8 @@ async fn health(state: web::Data<AppState>) -> HttpResponse {
         Ok(stats) => stats,
         Err(error) => {
             log::error!("health: the router did not answer: {error}");
-            return HttpResponse::InternalServerError().json(ErrorBody {
-                error: "router_unavailable",
-                message: "the router did not answer; the bridge is stopping or broken".into(),
-            });
+            return HttpResponse::InternalServerError()
+                .json(serde_json::json!({"status": "error", "message": "router unavailable"}));
         }
     };
     let amqp = AmqpHealth {
