@@ -1,15 +1,15 @@
 //! What both AMQP workers share: connecting through the URL list, declaring the topology,
-//! the routing-key convention, and the errors of a link.
+//! the headers the bridge sets, and the errors of a link.
 
 use std::time::Duration;
-
-use std::net::ToSocketAddrs;
 
 use amiquip::{
     AmqpValue, Auth, Channel, Connection, ConnectionOptions, ExchangeDeclareOptions, ExchangeType,
     FieldTable, QueueDeclareOptions,
 };
 
+use crate::broker_url::BrokerUrl;
+use crate::catalog::{routing_key, Catalog};
 use crate::config::AmqpConfig;
 
 /// Header naming the bridge process that published a message (loop prevention).
@@ -62,106 +62,51 @@ impl From<amiquip::Error> for AmqpError {
     }
 }
 
+/// An open connection, the URL it answered on, and a handle on its socket.
+pub struct Connected<'u> {
+    /// The AMQP connection.
+    pub connection: Connection,
+    /// Which URL answered.
+    pub url: &'u BrokerUrl,
+    /// The connection's TCP socket, to cut it when amiquip would wait forever (closing a
+    /// connection the broker has blocked: it stops reading, so no close-ok ever comes).
+    pub socket: std::net::TcpStream,
+}
+
 /// Opens a connection to the first URL in `urls` that answers.
-pub fn connect_any(urls: &[String], name: &str) -> Result<(Connection, String), AmqpError> {
+pub fn connect_any<'u>(urls: &'u [BrokerUrl], name: &str) -> Result<Connected<'u>, AmqpError> {
     let mut last = None;
     for url in urls {
         match open(url) {
-            Ok(connection) => return Ok((connection, redact(url))),
+            Ok((connection, socket)) => {
+                return Ok(Connected {
+                    connection,
+                    url,
+                    socket,
+                })
+            }
             Err(error) => {
                 log::debug!("amqp {name}: {error}");
                 last = Some(error);
             }
         }
     }
-    // `urls` is validated non-empty at start-up, so `last` is set.
-    Err(last.expect("config validation guarantees at least one AMQP URL"))
-}
-
-/// How long a TCP connect may take when the URL does not say (`connection_timeout`): an
-/// unreachable (blackholed) host must not stall a reconnect for the OS's ~2 minutes.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// Heartbeat when the URL does not say: a broker that vanishes without closing TCP is noticed
-/// within ~20 s instead of amiquip's 60 s.
-const HEARTBEAT_SECS: u16 = 10;
-
-/// An `amqp://` URL taken apart.
-#[derive(Debug, Clone, PartialEq)]
-pub struct BrokerUrl {
-    host: String,
-    port: u16,
-    vhost: Option<String>,
-    credentials: Option<(String, String)>,
-    heartbeat: u16,
-    connection_timeout: Duration,
-    channel_max: Option<u16>,
-}
-
-impl BrokerUrl {
-    /// Parses `amqp://user:pass@host:port/vhost?heartbeat=N&connection_timeout=MS&channel_max=N`
-    /// the way amiquip does (percent-decoded vhost and credentials, port 5672 by default).
-    pub fn parse(text: &str) -> Result<BrokerUrl, String> {
-        let url = url::Url::parse(text).map_err(|e| format!("is not a URL: {e}"))?;
-        if url.scheme() != "amqp" {
-            return Err("must start with amqp:// (TLS is not built in)".into());
-        }
-        let host = url.host_str().filter(|h| !h.is_empty()).ok_or("has no host")?;
-        let decode = |s: &str| {
-            percent_encoding::percent_decode_str(s)
-                .decode_utf8_lossy()
-                .into_owned()
-        };
-        let mut segments: Vec<&str> = url.path_segments().map(|s| s.collect()).unwrap_or_default();
-        segments.retain(|s| !s.is_empty());
-        if segments.len() > 1 {
-            return Err("has more than one path segment (the vhost); encode `/` as %2f".into());
-        }
-        let credentials = (!url.username().is_empty() || url.password().is_some()).then(|| {
-            let user = if url.username().is_empty() {
-                "guest"
-            } else {
-                url.username()
-            };
-            (decode(user), decode(url.password().unwrap_or("guest")))
-        });
-        let mut parsed = BrokerUrl {
-            host: host.trim_matches(['[', ']']).to_owned(),
-            port: url.port().unwrap_or(5672),
-            vhost: segments.first().map(|v| decode(v)),
-            credentials,
-            heartbeat: HEARTBEAT_SECS,
-            connection_timeout: CONNECT_TIMEOUT,
-            channel_max: None,
-        };
-        for (key, value) in url.query_pairs() {
-            let number = || {
-                value
-                    .parse::<u64>()
-                    .map_err(|_| format!("has a non-numeric {key} `{value}`"))
-            };
-            let small = |n: u64| u16::try_from(n).map_err(|_| format!("has {key} above 65535"));
-            match key.as_ref() {
-                "heartbeat" => parsed.heartbeat = small(number()?)?,
-                "channel_max" => parsed.channel_max = Some(small(number()?)?),
-                "connection_timeout" => parsed.connection_timeout = Duration::from_millis(number()?),
-                other => return Err(format!("has an unsupported parameter `{other}`")),
-            }
-        }
-        Ok(parsed)
-    }
+    Err(last.unwrap_or_else(|| AmqpError::Unreachable {
+        url: "(no URL)".into(),
+        reason: "amqp.urls is empty".into(),
+    }))
 }
 
 /// Opens an AMQP connection with `TCP_NODELAY` set: publishes, acks and confirms are small
-/// frames that must leave at once, and amiquip's own connect leaves Nagle's algorithm on
-/// (measured: a steady ~40 ms p999 on paced fan-out).
-fn open(url: &str) -> Result<Connection, AmqpError> {
+/// frames that must leave at once, and amiquip's own connect leaves Nagle's algorithm on, which
+/// holds a small frame back until the previous one is acknowledged (up to 40 ms on Linux).
+fn open(broker: &BrokerUrl) -> Result<(Connection, std::net::TcpStream), AmqpError> {
     let unreachable = |reason: String| AmqpError::Unreachable {
-        url: redact(url),
+        url: broker.to_string(),
         reason,
     };
-    let broker = BrokerUrl::parse(url).map_err(unreachable)?;
-    let addrs = (broker.host.as_str(), broker.port)
-        .to_socket_addrs()
+    let addrs = broker
+        .socket_addrs()
         .map_err(|e| unreachable(format!("cannot resolve {}: {e}", broker.host)))?;
     let mut last = unreachable(format!("{} resolves to no address", broker.host));
     for addr in addrs {
@@ -172,6 +117,9 @@ fn open(url: &str) -> Result<Connection, AmqpError> {
                 continue;
             }
         };
+        let socket = stream
+            .try_clone()
+            .map_err(|e| unreachable(format!("{addr}: {e}")))?;
         let stream = stream
             .set_nodelay(true)
             .and_then(|()| stream.set_nonblocking(true))
@@ -192,26 +140,14 @@ fn open(url: &str) -> Result<Connection, AmqpError> {
         if let Some(channel_max) = broker.channel_max {
             options = options.channel_max(channel_max);
         }
-        return Connection::insecure_open_stream(stream, options, Default::default()).map_err(|source| {
-            AmqpError::Connect {
-                url: redact(url),
+        return Connection::insecure_open_stream(stream, options, Default::default())
+            .map(|connection| (connection, socket))
+            .map_err(|source| AmqpError::Connect {
+                url: broker.to_string(),
                 source: Box::new(source),
-            }
-        });
+            });
     }
     Err(last)
-}
-
-/// The URL without its password, for logs and health.
-pub fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            let userinfo = &url[scheme + 3..at];
-            let user = userinfo.split(':').next().unwrap_or_default();
-            format!("{}{user}:***{}", &url[..scheme + 3], &url[at..])
-        }
-        _ => url.to_owned(),
-    }
 }
 
 /// Name of the dead-letter exchange of the inbound queue.
@@ -240,12 +176,7 @@ fn topology<T>(what: impl Into<String>, result: amiquip::Result<T>) -> Result<T,
 
 /// Declares the desktop → web side: the inbound exchange, its queue with a dead-letter
 /// exchange and queue, and a binding for every desk × event.
-pub fn declare_inbound(
-    channel: &Channel,
-    config: &AmqpConfig,
-    desks: &[String],
-    events: &[String],
-) -> Result<(), AmqpError> {
+pub fn declare_inbound(channel: &Channel, config: &AmqpConfig, catalog: &Catalog) -> Result<(), AmqpError> {
     let exchange = &config.inbound_exchange;
     topology(
         format!("exchange `{exchange}`"),
@@ -282,8 +213,8 @@ pub fn declare_inbound(
             },
         ),
     )?;
-    for desk in desks {
-        for event in events {
+    for desk in catalog.desks() {
+        for event in catalog.events() {
             let key = routing_key(desk, event);
             topology(
                 format!("binding `{queue}` → `{exchange}` with key `{key}`"),
@@ -304,16 +235,6 @@ pub fn declare_outbound(channel: &Channel, config: &AmqpConfig) -> Result<(), Am
     Ok(())
 }
 
-/// `{desk}_{event}`.
-pub fn routing_key(desk: &str, event: &str) -> String {
-    format!("{desk}_{event}")
-}
-
-/// Splits a routing key at its first `_` into (desk, event); `None` without a `_`.
-pub fn split_routing_key(key: &str) -> Option<(&str, &str)> {
-    key.split_once('_')
-}
-
 /// Seconds since the Unix epoch, for the AMQP `timestamp` property.
 pub fn unix_now() -> u64 {
     std::time::SystemTime::now()
@@ -327,73 +248,5 @@ pub fn header_str<'a>(headers: Option<&'a FieldTable>, name: &str) -> Option<&'a
     match headers?.get(name)? {
         AmqpValue::LongString(value) => Some(value),
         _ => None,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn routing_keys_split_at_the_first_underscore() {
-        let cases = [
-            ("A_new_example", Some(("A", "new_example"))),
-            ("B_update_example", Some(("B", "update_example"))),
-            ("A_", Some(("A", ""))),
-            ("_x", Some(("", "x"))),
-            ("Anew", None),
-            ("", None),
-        ];
-        for (key, expected) in cases {
-            assert_eq!(split_routing_key(key), expected, "{key}");
-        }
-        assert_eq!(routing_key("A", "new_example"), "A_new_example");
-    }
-
-    #[test]
-    fn passwords_never_reach_logs() {
-        let cases = [
-            (
-                "amqp://guest:secret@host:5672/%2f",
-                "amqp://guest:***@host:5672/%2f",
-            ),
-            ("amqp://host:5672", "amqp://host:5672"),
-            ("amqp://u@host", "amqp://u:***@host"),
-        ];
-        for (url, expected) in cases {
-            assert_eq!(redact(url), expected);
-        }
-    }
-
-    #[test]
-    fn broker_urls_parse_like_amiquip() {
-        let url =
-            BrokerUrl::parse("amqp://us%40er:p%3Ass@rabbit:5673/%2f?heartbeat=3&connection_timeout=250")
-                .expect("valid");
-        assert_eq!((url.host.as_str(), url.port), ("rabbit", 5673));
-        assert_eq!(url.vhost.as_deref(), Some("/"));
-        assert_eq!(url.credentials, Some(("us@er".into(), "p:ss".into())));
-        assert_eq!(
-            (url.heartbeat, url.connection_timeout),
-            (3, Duration::from_millis(250))
-        );
-        let defaults = BrokerUrl::parse("amqp://127.0.0.1").expect("valid");
-        assert_eq!(
-            (defaults.port, defaults.vhost, defaults.credentials),
-            (5672, None, None)
-        );
-        assert_eq!(
-            (defaults.heartbeat, defaults.connection_timeout),
-            (HEARTBEAT_SECS, CONNECT_TIMEOUT)
-        );
-        for bad in [
-            "http://h",
-            "amqp://",
-            "amqp://h/a/b",
-            "amqp://h?heartbeat=x",
-            "amqp://h?frame_max=1",
-        ] {
-            assert!(BrokerUrl::parse(bad).is_err(), "{bad}");
-        }
     }
 }

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::broker_url::{mask_passwords, BrokerUrl};
 use crate::transform::TransformRule;
 
 /// Everything deskbridge needs to run; each field has a default (see `README.md`).
@@ -38,7 +39,7 @@ pub struct Config {
 #[serde(deny_unknown_fields, default)]
 pub struct AmqpConfig {
     /// Broker URLs tried in order on every (re)connect: the first is the primary.
-    pub urls: Vec<String>,
+    pub urls: Vec<BrokerUrl>,
     /// Unacknowledged deliveries the broker may push to the consumer at once.
     pub prefetch: u16,
     /// Direct exchange desktop apps publish to (desktop → web).
@@ -54,7 +55,8 @@ pub struct AmqpConfig {
     pub reconnect_max_ms: u64,
     /// Browser publishes held (buffered or awaiting confirm) before new ones are refused.
     pub publish_buffer_messages: usize,
-    /// Body bytes held (buffered or awaiting confirm) before new publishes are refused.
+    /// Bytes held for browser publishes (buffered or awaiting confirm: bodies, the web copy
+    /// of their data, ids) before new publishes are refused.
     pub publish_buffer_bytes: usize,
     /// How long a publish may wait for the broker to come back, in milliseconds.
     pub publish_ttl_ms: u64,
@@ -80,6 +82,9 @@ pub struct WsConfig {
     pub max_desks_per_subscribe: usize,
     /// Frames a browser may send per second before getting `rate_limited`.
     pub max_frames_per_second: u32,
+    /// Browser requests waiting for the router, all sessions together; past it a request is
+    /// answered `rate_limited` at once instead of queueing without bound.
+    pub max_queued_requests: usize,
 }
 
 impl Default for Config {
@@ -104,7 +109,10 @@ impl Default for Config {
 impl Default for AmqpConfig {
     fn default() -> Self {
         AmqpConfig {
-            urls: vec!["amqp://guest:guest@127.0.0.1:5672/%2f".into()],
+            // A constant that parses.
+            urls: vec!["amqp://guest:guest@127.0.0.1:5672/%2f"
+                .parse()
+                .expect("the default URL is valid")],
             prefetch: 256,
             inbound_exchange: "example".into(),
             inbound_queue: "listener".into(),
@@ -129,6 +137,7 @@ impl Default for WsConfig {
             max_sessions: 10_000,
             max_desks_per_subscribe: 64,
             max_frames_per_second: 1000,
+            max_queued_requests: 65_536,
         }
     }
 }
@@ -144,13 +153,18 @@ pub enum ConfigError {
         /// Underlying I/O error.
         source: std::io::Error,
     },
-    /// The file is not valid TOML or has a key of the wrong type or name.
-    #[error("config file {path}: {source}")]
+    /// The file is not valid TOML or has a key of the wrong type or name. The offending line
+    /// is quoted with any URL password masked: the file may hold secrets.
+    #[error("config file {path}, line {line}: {message}\n    {excerpt}")]
     Parse {
         /// File given with `--config`.
         path: PathBuf,
-        /// TOML error, which names the key and line.
-        source: toml::de::Error,
+        /// 1-based line of the mistake.
+        line: usize,
+        /// That line, passwords masked.
+        excerpt: String,
+        /// TOML's explanation, which names the key when it is unknown or mistyped.
+        message: String,
     },
     /// A value parsed but makes no sense.
     #[error("config key `{key}`: {reason}")]
@@ -182,7 +196,14 @@ impl Config {
             config.bind = bind.clone();
         }
         if let Some(urls) = &overrides.amqp_url {
-            config.amqp.urls = split_urls(urls);
+            config.amqp.urls = split_urls(urls)
+                .iter()
+                .map(|url| BrokerUrl::parse(url))
+                .collect::<Result<_, _>>()
+                .map_err(|error| ConfigError::Invalid {
+                    key: "amqp.urls (from AMQP_URL)".into(),
+                    reason: error.to_string(),
+                })?;
         }
         config.validate()?;
         Ok(config)
@@ -193,9 +214,21 @@ impl Config {
             path: path.to_owned(),
             source,
         })?;
-        toml::from_str(&text).map_err(|source| ConfigError::Parse {
-            path: path.to_owned(),
-            source,
+        Config::from_toml(&text, path)
+    }
+
+    /// Parses TOML text read from `path` (named in errors).
+    fn from_toml(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        toml::from_str(text).map_err(|error| {
+            let start = error.span().map_or(0, |span| span.start).min(text.len());
+            let line_start = text[..start].rfind('\n').map_or(0, |i| i + 1);
+            let line_end = text[start..].find('\n').map_or(text.len(), |i| start + i);
+            ConfigError::Parse {
+                path: path.to_owned(),
+                line: text[..start].matches('\n').count() + 1,
+                excerpt: mask_passwords(text[line_start..line_end].trim()),
+                message: mask_passwords(error.message()),
+            }
         })
     }
 
@@ -209,13 +242,15 @@ impl Config {
         }
         check_names("desks", &self.desks, true)?;
         check_names("events", &self.events, false)?;
+        self.check_amqp()?;
+        self.check_limits()?;
+        self.check_transforms()
+    }
+
+    /// URLs, names and backoff of the AMQP side.
+    fn check_amqp(&self) -> Result<(), ConfigError> {
         if self.amqp.urls.is_empty() {
             return invalid("amqp.urls", "at least one amqp:// URL is required");
-        }
-        for url in &self.amqp.urls {
-            if let Err(reason) = crate::amqp::BrokerUrl::parse(url) {
-                return invalid("amqp.urls", format!("`{}` {reason}", crate::amqp::redact(url)));
-            }
         }
         for (key, value) in [
             ("amqp.inbound_exchange", &self.amqp.inbound_exchange),
@@ -226,6 +261,17 @@ impl Config {
                 return invalid(key, "must not be empty");
             }
         }
+        if self.amqp.reconnect_max_ms < self.amqp.reconnect_initial_ms {
+            return invalid(
+                "amqp.reconnect_max_ms",
+                "must be at least amqp.reconnect_initial_ms",
+            );
+        }
+        Ok(())
+    }
+
+    /// Every count, size and interval must be positive; the heartbeat must fit its timeout.
+    fn check_limits(&self) -> Result<(), ConfigError> {
         for (key, value) in [
             ("amqp.prefetch", self.amqp.prefetch as u64),
             ("amqp.reconnect_initial_ms", self.amqp.reconnect_initial_ms),
@@ -245,16 +291,11 @@ impl Config {
                 self.ws.max_desks_per_subscribe as u64,
             ),
             ("ws.max_frames_per_second", self.ws.max_frames_per_second as u64),
+            ("ws.max_queued_requests", self.ws.max_queued_requests as u64),
         ] {
             if value == 0 {
                 return invalid(key, "must be greater than 0");
             }
-        }
-        if self.amqp.reconnect_max_ms < self.amqp.reconnect_initial_ms {
-            return invalid(
-                "amqp.reconnect_max_ms",
-                "must be at least amqp.reconnect_initial_ms",
-            );
         }
         if self.ws.client_timeout_ms <= self.ws.heartbeat_interval_ms {
             return invalid(
@@ -262,6 +303,11 @@ impl Config {
                 "must be longer than ws.heartbeat_interval_ms",
             );
         }
+        Ok(())
+    }
+
+    /// Transform rules name configured desks and events (or `*`).
+    fn check_transforms(&self) -> Result<(), ConfigError> {
         for (i, rule) in self.transforms.iter().enumerate() {
             let key = format!("transforms[{i}]");
             if rule.desk != "*" && !self.desks.contains(&rule.desk) {
@@ -330,10 +376,7 @@ mod tests {
     use super::*;
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
-        let config: Config = toml::from_str(text).map_err(|source| ConfigError::Parse {
-            path: "test.toml".into(),
-            source,
-        })?;
+        let config = Config::from_toml(text, Path::new("test.toml"))?;
         config.validate()?;
         Ok(config)
     }
@@ -357,7 +400,6 @@ mod tests {
             ("events = [\"x\", \"x\"]", "events"),
             ("bind = \"nowhere\"", "bind"),
             ("[amqp]\nprefetch = 0", "amqp.prefetch"),
-            ("[amqp]\nurls = [\"http://x\"]", "amqp.urls"),
             ("[ws]\nclient_timeout_ms = 5", "ws.client_timeout_ms"),
             (
                 "[[transforms]]\ndesk = \"Z\"\ndirection = \"to_web\"",
@@ -368,6 +410,15 @@ mod tests {
             let err = parse(text).expect_err(text).to_string();
             assert!(err.contains(&format!("`{key}`")), "{text:?} gave {err}");
         }
+    }
+
+    #[test]
+    fn a_bad_broker_url_is_shown_without_its_password() {
+        let err = parse("[amqp]\nurls = [\"http://u:secret@x\"]")
+            .expect_err("bad URL")
+            .to_string();
+        assert!(err.contains("urls") && err.contains("amqp://"), "{err}");
+        assert!(!err.contains("secret"), "{err}");
     }
 
     #[test]
@@ -392,7 +443,14 @@ mod tests {
         };
         let config = Config::load(Some(&path), &overrides).expect("valid");
         assert_eq!(config.bind, "127.0.0.1:2");
-        assert_eq!(config.amqp.urls, ["amqp://a:5672/%2f", "amqp://b:5672/%2f"]);
+        let urls: Vec<String> = config.amqp.urls.iter().map(ToString::to_string).collect();
+        assert_eq!(urls, ["amqp://a:5672/%2f", "amqp://b:5672/%2f"]);
+        let bad = Overrides {
+            amqp_url: Some("amqp://a, http://u:secret@b".into()),
+            ..Overrides::default()
+        };
+        let error = Config::load(Some(&path), &bad).expect_err("bad URL").to_string();
+        assert!(error.contains("AMQP_URL") && !error.contains("secret"), "{error}");
         std::fs::remove_dir_all(&dir).ok();
     }
 }

@@ -3,10 +3,8 @@
 
 use std::collections::BTreeMap;
 use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use actix::Addr;
 use actix_codec::Framed;
 use actix_http::{h1, HttpService, Request};
 use actix_service::map_config;
@@ -15,40 +13,16 @@ use actix_web::{web, App, HttpResponse};
 use serde::Serialize;
 use tokio::net::{TcpSocket, TcpStream};
 
-use crate::actors::router::{GetStats, Router};
-use crate::config::Config;
-use crate::link::{LinkState, LinkStatus};
-use crate::metrics::Metrics;
+use crate::actors::messages::GetStats;
+use crate::link::LinkStatus;
+use crate::metrics;
+use crate::protocol::HttpError;
+use crate::state::AppState;
 use crate::websocket;
 
 /// Pending connections the kernel holds per listener: thousands of browsers reconnect at once
 /// after a restart, and the OS default (128) would drop their SYNs.
 const BACKLOG: u32 = 2048;
-
-/// JSON body of an HTTP error answer (`/ws` refusals).
-#[derive(Serialize)]
-pub struct ErrorBody {
-    /// Stable, machine-readable reason.
-    pub error: &'static str,
-    /// What a person should do about it.
-    pub message: String,
-}
-
-/// What every handler can reach.
-pub struct AppState {
-    /// Shared configuration.
-    pub config: Arc<Config>,
-    /// The router, for new sessions and stats.
-    pub router: Addr<Router>,
-    /// Shared counters.
-    pub metrics: Arc<Metrics>,
-    /// Consumer link state.
-    pub consumer: Arc<LinkState>,
-    /// Publisher link state.
-    pub publisher: Arc<LinkState>,
-    /// Process start, for `uptime_seconds`.
-    pub started: Instant,
-}
 
 /// Binds every address `bind` resolves to (`localhost` may give IPv4 and IPv6).
 pub fn bind(bind: &str) -> std::io::Result<Vec<TcpListener>> {
@@ -106,8 +80,8 @@ pub fn server(
                 .upgrade(fn_service(
                     move |(req, framed): (Request, Framed<TcpStream, h1::Codec>)| {
                         // Boxed: the connection's task is sized for its largest state, and
-                        // unboxed this future would make every plain HTTP connection as large
-                        // as a WebSocket one; boxed, idle sessions cost 1.4 KiB less.
+                        // unboxed this future would make every connection's task as large as
+                        // the upgrade's (1.4 KiB more per idle session).
                         Box::pin(websocket::upgrade(req, framed, state.clone()))
                     },
                 ))
@@ -138,7 +112,7 @@ async fn console() -> HttpResponse {
 
 /// `/ws` without the upgrade headers: the upgrade hook sees every real handshake first.
 async fn not_upgraded() -> HttpResponse {
-    HttpResponse::BadRequest().json(ErrorBody {
+    HttpResponse::BadRequest().json(HttpError {
         error: "websocket_upgrade_required",
         message: format!(
             "{} speaks WebSocket only: send Connection: Upgrade and Upgrade: websocket",
@@ -202,6 +176,6 @@ async fn live() -> HttpResponse {
 
 async fn metrics(state: web::Data<AppState>) -> HttpResponse {
     HttpResponse::Ok()
-        .content_type("text/plain; version=0.0.4")
-        .body(state.metrics.render(&state.consumer, &state.publisher))
+        .content_type(metrics::CONTENT_TYPE)
+        .body(state.metrics.render())
 }

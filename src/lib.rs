@@ -1,16 +1,16 @@
 //! deskbridge joins browsers (WebSocket) and desktop applications (RabbitMQ, AMQP 0-9-1).
 //!
 //! # Layout
-//! - [`config`]: defaults, TOML file, env overrides, validation.
-//! - [`protocol`]: the WebSocket wire types, parsed once at the session edge.
-//! - [`transform`]: per-desk data transforms (config rules and a trait for code).
-//! - [`actors`]: `Router`, `WsSession`, `AmqpConsumer`, `AmqpPublisher` and their messages.
-//! - [`amqp`]: connection through the URL list, topology, routing-key convention.
-//! - [`fd_limit`]: raises the open-files limit at start-up.
-//! - [`http`]: the server and its routes (`/`, `/health`, `/health/live`, `/metrics`).
-//! - [`websocket`]: `/ws`, the handshake and the pump between a socket and its session.
-//! - [`link`], [`backoff`], [`port_watch`], [`metrics`]: link state, reconnect delays, early
-//!   retry when a broker comes back, counters.
+//! Each layer uses only the ones below it.
+//! - wiring: [`start`] and [`Bridge`] (here), `main.rs`.
+//! - the edge: [`http`] (server, `/`, `/health`, `/metrics`), [`websocket`] (`/ws` handshake
+//!   and the pump between a socket and its session), [`state`] (what both reach).
+//! - [`actors`]: `Router`, `WsSession`, `AmqpConsumer`, `AmqpPublisher`, the shared AMQP
+//!   [`actors::worker`] loop, and [`actors::messages`], every message between them.
+//! - what the actors talk through and report to: [`amqp`] (connect, topology), [`link`]
+//!   (link state for `/health`), [`metrics`], [`port_watch`], [`backoff`], [`tag_queue`].
+//! - pure types and rules, no I/O: [`protocol`] (wire types), [`config`], [`catalog`] (desks,
+//!   events, routing keys), [`transform`], [`broker_url`], [`panics`], [`fd_limit`].
 //!
 //! [`start`] wires them together and returns a [`Bridge`]; `main.rs` only parses the
 //! configuration, calls it and waits for a signal.
@@ -18,31 +18,38 @@
 pub mod actors;
 pub mod amqp;
 pub mod backoff;
+pub mod broker_url;
+pub mod catalog;
 pub mod config;
 pub mod fd_limit;
 pub mod http;
 pub mod link;
 pub mod metrics;
+pub mod panics;
 pub mod port_watch;
 pub mod protocol;
+pub mod state;
+pub mod tag_queue;
 pub mod transform;
 pub mod websocket;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use actix::{Actor, Addr};
 use actix_web::{dev::ServerHandle, web};
 
 use crate::actors::amqp_consumer::AmqpConsumer;
-use crate::actors::amqp_publisher::{AmqpPublisher, PublisherHandle};
-use crate::actors::router::{BeginShutdown, CloseAll, Router};
-use crate::actors::Worker;
+use crate::actors::amqp_publisher::AmqpPublisher;
+use crate::actors::messages::{BeginShutdown, CloseAll, PublisherHandle};
+use crate::actors::router::Router;
+use crate::actors::worker::{Worker, WorkerContext};
+use crate::catalog::Catalog;
 pub use crate::config::Config;
-use crate::http::AppState;
 use crate::link::LinkState;
-use crate::metrics::Metrics;
+use crate::metrics::{Link, Metrics};
+use crate::state::AppState;
 pub use crate::transform::Transforms;
 
 /// Start of the log line that tells where the bridge listens (`… listening on http://ADDR`);
@@ -83,15 +90,17 @@ pub struct Bridge {
 /// they are up.
 pub async fn start(config: Config, mut transforms: Transforms) -> Result<Bridge, StartError> {
     let config = Arc::new(config);
-    transforms.resolve(&config.desks, &config.events);
-    let metrics = Arc::new(Metrics::default());
-    let consumer_link = Arc::new(LinkState::new("consumer"));
-    let publisher_link = Arc::new(LinkState::new("publisher"));
+    let catalog = Arc::new(Catalog::new(&config.desks, &config.events));
+    transforms.resolve(catalog.desks(), catalog.events());
+    let metrics = Arc::new(Metrics::new());
+    let consumer_link = Arc::new(LinkState::new(Link::Consumer, &metrics));
+    let publisher_link = Arc::new(LinkState::new(Link::Publisher, &metrics));
     let instance = uuid::Uuid::new_v4().to_string();
 
     let (handle, jobs) = PublisherHandle::new(&config.amqp);
     let router = Router::new(
         Arc::clone(&config),
+        Arc::clone(&catalog),
         transforms,
         handle.clone(),
         Arc::clone(&metrics),
@@ -105,40 +114,30 @@ pub async fn start(config: Config, mut transforms: Transforms) -> Result<Bridge,
         publisher: Arc::clone(&publisher_link),
         started: Instant::now(),
     });
-    let workers = match config.workers {
-        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
-        n => n,
-    };
-    let bind_error = |source| StartError::Bind {
-        addr: config.bind.clone(),
-        source,
-    };
-    let listeners = http::bind(&config.bind).map_err(bind_error)?;
-    // `bind` returns at least one listener, and a bound listener has an address.
-    let addr = listeners[0].local_addr().map_err(bind_error)?;
-    let server = http::server(state, listeners, workers, config.shutdown_timeout()).map_err(bind_error)?;
+    let (addr, server) = serve_http(&config, state)?;
 
     // The AMQP workers start only once the port is ours: a failed start leaves nothing running.
-    let publisher = AmqpPublisher {
+    let context = |link: &Arc<LinkState>| WorkerContext {
         config: Arc::clone(&config),
-        jobs,
+        link: Arc::clone(link),
+        metrics: Arc::clone(&metrics),
+    };
+    let publisher = AmqpPublisher::new(
+        Arc::clone(&config),
         handle,
-        outcomes: router.clone().recipient(),
-        link: Arc::clone(&publisher_link),
-        metrics: Arc::clone(&metrics),
-        instance: instance.clone(),
-    };
-    let publisher =
-        Worker::spawn("amqp-publisher", move |stop| publisher.run(stop)).map_err(StartError::Thread)?;
-    let consumer = AmqpConsumer {
-        config: Arc::clone(&config),
-        router: router.clone().recipient(),
-        link: Arc::clone(&consumer_link),
-        metrics: Arc::clone(&metrics),
+        jobs,
+        router.clone().recipient(),
+        instance.clone(),
+    );
+    let publisher = Worker::spawn(publisher, context(&publisher_link)).map_err(StartError::Thread)?;
+    let consumer = AmqpConsumer::new(
+        Arc::clone(&config),
+        catalog,
+        router.clone().recipient(),
+        Arc::clone(&metrics),
         instance,
-    };
-    let consumer =
-        Worker::spawn("amqp-consumer", move |stop| consumer.run(stop)).map_err(StartError::Thread)?;
+    );
+    let consumer = Worker::spawn(consumer, context(&consumer_link)).map_err(StartError::Thread)?;
     let handle = server.handle();
     actix_web::rt::spawn(server);
     Ok(Bridge {
@@ -151,25 +150,57 @@ pub async fn start(config: Config, mut transforms: Transforms) -> Result<Bridge,
     })
 }
 
+/// Binds the configured address and builds the HTTP server on it (not yet running).
+fn serve_http(
+    config: &Config,
+    state: web::Data<AppState>,
+) -> Result<(SocketAddr, actix_web::dev::Server), StartError> {
+    let workers = match config.workers {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    };
+    let bind_error = |source| StartError::Bind {
+        addr: config.bind.clone(),
+        source,
+    };
+    let listeners = http::bind(&config.bind).map_err(bind_error)?;
+    // `bind` returns at least one listener, and a bound listener has an address.
+    let addr = listeners[0].local_addr().map_err(bind_error)?;
+    let server = http::server(state, listeners, workers, config.shutdown_timeout()).map_err(bind_error)?;
+    Ok((addr, server))
+}
+
 impl Bridge {
     /// The address the HTTP server listens on (the real port when `bind` used port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
     }
 
-    /// Graceful shutdown, bounded by `shutdown_timeout_ms`: stop accepting connections,
+    /// Graceful shutdown, all of it within `shutdown_timeout_ms`: stop accepting connections,
     /// refuse new publishes, let in-flight publishes end in `ack` or `error`, close browsers
-    /// with 1001, leave unacked deliveries to the broker, close both AMQP connections.
+    /// with 1001, leave unacked deliveries to the broker, close both AMQP connections. The
+    /// last part of the budget is kept for the browsers' close handshakes.
     pub async fn shutdown(self) {
-        let deadline = Instant::now() + self.config.shutdown_timeout();
+        let started = Instant::now();
+        let timeout = self.config.shutdown_timeout();
+        let deadline = started + timeout;
+        let publishes_deadline = deadline - (timeout / 4).min(Duration::from_secs(1));
         self.server.pause().await;
         // A failed send means the router already stopped; nothing is left to tell it.
         let _ = self.router.send(BeginShutdown).await;
-        join_worker(self.publisher, deadline).await;
+        join_worker(self.publisher, publishes_deadline).await;
         let _ = self.router.send(CloseAll).await;
         join_worker(self.consumer, deadline).await;
-        self.server.stop(true).await;
-        log::info!("deskbridge stopped");
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        if tokio::time::timeout(remaining, self.server.stop(true))
+            .await
+            .is_err()
+        {
+            log::warn!(
+                "shutdown_timeout_ms ({timeout:?}) reached with connections still closing; leaving them"
+            );
+        }
+        log::info!("deskbridge stopped in {:?}", started.elapsed());
     }
 }
 

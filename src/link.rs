@@ -12,7 +12,7 @@ use serde::Serialize;
 
 use crate::backoff::Backoff;
 use crate::config::AmqpConfig;
-use crate::metrics::Metrics;
+use crate::metrics::{Link, LinkGauges, Metrics};
 
 /// Where a link stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -26,22 +26,27 @@ pub enum LinkStatus {
     Down,
 }
 
-/// A link's status plus the broker's flow-control flag.
+/// A link's status plus the broker's flow-control flag, mirrored in its metrics gauges.
 #[derive(Debug)]
 pub struct LinkState {
-    /// `consumer` or `publisher`: names the link in logs and metrics.
+    /// Which link this is.
+    pub link: Link,
+    /// `consumer` or `publisher`: names the link in logs.
     pub name: &'static str,
     status: AtomicU8,
     blocked: AtomicBool,
+    gauges: LinkGauges,
 }
 
 impl LinkState {
     /// A new link, `connecting`.
-    pub fn new(name: &'static str) -> Self {
+    pub fn new(link: Link, metrics: &Metrics) -> Self {
         LinkState {
-            name,
+            link,
+            name: link.as_str(),
             status: AtomicU8::new(LinkStatus::Connecting as u8),
             blocked: AtomicBool::new(false),
+            gauges: metrics.link_gauges(link),
         }
     }
 
@@ -58,6 +63,7 @@ impl LinkState {
     /// loop against a broker that stays down logs once (the retries log at debug level).
     pub fn set(&self, status: LinkStatus, detail: &str) {
         let previous = self.status.swap(status as u8, Ordering::AcqRel);
+        self.gauges.up.set(i64::from(status == LinkStatus::Up));
         if previous == status as u8 {
             log::debug!("amqp {} link still {status:?}: {detail}", self.name);
             return;
@@ -79,6 +85,7 @@ impl LinkState {
 
     /// Records connection.blocked / connection.unblocked.
     pub fn set_blocked(&self, blocked: bool, reason: &str) {
+        self.gauges.blocked.set(i64::from(blocked));
         if self.blocked.swap(blocked, Ordering::AcqRel) != blocked {
             if blocked {
                 log::warn!("amqp {} link blocked by the broker: {reason}", self.name);
@@ -117,7 +124,7 @@ impl LinkLife {
         self.state.set(LinkStatus::Up, detail);
         self.backoff.reset();
         if std::mem::replace(&mut self.was_up, true) {
-            self.metrics.reconnected(self.state.name);
+            self.metrics.reconnected(self.state.link);
         }
     }
 

@@ -1,17 +1,27 @@
-//! Counters behind `/metrics` (Prometheus text format), shared by every actor.
+//! The counters behind `/metrics`, on the `prometheus-client` crate (OpenMetrics text).
 //!
-//! Plain atomics: the hot path pays one relaxed add per event. Every notable event that is
-//! also logged goes through one method here, so logs and metrics cannot drift apart.
+//! Every label comes from an enum, and every label value is created at start-up, so a series
+//! is there (at 0) before its first event and alerts can rate it from the first scrape. Hot-path
+//! counters are kept as handles into their family: counting an event is one relaxed atomic add.
+//! Every notable event that is also logged goes through one method here, so logs and metrics
+//! cannot drift apart.
 
-use std::fmt::Write as _;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::AcqRel, Ordering::Relaxed};
 use std::time::Duration;
 
-use crate::link::{LinkState, LinkStatus};
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
 use crate::protocol::ErrorCode;
 
+/// Content type of [`Metrics::render`]'s output.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
 /// Why a delivery from RabbitMQ was rejected (no requeue; it goes to the dead-letter queue).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum RejectReason {
     /// The body is not a JSON object.
     BadBody,
@@ -19,7 +29,7 @@ pub enum RejectReason {
     UnknownDesk,
     /// The routing key names no configured event.
     UnknownEvent,
-    /// A `to_web` transform refused the data.
+    /// A `to_web` transform refused the data (or panicked).
     TransformFailed,
 }
 
@@ -43,7 +53,7 @@ impl RejectReason {
 }
 
 /// Why a browser's publish did not end in an `ack`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum PublishFailure {
     /// The outage buffer (count or bytes) was full.
     BufferFull,
@@ -51,16 +61,19 @@ pub enum PublishFailure {
     Expired,
     /// The broker answered basic.nack.
     Nacked,
-    /// The bridge shut down before the broker confirmed.
+    /// The bridge shut down after publishing and before the broker confirmed.
     Shutdown,
+    /// The bridge shut down before the message was ever handed to the broker.
+    NotSent,
 }
 
 impl PublishFailure {
-    const ALL: [PublishFailure; 4] = [
+    const ALL: [PublishFailure; 5] = [
         PublishFailure::BufferFull,
         PublishFailure::Expired,
         PublishFailure::Nacked,
         PublishFailure::Shutdown,
+        PublishFailure::NotSent,
     ];
 
     /// Label value.
@@ -70,6 +83,7 @@ impl PublishFailure {
             PublishFailure::Expired => "expired",
             PublishFailure::Nacked => "nacked",
             PublishFailure::Shutdown => "shutdown",
+            PublishFailure::NotSent => "not_sent",
         }
     }
 
@@ -86,8 +100,112 @@ impl PublishFailure {
             PublishFailure::Shutdown => {
                 "the bridge shut down before the broker confirmed the message; it may or may not have arrived"
             }
+            PublishFailure::NotSent => {
+                "the bridge shut down before the message reached the broker; it was not sent"
+            }
         }
     }
+}
+
+/// One of the two AMQP links.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Link {
+    /// Desktop → web: consumes the inbound queue.
+    Consumer,
+    /// Web → desktop: publishes with confirms.
+    Publisher,
+}
+
+impl Link {
+    const ALL: [Link; 2] = [Link::Consumer, Link::Publisher];
+
+    /// Label value, also the link's name in logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Link::Consumer => "consumer",
+            Link::Publisher => "publisher",
+        }
+    }
+}
+
+/// Which way messages travel, for the in/out counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Flow {
+    DesktopToWeb,
+    WebToDesktop,
+    WebToWeb,
+}
+
+impl Flow {
+    fn as_str(self) -> &'static str {
+        match self {
+            Flow::DesktopToWeb => "desktop_to_web",
+            Flow::WebToDesktop => "web_to_desktop",
+            Flow::WebToWeb => "web_to_web",
+        }
+    }
+}
+
+/// Why a browser frame was dropped without being handled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Dropped {
+    /// Over `ws.max_frames_per_second`.
+    RateLimited,
+    /// The router's intake (`ws.max_queued_requests`) was full.
+    RouterBusy,
+}
+
+impl Dropped {
+    const ALL: [Dropped; 2] = [Dropped::RateLimited, Dropped::RouterBusy];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Dropped::RateLimited => "rate_limited",
+            Dropped::RouterBusy => "router_busy",
+        }
+    }
+}
+
+/// Implements `EncodeLabelValue` through each enum's `as_str`.
+macro_rules! label_values {
+    ($($kind:ty),*) => {$(
+        impl EncodeLabelValue for $kind {
+            fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+                EncodeLabelValue::encode(&self.as_str(), encoder)
+            }
+        }
+    )*};
+}
+label_values!(RejectReason, PublishFailure, Link, Flow, Dropped, ErrorCode);
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RejectLabels {
+    reason: RejectReason,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FailureLabels {
+    reason: PublishFailure,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DroppedLabels {
+    reason: Dropped,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CodeLabels {
+    code: ErrorCode,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LinkLabels {
+    link: Link,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FlowLabels {
+    direction: Flow,
 }
 
 /// Upper bounds (seconds) of the confirm-latency histogram buckets.
@@ -95,63 +213,237 @@ const LATENCY_BUCKETS: [f64; 12] = [
     0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
 ];
 
+/// A link's gauges, handed to its [`crate::link::LinkState`].
+#[derive(Debug, Clone, Default)]
+pub struct LinkGauges {
+    /// 1 while connected.
+    pub up: Gauge,
+    /// 1 while the broker applies flow control.
+    pub blocked: Gauge,
+}
+
 /// All counters of one bridge process.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Metrics {
-    sessions: AtomicI64,
-    sessions_opened: AtomicU64,
-    sessions_refused: AtomicU64,
-    sessions_slow: AtomicU64,
-    sessions_stalled: AtomicU64,
-    desktop_in: AtomicU64,
-    desktop_out: AtomicU64,
-    web_in: AtomicU64,
-    web_confirmed: AtomicU64,
-    web_to_web_out: AtomicU64,
-    unroutable: AtomicU64,
-    own_echo: AtomicU64,
-    rejects: [AtomicU64; 4],
-    publish_failures: [AtomicU64; 4],
-    ws_errors: [AtomicU64; 9],
-    confirm_buckets: [AtomicU64; 12],
-    confirm_count: AtomicU64,
-    confirm_sum_micros: AtomicU64,
-    reconnects_consumer: AtomicU64,
-    reconnects_publisher: AtomicU64,
+    registry: Registry,
+    sessions: Gauge,
+    sessions_opened: Counter,
+    sessions_refused: Counter,
+    sessions_slow: Counter,
+    sessions_stalled: Counter,
+    desktop_in: Counter,
+    web_in: Counter,
+    desktop_out: Counter,
+    web_confirmed: Counter,
+    web_to_web_out: Counter,
+    unroutable: Counter,
+    own_echo: Counter,
+    transform_panics: Counter,
+    rejects: Family<RejectLabels, Counter>,
+    publish_failures: Family<FailureLabels, Counter>,
+    frames_dropped: Family<DroppedLabels, Counter>,
+    ws_errors: Family<CodeLabels, Counter>,
+    link_up: Family<LinkLabels, Gauge>,
+    link_blocked: Family<LinkLabels, Gauge>,
+    reconnects: Family<LinkLabels, Counter>,
+    worker_panics: Family<LinkLabels, Counter>,
+    confirm_seconds: Histogram,
+}
+
+/// A family with every label set in `labels` created, so each series exists from the start.
+fn family<L, M>(labels: impl IntoIterator<Item = L>) -> Family<L, M>
+where
+    L: Clone + std::hash::Hash + Eq,
+    M: Default,
+{
+    let family = Family::default();
+    for label in labels {
+        drop(family.get_or_create(&label));
+    }
+    family
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
 }
 
 impl Metrics {
+    /// Registers every metric under its public name (`_total` is added to counters by the
+    /// exposition format).
+    pub fn new() -> Self {
+        let flows = family::<FlowLabels, Counter>([]);
+        let flow = |direction| flows.get_or_create(&FlowLabels { direction }).clone();
+        let messages_out = family::<FlowLabels, Counter>([]);
+        let out = |direction| messages_out.get_or_create(&FlowLabels { direction }).clone();
+        let links = || Link::ALL.map(|link| LinkLabels { link });
+        let mut metrics = Metrics {
+            registry: Registry::default(),
+            sessions: Gauge::default(),
+            sessions_opened: Counter::default(),
+            sessions_refused: Counter::default(),
+            sessions_slow: Counter::default(),
+            sessions_stalled: Counter::default(),
+            desktop_in: flow(Flow::DesktopToWeb),
+            web_in: flow(Flow::WebToDesktop),
+            desktop_out: out(Flow::DesktopToWeb),
+            web_confirmed: out(Flow::WebToDesktop),
+            web_to_web_out: out(Flow::WebToWeb),
+            unroutable: Counter::default(),
+            own_echo: Counter::default(),
+            transform_panics: Counter::default(),
+            rejects: family(RejectReason::ALL.map(|reason| RejectLabels { reason })),
+            publish_failures: family(PublishFailure::ALL.map(|reason| FailureLabels { reason })),
+            frames_dropped: family(Dropped::ALL.map(|reason| DroppedLabels { reason })),
+            ws_errors: family(ErrorCode::ALL.map(|code| CodeLabels { code })),
+            link_up: family(links()),
+            link_blocked: family(links()),
+            reconnects: family(links()),
+            worker_panics: family(links()),
+            confirm_seconds: Histogram::new(LATENCY_BUCKETS),
+        };
+        metrics.register_sessions_and_frames();
+        metrics.register_messages(flows, messages_out);
+        metrics.register_links();
+        metrics
+    }
+
+    /// Sessions and what browsers send.
+    fn register_sessions_and_frames(&mut self) {
+        let r = &mut self.registry;
+        r.register(
+            "deskbridge_sessions",
+            "Open WebSocket sessions",
+            self.sessions.clone(),
+        );
+        r.register(
+            "deskbridge_sessions_opened",
+            "WebSocket sessions accepted",
+            self.sessions_opened.clone(),
+        );
+        r.register(
+            "deskbridge_sessions_refused",
+            "WebSocket upgrades refused at ws.max_sessions",
+            self.sessions_refused.clone(),
+        );
+        r.register(
+            "deskbridge_sessions_slow_closed",
+            "Sessions closed with 1013 because their outbound queue was full",
+            self.sessions_slow.clone(),
+        );
+        r.register(
+            "deskbridge_sessions_stalled",
+            "Connections dropped because the browser took no bytes for ws.client_timeout_ms",
+            self.sessions_stalled.clone(),
+        );
+        r.register(
+            "deskbridge_ws_frames_dropped",
+            "Browser frames dropped unhandled (one error frame per window tells the browser), by reason",
+            self.frames_dropped.clone(),
+        );
+        r.register(
+            "deskbridge_ws_errors",
+            "Error frames sent to browsers, by code",
+            self.ws_errors.clone(),
+        );
+    }
+
+    /// Messages through the bridge, their failures and latency.
+    fn register_messages(
+        &mut self,
+        flows: Family<FlowLabels, Counter>,
+        messages_out: Family<FlowLabels, Counter>,
+    ) {
+        let r = &mut self.registry;
+        r.register("deskbridge_messages_in", "Messages received, by direction", flows);
+        r.register(
+            "deskbridge_messages_out",
+            "Messages delivered: event frames queued to browsers, or publishes confirmed by the broker",
+            messages_out,
+        );
+        r.register(
+            "deskbridge_publish_unroutable",
+            "Confirmed publishes the broker returned: no queue bound for the routing key",
+            self.unroutable.clone(),
+        );
+        r.register(
+            "deskbridge_own_echo",
+            "Deliveries of this instance's own publishes, acked and not delivered again",
+            self.own_echo.clone(),
+        );
+        r.register(
+            "deskbridge_rejects",
+            "Deliveries rejected to the dead-letter queue, by reason",
+            self.rejects.clone(),
+        );
+        r.register(
+            "deskbridge_publish_failures",
+            "Browser publishes answered with broker_unavailable, by reason",
+            self.publish_failures.clone(),
+        );
+        r.register(
+            "deskbridge_publish_confirm_seconds",
+            "Browser publish to broker confirm",
+            self.confirm_seconds.clone(),
+        );
+    }
+
+    /// The AMQP links.
+    fn register_links(&mut self) {
+        let r = &mut self.registry;
+        r.register(
+            "deskbridge_amqp_link_up",
+            "1 when the AMQP link is connected",
+            self.link_up.clone(),
+        );
+        r.register(
+            "deskbridge_amqp_blocked",
+            "1 while the broker blocks the connection (flow control)",
+            self.link_blocked.clone(),
+        );
+        r.register(
+            "deskbridge_amqp_reconnects",
+            "Reconnections after a lost AMQP connection",
+            self.reconnects.clone(),
+        );
+    }
+
+    /// The gauges a link reports its state through.
+    pub fn link_gauges(&self, link: Link) -> LinkGauges {
+        let labels = LinkLabels { link };
+        LinkGauges {
+            up: self.link_up.get_or_create(&labels).clone(),
+            blocked: self.link_blocked.get_or_create(&labels).clone(),
+        }
+    }
+
     /// Counts a new session unless `max` are open; false (logged, counted) when refused.
     pub fn try_open_session(&self, max: usize) -> bool {
-        if self.sessions.fetch_add(1, AcqRel) >= max as i64 {
-            self.sessions.fetch_sub(1, AcqRel);
-            self.sessions_refused.fetch_add(1, Relaxed);
+        if self.sessions.inc() >= max as i64 {
+            self.sessions.dec();
+            self.sessions_refused.inc();
             log::warn!("refused a WebSocket session: {max} sessions already open (ws.max_sessions)");
             return false;
         }
-        self.sessions_opened.fetch_add(1, Relaxed);
+        self.sessions_opened.inc();
         true
     }
 
     /// A session ended.
     pub fn session_closed(&self) {
-        self.sessions.fetch_sub(1, AcqRel);
-    }
-
-    /// Open WebSocket sessions.
-    pub fn open_sessions(&self) -> i64 {
-        self.sessions.load(Relaxed)
+        self.sessions.dec();
     }
 
     /// A session fell behind and was closed with 1013.
     pub fn session_slow(&self, session: &uuid::Uuid, desk: &str) {
-        self.sessions_slow.fetch_add(1, Relaxed);
+        self.sessions_slow.inc();
         log::warn!("closing session {session}: its outbound queue is full (slow reader on desk {desk})");
     }
 
     /// A browser took no bytes for `ws.client_timeout_ms` and its connection was dropped.
-    pub fn session_stalled(&self, peer: Option<std::net::SocketAddr>, stall: std::time::Duration) {
-        self.sessions_stalled.fetch_add(1, Relaxed);
+    pub fn session_stalled(&self, peer: Option<std::net::SocketAddr>, stall: Duration) {
+        self.sessions_stalled.inc();
         log::warn!(
             "dropping the connection of {peer:?}: it took no bytes for {stall:?} (ws.client_timeout_ms)"
         );
@@ -159,13 +451,13 @@ impl Metrics {
 
     /// A delivery from RabbitMQ was accepted and fanned out to `receivers` sessions.
     pub fn desktop_event(&self, receivers: usize) {
-        self.desktop_in.fetch_add(1, Relaxed);
-        self.desktop_out.fetch_add(receivers as u64, Relaxed);
+        self.desktop_in.inc();
+        self.desktop_out.inc_by(receivers as u64);
     }
 
     /// A delivery from RabbitMQ was rejected.
     pub fn rejected(&self, reason: RejectReason, routing_key: &str, detail: &str) {
-        self.rejects[reason as usize].fetch_add(1, Relaxed);
+        self.rejects.get_or_create(&RejectLabels { reason }).inc();
         log::warn!(
             "rejected delivery with routing key `{routing_key}` ({}): {detail}",
             reason.as_str()
@@ -174,212 +466,112 @@ impl Metrics {
 
     /// A delivery carried this instance's `x-instance`: it was acked and not delivered again.
     pub fn own_echo(&self) {
-        self.own_echo.fetch_add(1, Relaxed);
+        self.own_echo.inc();
+    }
+
+    /// A code-registered transform panicked.
+    pub fn transform_panicked(&self, desk: &str, event: &str, message: &str) {
+        self.transform_panics.inc();
+        log::error!("a transform for {desk}/{event} panicked ({message}); the message is refused");
     }
 
     /// A browser asked to publish.
     pub fn web_publish(&self) {
-        self.web_in.fetch_add(1, Relaxed);
+        self.web_in.inc();
     }
 
     /// The broker confirmed a browser's publish after `latency`; `web_receivers` other browsers got it.
     pub fn web_confirmed(&self, latency: Duration, routed: bool, web_receivers: usize) {
-        self.web_confirmed.fetch_add(1, Relaxed);
-        self.web_to_web_out.fetch_add(web_receivers as u64, Relaxed);
+        self.web_confirmed.inc();
+        self.web_to_web_out.inc_by(web_receivers as u64);
         if !routed {
-            self.unroutable.fetch_add(1, Relaxed);
+            self.unroutable.inc();
         }
-        let seconds = latency.as_secs_f64();
-        if let Some(i) = LATENCY_BUCKETS.iter().position(|bound| seconds <= *bound) {
-            self.confirm_buckets[i].fetch_add(1, Relaxed);
-        }
-        self.confirm_count.fetch_add(1, Relaxed);
-        self.confirm_sum_micros
-            .fetch_add(latency.as_micros() as u64, Relaxed);
+        self.confirm_seconds.observe(latency.as_secs_f64());
     }
 
     /// A browser's publish ended in `broker_unavailable`.
     pub fn publish_failed(&self, failure: PublishFailure) {
-        self.publish_failures[failure as usize].fetch_add(1, Relaxed);
+        self.publish_failures
+            .get_or_create(&FailureLabels { reason: failure })
+            .inc();
         log::warn!("publish failed ({}): {}", failure.as_str(), failure.message());
+    }
+
+    /// A browser frame was dropped unhandled.
+    pub fn frame_dropped(&self, reason: Dropped) {
+        self.frames_dropped.get_or_create(&DroppedLabels { reason }).inc();
     }
 
     /// An `error` frame was sent to a browser.
     pub fn ws_error(&self, code: ErrorCode) {
-        self.ws_errors[code as usize].fetch_add(1, Relaxed);
+        self.ws_errors.get_or_create(&CodeLabels { code }).inc();
     }
 
-    /// A link (`consumer` or `publisher`) reconnected after having been up before.
-    pub fn reconnected(&self, link: &str) {
-        match link {
-            "consumer" => &self.reconnects_consumer,
-            _ => &self.reconnects_publisher,
-        }
-        .fetch_add(1, Relaxed);
+    /// A link reconnected after having been up before.
+    pub fn reconnected(&self, link: Link) {
+        self.reconnects.get_or_create(&LinkLabels { link }).inc();
     }
 
-    /// Renders every metric in Prometheus text exposition format (not a hot path).
-    pub fn render(&self, consumer: &LinkState, publisher: &LinkState) -> String {
-        let mut out = String::with_capacity(4096);
-        let mut metric = |name: &str, kind: &str, help: &str, samples: &[(String, f64)]| {
-            // Writing to a String cannot fail.
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-            for (labels, value) in samples {
-                let _ = writeln!(out, "{name}{labels} {value}");
-            }
-        };
-        let get = |counter: &AtomicU64| counter.load(Relaxed) as f64;
-        let one = |value: f64| vec![(String::new(), value)];
-        // Counter arrays are declared in the order of their enum's `ALL`.
-        let labelled = |key: &str, names: &[&str], counters: &[AtomicU64]| -> Vec<(String, f64)> {
-            names
-                .iter()
-                .zip(counters)
-                .map(|(name, counter)| (format!("{{{key}=\"{name}\"}}"), get(counter)))
-                .collect()
-        };
-        let per_link = |consumer: f64, publisher: f64| {
-            vec![
-                ("{link=\"consumer\"}".to_string(), consumer),
-                ("{link=\"publisher\"}".to_string(), publisher),
-            ]
-        };
-        let direction = |pairs: &[(&str, &AtomicU64)]| -> Vec<(String, f64)> {
-            pairs
-                .iter()
-                .map(|(name, counter)| (format!("{{direction=\"{name}\"}}"), get(counter)))
-                .collect()
-        };
-        let flag = |on: bool| if on { 1.0 } else { 0.0 };
+    /// An AMQP worker panicked.
+    pub fn worker_panicked(&self, link: Link, message: &str) {
+        self.worker_panics.get_or_create(&LinkLabels { link }).inc();
+        log::error!(
+            "the amqp {} worker panicked ({message}); its link is down and restarts",
+            link.as_str()
+        );
+    }
 
-        metric(
-            "deskbridge_sessions",
-            "gauge",
-            "Open WebSocket sessions.",
-            &one(self.sessions.load(Relaxed) as f64),
-        );
-        metric(
-            "deskbridge_sessions_opened_total",
-            "counter",
-            "WebSocket sessions accepted.",
-            &one(get(&self.sessions_opened)),
-        );
-        metric(
-            "deskbridge_sessions_refused_total",
-            "counter",
-            "WebSocket upgrades refused at ws.max_sessions.",
-            &one(get(&self.sessions_refused)),
-        );
-        metric(
-            "deskbridge_sessions_slow_closed_total",
-            "counter",
-            "Sessions closed with 1013 because their outbound queue was full.",
-            &one(get(&self.sessions_slow)),
-        );
-        metric(
-            "deskbridge_sessions_stalled_total",
-            "counter",
-            "Connections dropped because the browser took no bytes for ws.client_timeout_ms.",
-            &one(get(&self.sessions_stalled)),
-        );
-        metric(
-            "deskbridge_messages_in_total",
-            "counter",
-            "Messages received, by direction.",
-            &direction(&[
-                ("desktop_to_web", &self.desktop_in),
-                ("web_to_desktop", &self.web_in),
-            ]),
-        );
-        metric(
-            "deskbridge_messages_out_total",
-            "counter",
-            "Messages delivered: event frames queued to browsers, or publishes confirmed by the broker.",
-            &direction(&[
-                ("desktop_to_web", &self.desktop_out),
-                ("web_to_desktop", &self.web_confirmed),
-                ("web_to_web", &self.web_to_web_out),
-            ]),
-        );
-        metric(
-            "deskbridge_publish_unroutable_total",
-            "counter",
-            "Confirmed publishes the broker returned: no queue bound for the routing key.",
-            &one(get(&self.unroutable)),
-        );
-        metric(
-            "deskbridge_own_echo_total",
-            "counter",
-            "Deliveries of this instance's own publishes, acked and not delivered again.",
-            &one(get(&self.own_echo)),
-        );
-        metric(
-            "deskbridge_rejects_total",
-            "counter",
-            "Deliveries rejected to the dead-letter queue, by reason.",
-            &labelled(
-                "reason",
-                &RejectReason::ALL.map(RejectReason::as_str),
-                &self.rejects,
-            ),
-        );
-        metric(
-            "deskbridge_publish_failures_total",
-            "counter",
-            "Browser publishes answered with broker_unavailable, by reason.",
-            &labelled(
-                "reason",
-                &PublishFailure::ALL.map(PublishFailure::as_str),
-                &self.publish_failures,
-            ),
-        );
-        metric(
-            "deskbridge_ws_errors_total",
-            "counter",
-            "Error frames sent to browsers, by code.",
-            &labelled("code", &ErrorCode::ALL.map(ErrorCode::as_str), &self.ws_errors),
-        );
-        let up = |link: &LinkState| flag(link.status() == LinkStatus::Up);
-        metric(
-            "deskbridge_amqp_link_up",
-            "gauge",
-            "1 when the AMQP link is connected.",
-            &per_link(up(consumer), up(publisher)),
-        );
-        metric(
-            "deskbridge_amqp_blocked",
-            "gauge",
-            "1 while the broker blocks the connection (flow control).",
-            &per_link(flag(consumer.blocked()), flag(publisher.blocked())),
-        );
-        metric(
-            "deskbridge_amqp_reconnects_total",
-            "counter",
-            "Reconnections after a lost AMQP connection.",
-            &per_link(get(&self.reconnects_consumer), get(&self.reconnects_publisher)),
-        );
-
-        let _ = writeln!(
-            out,
-            "# HELP deskbridge_publish_confirm_seconds Browser publish to broker confirm.\n\
-             # TYPE deskbridge_publish_confirm_seconds histogram"
-        );
-        let mut cumulative = 0;
-        for (bound, bucket) in LATENCY_BUCKETS.iter().zip(&self.confirm_buckets) {
-            cumulative += bucket.load(Relaxed);
-            let _ = writeln!(
-                out,
-                "deskbridge_publish_confirm_seconds_bucket{{le=\"{bound}\"}} {cumulative}"
-            );
-        }
-        let count = self.confirm_count.load(Relaxed);
-        let _ = writeln!(
-            out,
-            "deskbridge_publish_confirm_seconds_bucket{{le=\"+Inf\"}} {count}"
-        );
-        let sum = self.confirm_sum_micros.load(Relaxed) as f64 / 1e6;
-        let _ = writeln!(out, "deskbridge_publish_confirm_seconds_sum {sum}");
-        let _ = writeln!(out, "deskbridge_publish_confirm_seconds_count {count}");
+    /// Every metric in OpenMetrics text format ([`CONTENT_TYPE`]); not a hot path.
+    pub fn render(&self) -> String {
+        let mut out = String::with_capacity(8192);
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_labelled_series_exists_before_its_first_event() {
+        let text = Metrics::new().render();
+        for line in [
+            "deskbridge_sessions 0",
+            "deskbridge_own_echo_total 0",
+            "deskbridge_rejects_total{reason=\"bad_body\"} 0",
+            "deskbridge_publish_failures_total{reason=\"not_sent\"} 0",
+            "deskbridge_ws_errors_total{code=\"rate_limited\"} 0",
+            "deskbridge_ws_frames_dropped_total{reason=\"router_busy\"} 0",
+            "deskbridge_messages_in_total{direction=\"desktop_to_web\"} 0",
+            "deskbridge_messages_out_total{direction=\"web_to_web\"} 0",
+            "deskbridge_amqp_link_up{link=\"publisher\"} 0",
+            "deskbridge_amqp_reconnects_total{link=\"consumer\"} 0",
+            "deskbridge_publish_confirm_seconds_count 0",
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing `{line}` in:\n{text}");
+        }
+    }
+
+    #[test]
+    fn events_move_their_series() {
+        let metrics = Metrics::new();
+        metrics.desktop_event(3);
+        metrics.web_confirmed(Duration::from_millis(3), false, 2);
+        metrics.link_gauges(Link::Consumer).up.set(1);
+        let text = metrics.render();
+        for line in [
+            "deskbridge_messages_in_total{direction=\"desktop_to_web\"} 1",
+            "deskbridge_messages_out_total{direction=\"desktop_to_web\"} 3",
+            "deskbridge_messages_out_total{direction=\"web_to_web\"} 2",
+            "deskbridge_publish_unroutable_total 1",
+            "deskbridge_amqp_link_up{link=\"consumer\"} 1",
+            "deskbridge_publish_confirm_seconds_bucket{le=\"0.005\"} 1",
+            "deskbridge_publish_confirm_seconds_count 1",
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing `{line}` in:\n{text}");
+        }
     }
 }

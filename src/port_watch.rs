@@ -6,8 +6,10 @@
 //! starts accepting, the wait ends early. A port that was already open (the failure was AMQP
 //! level: credentials, a precondition) never shortcuts the backoff, so nothing is hammered.
 
-use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
+
+use crate::broker_url::BrokerUrl;
 
 /// How often closed ports are probed during a wait.
 pub const PROBE_EVERY: Duration = Duration::from_millis(250);
@@ -21,10 +23,10 @@ pub struct PortWatch {
 
 impl PortWatch {
     /// Probes every URL's port once and remembers the closed ones.
-    pub fn start(urls: &[String]) -> PortWatch {
+    pub fn start(urls: &[BrokerUrl]) -> PortWatch {
         let closed = urls
             .iter()
-            .filter_map(|url| broker_addr(url))
+            .filter_map(|url| url.socket_addrs().ok()?.next())
             .filter(|addr| !accepts(addr))
             .collect();
         PortWatch {
@@ -52,41 +54,12 @@ fn accepts(addr: &SocketAddr) -> bool {
     TcpStream::connect_timeout(addr, CONNECT_TIMEOUT).is_ok()
 }
 
-/// `host:port` of an `amqp://user:pass@host:port/vhost?query` URL (port 5672 when absent).
-fn broker_addr(url: &str) -> Option<SocketAddr> {
-    let rest = url.strip_prefix("amqp://")?;
-    let authority = rest.split(['/', '?']).next()?;
-    let host_port = authority.rsplit('@').next()?;
-    let with_port = if host_port
-        .rsplit_once(':')
-        .is_some_and(|(_, port)| port.parse::<u16>().is_ok())
-    {
-        host_port.to_owned()
-    } else {
-        format!("{host_port}:5672")
-    };
-    with_port.to_socket_addrs().ok()?.next()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn broker_addresses_come_from_urls() {
-        let cases = [
-            ("amqp://guest:guest@127.0.0.1:5672/%2f", Some("127.0.0.1:5672")),
-            ("amqp://127.0.0.1/%2f?heartbeat=5", Some("127.0.0.1:5672")),
-            ("amqp://u:p@127.0.0.1:1", Some("127.0.0.1:1")),
-            ("http://127.0.0.1", None),
-        ];
-        for (url, expected) in cases {
-            assert_eq!(
-                broker_addr(url).map(|a| a.to_string()).as_deref(),
-                expected,
-                "{url}"
-            );
-        }
+    fn url(port: u16) -> BrokerUrl {
+        BrokerUrl::parse(&format!("amqp://127.0.0.1:{port}/%2f")).expect("valid URL")
     }
 
     fn free_port() -> u16 {
@@ -99,7 +72,7 @@ mod tests {
     #[test]
     fn a_port_that_starts_listening_ends_the_wait() {
         let port = free_port();
-        let mut watch = PortWatch::start(&[format!("amqp://127.0.0.1:{port}/%2f")]);
+        let mut watch = PortWatch::start(&[url(port)]);
         assert!(!watch.reopened(), "nothing listens yet");
         let _listener = std::net::TcpListener::bind(("127.0.0.1", port)).expect("listen");
         let deadline = Instant::now() + Duration::from_secs(5);
@@ -113,7 +86,7 @@ mod tests {
     fn a_port_open_from_the_start_never_shortcuts_the_backoff() {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("listen");
         let port = listener.local_addr().expect("addr").port();
-        let mut watch = PortWatch::start(&[format!("amqp://127.0.0.1:{port}/%2f")]);
+        let mut watch = PortWatch::start(&[url(port)]);
         // Not a wait for luck: a probe runs only once due, so let one fall due, then check
         // that an open-from-the-start port never ends the wait.
         std::thread::sleep(PROBE_EVERY);

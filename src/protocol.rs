@@ -6,6 +6,7 @@
 
 use bytestring::ByteString;
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use serde_json::Value;
 
 use crate::transform::Data;
@@ -195,8 +196,28 @@ pub enum ServerFrame<'a> {
         /// Where it came from.
         origin: Origin,
         /// Event payload.
-        data: &'a Data,
+        data: EventData<'a>,
     },
+}
+
+/// An event's `data`: a parsed object, or JSON text already serialized (a browser's publish,
+/// kept as text while it waits for the broker).
+#[derive(Debug, Clone, Copy, Serialize)]
+#[serde(untagged)]
+pub enum EventData<'a> {
+    /// A parsed object.
+    Object(&'a Data),
+    /// A serialized JSON object.
+    Json(&'a RawValue),
+}
+
+/// JSON body of an HTTP error answer (refused upgrades, `/ws` without one).
+#[derive(Debug, Serialize)]
+pub struct HttpError {
+    /// Stable, machine-readable reason.
+    pub error: &'static str,
+    /// What a person should do about it.
+    pub message: String,
 }
 
 impl ServerFrame<'_> {
@@ -362,7 +383,7 @@ mod tests {
                     event: "new_example",
                     id: "m2",
                     origin: Origin::Desktop,
-                    data: &data,
+                    data: EventData::Object(&data),
                 },
                 json!({"op": "event", "desk": "A", "event": "new_example", "id": "m2", "origin": "desktop", "data": {"px": 1.5}}),
             ),

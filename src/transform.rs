@@ -33,6 +33,9 @@ pub enum TransformError {
     /// A code-registered transform refused the data.
     #[error("{0}")]
     Rejected(String),
+    /// A code-registered transform panicked; the message is refused, the bridge goes on.
+    #[error("a transform failed unexpectedly: {0}")]
+    Panicked(String),
 }
 
 /// A step that rewrites an event's data in place; register one in code with
@@ -165,7 +168,9 @@ impl Transforms {
         !self.chain(desk, event, direction).is_empty()
     }
 
-    /// Runs the chain for this desk/event/direction over `data`.
+    /// Runs the chain for this desk/event/direction over `data`. A transform that panics is
+    /// turned into [`TransformError::Panicked`]: code registered by a user must not take the
+    /// router, and with it every session, down. `data` is then half-done and must be dropped.
     pub fn apply(
         &self,
         desk: &str,
@@ -174,7 +179,10 @@ impl Transforms {
         data: &mut Data,
     ) -> Result<(), TransformError> {
         for transform in self.chain(desk, event, direction) {
-            transform.apply(data)?;
+            // `data` is discarded by every caller when this fails, so a half-applied
+            // transform is never observed.
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| transform.apply(data)))
+                .map_err(|panic| TransformError::Panicked(crate::panics::message(panic.as_ref())))??;
         }
         Ok(())
     }

@@ -1,14 +1,14 @@
 //! `/ws`: the WebSocket handshake on the raw HTTP/1 connection, and the pump that joins the
 //! socket to its [`WsSession`].
 //!
-//! actix-web's usual upgrade (`actix_web_actors::ws::start`) keeps the HTTP/1 dispatcher alive
-//! for the whole life of the socket, with an 8 KiB read and an 8 KiB write buffer that no
-//! setting shrinks; with thousands of mostly idle browsers those buffers were 40 % of the
-//! bridge's memory. So the server hands upgrade requests here instead (actix-http's `upgrade`
-//! hook): once the 101 is written the dispatcher is gone, reads land in a stack buffer and are
-//! handed to the session's decoder, and the session's encoded frames are written straight to
-//! the socket. An idle session holds no I/O buffer at all. The session is still an
-//! actix-web-actors `WebsocketContext` actor; only the bytes underneath take a shorter path.
+//! Why not actix-web's usual upgrade (`actix_web_actors::ws::start`): it keeps the HTTP/1
+//! dispatcher alive for the whole life of the socket, with an 8 KiB read and an 8 KiB write
+//! buffer that no setting shrinks, which would dominate the memory of thousands of mostly idle
+//! browsers. So the server hands upgrade requests here instead (actix-http's `upgrade` hook):
+//! once the 101 is written the dispatcher is gone, reads land in a stack buffer and are handed
+//! to the session's decoder, and the session's encoded frames are written straight to the
+//! socket. An idle session holds no I/O buffer at all. The session is still an actix-web-actors
+//! `WebsocketContext` actor; only the bytes underneath take a shorter path.
 
 use std::convert::Infallible;
 use std::future::{poll_fn, Future};
@@ -31,7 +31,8 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use crate::actors::session::{SessionSlot, WsSession};
-use crate::http::{AppState, ErrorBody};
+use crate::protocol::HttpError;
+use crate::state::AppState;
 
 /// The one path that speaks WebSocket.
 pub const PATH: &str = "/ws";
@@ -86,7 +87,7 @@ pub async fn upgrade(
 /// refusal to send instead.
 fn answer(req: &Request, state: &AppState) -> Result<(Response<BoxBody>, SessionSlot), Response<BoxBody>> {
     if req.path() != PATH {
-        let body = ErrorBody {
+        let body = HttpError {
             error: "not_found",
             message: format!("WebSocket upgrades are served on {PATH} only"),
         };
@@ -98,7 +99,7 @@ fn answer(req: &Request, state: &AppState) -> Result<(Response<BoxBody>, Session
         .map_into_boxed_body();
     let max = state.config.ws.max_sessions;
     let Some(slot) = SessionSlot::acquire(&state.metrics, max) else {
-        let body = ErrorBody {
+        let body = HttpError {
             error: "too_many_sessions",
             message: format!("this bridge already serves {max} sessions (ws.max_sessions); retry later"),
         };
@@ -112,7 +113,7 @@ fn answer(req: &Request, state: &AppState) -> Result<(Response<BoxBody>, Session
 }
 
 /// Starts an accepted session; the future runs it to its end. Not an `async fn`: the set-up
-/// would then be stored in the connection's task beside the pump (2.4 KiB more per session).
+/// would then be stored in the connection's task beside the pump, for the session's whole life.
 fn run(
     framed: Framed<TcpStream, Codec>,
     slot: SessionSlot,
@@ -121,17 +122,17 @@ fn run(
     let (socket, early) = detach(framed);
     let socket = Rc::new(socket);
     let session = WsSession::new(
-        state.router.clone(),
+        state.router.clone().recipient(),
         Arc::clone(&state.config),
         Arc::clone(&state.metrics),
         slot,
     );
-    let inbound = Inbound {
+    let reader = SocketReader {
         early,
         socket: Rc::clone(&socket),
     };
     let codec = actix_http::ws::Codec::new().max_size(state.config.ws.max_frame_bytes);
-    let frames = WebsocketContext::with_codec(session, inbound, codec);
+    let frames = WebsocketContext::with_codec(session, reader, codec);
     let stall = Duration::from_millis(state.config.ws.client_timeout_ms);
     pump(frames, socket, stall)
 }
@@ -162,7 +163,7 @@ async fn respond(framed: &mut Framed<TcpStream, Codec>, response: Response<BoxBo
     poll_fn(|cx| framed.as_mut().flush(cx)).await
 }
 
-fn json(status: StatusCode, body: &ErrorBody) -> Response<BoxBody> {
+fn json(status: StatusCode, body: &HttpError) -> Response<BoxBody> {
     // A struct of a &str and a String always serializes.
     let text = serde_json::to_string(body).unwrap_or_default();
     let mut response = Response::with_body(status, text).map_into_boxed_body();
@@ -174,13 +175,13 @@ fn json(status: StatusCode, body: &ErrorBody) -> Response<BoxBody> {
 }
 
 /// The socket as the byte stream the session's WebSocket decoder polls.
-struct Inbound {
+struct SocketReader {
     /// Bytes that arrived with the handshake.
     early: Option<Bytes>,
     socket: Rc<TcpStream>,
 }
 
-impl Stream for Inbound {
+impl Stream for SocketReader {
     type Item = Result<Bytes, PayloadError>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
@@ -221,7 +222,7 @@ async fn pump(
             write_all(&socket, &chunk, stall).await?;
         }
     }
-    // The session (and with it `Inbound`'s handle) is gone now that its stream ended.
+    // The session (and with it the reader's handle) is gone now that its stream ended.
     let mut socket = Rc::into_inner(socket).ok_or_else(|| io::Error::other("socket still shared"))?;
     socket.shutdown().await?;
     // Boxed, like the stall timer below: a timer's state would otherwise sit in every idle

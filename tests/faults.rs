@@ -285,3 +285,51 @@ async fn with_a_long_backoff_the_bridge_is_back_within_a_second_of_the_broker() 
         "health took {took:?} to return to 200"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_fits_in_shutdown_timeout_with_unconfirmed_publishes_and_silent_browsers() {
+    let _broker = exclusive().await;
+    let mut config = test_config("shutdownbound");
+    config.shutdown_timeout_ms = 2_000;
+    let mut bridge = TestBridge::start_healthy(config).await;
+    let mut browser = Browser::connect(&bridge).await;
+    // Never reads again, so it never answers the close handshake.
+    let _silent = Browser::connect(&bridge).await;
+
+    let alarm = MemoryAlarm::new();
+    browser
+        .send(json!({"op": "publish", "desk": "A", "event": "new_example", "data": {}, "ref": "b1"}))
+        .await;
+    bridge
+        .wait_metric("deskbridge_amqp_blocked{link=\"publisher\"} 1")
+        .await;
+
+    // Both waits (the broker's confirm, the silent browser's close) would each take the whole
+    // timeout; the shutdown as a whole may not.
+    let started = std::time::Instant::now();
+    let mut bridge = tokio::task::spawn_blocking(move || {
+        bridge.stop();
+        bridge
+    })
+    .await
+    .expect("shutdown completes");
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_millis(2_000 + 1_000),
+        "shutdown_timeout_ms is 2 s, shutdown took {took:?}"
+    );
+    let error = browser.recv().await;
+    assert_eq!(
+        (error["code"].as_str(), error["ref"].as_str()),
+        (Some("broker_unavailable"), Some("b1")),
+        "{error}"
+    );
+    assert!(
+        error["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("may or may not")),
+        "published but unconfirmed: {error}"
+    );
+    drop(alarm);
+    bridge.stop();
+}

@@ -28,7 +28,7 @@ async fn health_is_200_with_the_broker_up() {
 async fn health_is_503_without_a_broker_and_the_bridge_still_serves_browsers() {
     let mut config = test_config("nobroker");
     // Port 1 on loopback: nothing listens there, the connection is refused at once.
-    config.amqp.urls = vec!["amqp://guest:guest@127.0.0.1:1/%2f".into()];
+    config.amqp.urls = vec![url("amqp://guest:guest@127.0.0.1:1/%2f")];
     let bridge = TestBridge::start(config);
     let health = bridge.wait_health(503).await;
     assert_eq!(health["status"], "degraded");

@@ -2,6 +2,8 @@
 
 mod common;
 
+use std::time::Duration;
+
 use common::*;
 use serde_json::json;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -152,6 +154,31 @@ async fn fragmented_messages_are_reassembled() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn text_that_is_not_utf8_closes_with_1007_whole_or_fragmented() {
+    use tokio_tungstenite::tungstenite::protocol::frame::{
+        coding::{Data, OpCode},
+        Frame,
+    };
+    let bridge = TestBridge::start_healthy(test_config("utf8")).await;
+    let invalid = b"{\"op\":\"ping\",\"x\":\"\xff\xfe\"}".to_vec();
+    let whole = vec![Frame::message(invalid.clone(), OpCode::Data(Data::Text), true)];
+    let (first, rest) = invalid.split_at(5);
+    let fragmented = vec![
+        Frame::message(first.to_vec(), OpCode::Data(Data::Text), false),
+        Frame::message(rest.to_vec(), OpCode::Data(Data::Continue), true),
+    ];
+    for (shape, frames) in [("whole", whole), ("fragmented", fragmented)] {
+        let mut browser = Browser::connect(&bridge).await;
+        for frame in frames {
+            browser.send_raw(Message::Frame(frame)).await;
+        }
+        let close = browser.closed().await.expect("a close frame");
+        assert_eq!(close.code, CloseCode::Invalid, "{shape}: {close:?}");
+    }
+    Browser::connect(&bridge).await.assert_quiet().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn limits_on_rate_desks_per_request_and_sessions() {
     let mut config = test_config("limits");
     config.ws.max_frames_per_second = 5;
@@ -172,25 +199,43 @@ async fn limits_on_rate_desks_per_request_and_sessions() {
         "{reply}"
     );
 
-    // 20 pings in one burst: the first few (within the second's budget) get pong, the rest
-    // rate_limited; every frame is answered.
+    // 20 pings in one burst: those within the second's budget get pong; the first one over it
+    // gets one rate_limited error and the rest are dropped without a word, so a flood costs
+    // one answer per window, not one per frame.
     for _ in 0..20 {
         browser.send(json!({"op": "ping"})).await;
     }
-    let mut limited = 0;
-    for _ in 0..20 {
-        let reply = browser.recv().await;
-        if reply["op"] == "error" {
-            assert_eq!(reply["code"], "rate_limited");
-            limited += 1;
-        } else {
-            assert_eq!(reply["op"], "pong");
+    let (mut pongs, mut limited) = (0, 0);
+    let started = std::time::Instant::now();
+    // Read until a pong follows the error: the window has rolled, the burst is over. While
+    // nothing comes, probe with a ping (dropped until the window rolls).
+    loop {
+        assert!(started.elapsed() < DEADLINE, "no pong after the window rolled");
+        match tokio::time::timeout(Duration::from_millis(300), browser.recv()).await {
+            Ok(reply) if reply["op"] == "pong" => {
+                pongs += 1;
+                if limited > 0 {
+                    break;
+                }
+            }
+            Ok(reply) => {
+                assert_eq!(reply["code"], "rate_limited", "{reply}");
+                limited += 1;
+            }
+            Err(_) => browser.send(json!({"op": "ping"})).await,
         }
     }
-    assert!(
-        limited >= 10,
-        "at most 5 frames a second (+1 for the subscribe) pass; {limited} were limited"
+    assert_eq!(
+        limited, 1,
+        "one rate_limited per window, however many frames were dropped"
     );
+    assert!(
+        pongs <= 6,
+        "at most 5 frames a second pass (+1 after the window rolled): {pongs}"
+    );
+    bridge
+        .wait_metric_at_least("deskbridge_ws_frames_dropped_total{reason=\"rate_limited\"}", 10)
+        .await;
 
     let _second = Browser::connect(&bridge).await;
     let refused = tokio_tungstenite::connect_async(bridge.ws_url()).await;
@@ -239,4 +284,78 @@ async fn frames_sent_together_with_the_handshake_are_not_lost() {
     let mut browser = Browser::from_stream(ws).await;
     assert_eq!(browser.recv().await, json!({"op": "pong"}));
     browser.assert_quiet().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_router_that_cannot_keep_up_bounds_its_intake_and_says_so_once() {
+    use deskbridge::transform::{Data, Direction, Transform, TransformError, Transforms};
+    /// Holds the router on a publish marked `hold` until the test lets it go.
+    struct Gate {
+        entered: crossbeam_channel::Sender<()>,
+        release: crossbeam_channel::Receiver<()>,
+    }
+    impl Transform for Gate {
+        fn apply(&self, data: &mut Data) -> Result<(), TransformError> {
+            if data.contains_key("hold") {
+                let _ = self.entered.send(());
+                let _ = self.release.recv();
+            }
+            Ok(())
+        }
+    }
+    let (entered, router_held) = crossbeam_channel::unbounded();
+    let (release, released) = crossbeam_channel::unbounded();
+    let mut config = test_config("intake");
+    config.ws.max_queued_requests = 4;
+    let mut transforms = Transforms::from_rules(&[]);
+    transforms.register(
+        "*",
+        "*",
+        Direction::ToDesktop,
+        Gate {
+            entered,
+            release: released,
+        },
+    );
+    let bridge = TestBridge::start_with(config, transforms);
+    bridge.wait_health(200).await;
+    let mut browser = Browser::connect(&bridge).await;
+    browser
+        .send(
+            json!({"op": "publish", "desk": "A", "event": "new_example", "data": {"hold": 1}, "ref": "hold"}),
+        )
+        .await;
+    tokio::task::block_in_place(|| router_held.recv_timeout(DEADLINE))
+        .expect("the router takes the held publish");
+
+    let flood = 200;
+    for i in 0..flood {
+        browser
+            .send(json!({"op": "publish", "desk": "A", "event": "new_example", "data": {"i": i}, "ref": format!("f{i}")}))
+            .await;
+    }
+    // Answered by the session itself while the router is still held: the intake is full.
+    let busy = browser.recv().await;
+    assert_eq!(busy["code"], "rate_limited", "{busy}");
+    assert!(
+        busy["message"].as_str().is_some_and(|m| m.contains("overloaded")),
+        "{busy}"
+    );
+    release.send(()).expect("the gate listens");
+
+    // What the router admitted is acked; the rest was dropped and counted, never queued. The
+    // intake admits `max_queued_requests` plus some slack (a sender is parked only after
+    // overfilling it), far from the 200 sent.
+    let mut acked = 0;
+    while acked < 2 {
+        let reply = browser.recv().await;
+        assert_eq!(reply["op"], "ack", "only acks follow the one busy error: {reply}");
+        acked += 1;
+    }
+    bridge
+        .wait_metric_at_least(
+            "deskbridge_ws_frames_dropped_total{reason=\"router_busy\"}",
+            flood - 16,
+        )
+        .await;
 }

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use amiquip::{AmqpProperties, AmqpValue, FieldTable};
 use common::*;
+use deskbridge::transform::{Direction, TransformRule};
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::Message;
@@ -17,7 +18,7 @@ use tokio_tungstenite::tungstenite::Message;
 fn without_broker(test: &str) -> deskbridge::Config {
     let mut config = test_config(test);
     // Port 1 on loopback: nothing listens, every connect is refused at once.
-    config.amqp.urls = vec!["amqp://guest:guest@127.0.0.1:1/%2f".into()];
+    config.amqp.urls = vec![url("amqp://guest:guest@127.0.0.1:1/%2f")];
     config
 }
 
@@ -53,6 +54,67 @@ async fn without_a_broker_publishes_end_in_broker_unavailable_never_in_silence()
         .wait_metric("deskbridge_publish_failures_total{reason=\"expired\"} 3")
         .await;
     browser.assert_quiet().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_publish_buffer_counts_every_byte_it_holds_not_just_the_body() {
+    let mut config = without_broker("budget");
+    config.amqp.publish_buffer_bytes = 16 * 1024;
+    // Long enough that a publish wrongly admitted to the buffer is never answered in time.
+    config.amqp.publish_ttl_ms = 60_000;
+    config.ws.max_frame_bytes = 256 * 1024;
+    // The desktop never sees `blob`, but the bridge holds it for the web copy of the event.
+    config.transforms = vec![TransformRule {
+        desk: "*".into(),
+        event: "*".into(),
+        direction: Direction::ToDesktop,
+        rename: Default::default(),
+        drop: vec!["blob".into()],
+        set: Default::default(),
+        require: Vec::new(),
+    }];
+    let bridge = TestBridge::start(config);
+    bridge.wait_health(503).await;
+    let mut browser = Browser::connect(&bridge).await;
+    let blob = "x".repeat(32 * 1024);
+    let reply = browser
+        .publish("A", "new_example", json!({"blob": blob, "n": 1}), "big")
+        .await;
+    assert_eq!(
+        (reply["code"].as_str(), reply["ref"].as_str()),
+        (Some("broker_unavailable"), Some("big")),
+        "a 32 KiB publish does not fit a 16 KiB buffer, whatever its body: {reply}"
+    );
+    bridge
+        .wait_metric("deskbridge_publish_failures_total{reason=\"buffer_full\"} 1")
+        .await;
+    browser.assert_quiet().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishes_never_handed_to_the_broker_are_reported_not_sent_at_shutdown() {
+    let mut config = without_broker("notsent");
+    config.amqp.publish_ttl_ms = 60_000;
+    let bridge = TestBridge::start(config);
+    bridge.wait_health(503).await;
+    let mut browser = Browser::connect(&bridge).await;
+    browser
+        .send(json!({"op": "publish", "desk": "A", "event": "new_example", "data": {}, "ref": "p1"}))
+        .await;
+    bridge
+        .wait_metric_at_least("deskbridge_messages_in_total{direction=\"web_to_desktop\"}", 1)
+        .await;
+    let stopping = tokio::task::spawn_blocking(move || drop(bridge));
+    let error = browser.recv().await;
+    assert_eq!(
+        (error["code"].as_str(), error["ref"].as_str()),
+        (Some("broker_unavailable"), Some("p1")),
+        "{error}"
+    );
+    let message = error["message"].as_str().unwrap_or_default();
+    assert!(message.contains("was not sent"), "{message}");
+    assert_eq!(browser.closed().await.map(|f| f.code), Some(CloseCode::Away));
+    stopping.await.expect("the bridge stops");
 }
 
 /// A WebSocket client whose socket receive buffer is tiny and who stops reading on demand.
@@ -410,7 +472,7 @@ async fn random_frames_are_each_answered_and_never_break_the_session() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_urls_are_tried_in_order() {
     let mut config = test_config("urls");
-    config.amqp.urls = vec!["amqp://guest:guest@127.0.0.1:1/%2f".into(), amqp_url()];
+    config.amqp.urls = vec![url("amqp://guest:guest@127.0.0.1:1/%2f"), url(&amqp_url())];
     let bridge = TestBridge::start(config);
     let health = bridge.wait_health(200).await;
     assert_eq!(

@@ -229,6 +229,52 @@ async fn code_registered_transforms_run() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_transform_refuses_its_message_and_the_bridge_goes_on() {
+    /// User code with a bug: panics on some data, in both directions.
+    struct Fragile;
+    impl Transform for Fragile {
+        fn apply(&self, data: &mut Data) -> Result<(), TransformError> {
+            assert!(!data.contains_key("explode"), "a bug in user code");
+            Ok(())
+        }
+    }
+    let config = test_config("panictx");
+    let mut transforms = Transforms::from_rules(&[]);
+    transforms.register("A", "*", Direction::ToWeb, Fragile);
+    transforms.register("A", "*", Direction::ToDesktop, Fragile);
+    let bridge = TestBridge::start_with(config, transforms);
+    bridge.wait_health(200).await;
+    let (queue, exchange) = (
+        bridge.config.amqp.inbound_queue.clone(),
+        bridge.config.amqp.inbound_exchange.clone(),
+    );
+    let dead = Listener::existing(&format!("{queue}.dead"));
+    let mut browser = Browser::connect(&bridge).await;
+    browser.subscribe(&["A"]).await;
+
+    let mut desktop = Desktop::connect();
+    desktop.publish_json(&exchange, "A_new_example", &json!({"explode": 1}));
+    desktop.publish_json(&exchange, "A_new_example", &json!({"ok": 1}));
+    assert_eq!(browser.recv().await["data"], json!({"ok": 1}));
+    let dead_letter: Value = serde_json::from_slice(&dead.next().body).expect("JSON");
+    assert_eq!(dead_letter, json!({"explode": 1}));
+
+    let error = browser
+        .publish("A", "new_example", json!({"explode": 1}), "p1")
+        .await;
+    assert_eq!(
+        (error["code"].as_str(), error["ref"].as_str()),
+        (Some("transform_failed"), Some("p1"))
+    );
+    let ack = browser
+        .publish("A", "new_example", json!({"fine": 1}), "p2")
+        .await;
+    assert_eq!(ack["op"], "ack", "{ack}");
+    bridge.wait_metric("deskbridge_transform_panics_total 2").await;
+    bridge.wait_health(200).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_broker_messages_are_dead_lettered_and_the_consumer_keeps_delivering() {
     let bridge = TestBridge::start_healthy(test_config("badbody")).await;
     let mut browser = Browser::connect(&bridge).await;

@@ -1,166 +1,143 @@
-//! `AmqpConsumer`: desktop → web. One AMQP connection on its own thread.
+//! `AmqpConsumer`: desktop → web. One AMQP connection on its own thread ([`super::worker`]).
 //!
 //! It declares the inbound topology, consumes the inbound queue with manual acks and a
-//! prefetch, checks each delivery (routing key → known desk and event, body → JSON object) and
-//! sends the router an [`Inbound`]. It acks only after the router's [`Verdict`] says every
-//! subscriber has the event queued, batching consecutive acks with `multiple`; a bad delivery is
-//! rejected without requeue, so the queue's dead-letter exchange keeps it and it never loops.
-//! When the link drops it reconnects with [`Backoff`]; unacked deliveries come back from the
+//! prefetch, checks each delivery (routing key → configured desk and event, body → JSON
+//! object) and sends the router a [`DesktopEvent`]. It acks only after the router's
+//! [`Verdict`] says every subscriber has the event queued, batching consecutive acks with
+//! `multiple`; a bad delivery is rejected without requeue, so the queue's dead-letter exchange
+//! keeps it and it never loops. When the link drops, unacked deliveries come back from the
 //! broker (at-least-once).
 
-use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 
 use actix::Recipient;
-use amiquip::{Channel, ConnectionBlockedNotification, ConsumerMessage, ConsumerOptions, Delivery};
-use crossbeam_channel::{select, Receiver, RecvTimeoutError, Sender};
+use amiquip::{Channel, Connection, ConsumerMessage, ConsumerOptions, Delivery};
+use crossbeam_channel::{select, RecvError, Sender};
 
-use crate::actors::router::Inbound;
-use crate::actors::StopSignal;
+use crate::actors::messages::{DesktopEvent, Rejection, Verdict};
+use crate::actors::worker::{track_blocked, LinkWork, StopSignal};
 use crate::amqp::{self, AmqpError};
+use crate::broker_url::BrokerUrl;
+use crate::catalog::{Catalog, NameError};
 use crate::config::Config;
-use crate::link::{LinkLife, LinkState};
-use crate::metrics::{Metrics, RejectReason};
-use crate::port_watch::PortWatch;
+use crate::link::LinkLife;
+use crate::metrics::{Link, Metrics, RejectReason};
+use crate::tag_queue::{OutOfStep, TagQueue};
 use crate::transform::Data;
 
-/// The router's answer for one delivery.
-#[derive(Debug)]
-pub struct Verdict {
-    /// Delivery tag of the `Inbound` it answers.
-    pub delivery_tag: u64,
-    /// `Ok` to ack; otherwise reject without requeue: (reason, routing key, detail).
-    pub outcome: Result<(), (RejectReason, String, String)>,
-}
-
-/// The consumer worker's state; run it with [`AmqpConsumer::run`] on its own thread.
+/// The consumer's state; [`super::worker::Worker::spawn`] runs it.
 pub struct AmqpConsumer {
-    /// Shared configuration.
-    pub config: Arc<Config>,
-    /// Where decoded deliveries go.
-    pub router: Recipient<Inbound>,
-    /// This link's state, read by `/health`.
-    pub link: Arc<LinkState>,
-    /// Shared counters.
-    pub metrics: Arc<Metrics>,
+    config: Arc<Config>,
+    catalog: Arc<Catalog>,
+    router: Recipient<DesktopEvent>,
+    metrics: Arc<Metrics>,
     /// This bridge process's id: deliveries carrying it in `x-instance` are our own publishes.
-    pub instance: String,
+    instance: String,
 }
 
 impl AmqpConsumer {
-    /// Connects, consumes and reconnects until `stop` fires.
-    pub fn run(self, stop: StopSignal) {
-        let mut life = LinkLife::new(
-            Arc::clone(&self.link),
-            Arc::clone(&self.metrics),
-            &self.config.amqp,
-        );
-        loop {
-            match self.session(&stop, &mut life) {
-                Ok(()) => break,
-                Err(error) => life.down(&error),
-            }
-            if !wait_to_retry(&stop, life.next_delay(), &self.config.amqp.urls) {
-                break;
-            }
+    /// A consumer that hands deliveries to `router`.
+    pub fn new(
+        config: Arc<Config>,
+        catalog: Arc<Catalog>,
+        router: Recipient<DesktopEvent>,
+        metrics: Arc<Metrics>,
+        instance: String,
+    ) -> Self {
+        AmqpConsumer {
+            config,
+            catalog,
+            router,
+            metrics,
+            instance,
         }
-        log::info!(
-            "{} stopped",
-            std::thread::current().name().unwrap_or("amqp worker")
-        );
     }
+}
 
-    /// One connection's life: `Ok` when asked to stop, `Err` when the link was lost.
-    fn session(&self, stop: &StopSignal, life: &mut LinkLife) -> Result<(), AmqpError> {
-        let (mut connection, url) = amqp::connect_any(&self.config.amqp.urls, "consumer")?;
-        let end = self.consume(&mut connection, &url, stop, life);
-        if end.is_ok() {
-            // Unacked deliveries go back to the queue when the connection closes.
-            if let Err(error) = connection.close() {
-                log::debug!("amqp consumer: close: {error}");
-            }
-        }
-        end
-    }
+impl LinkWork for AmqpConsumer {
+    const LINK: Link = Link::Consumer;
 
-    fn consume(
-        &self,
-        connection: &mut amiquip::Connection,
-        url: &str,
+    fn serve(
+        &mut self,
+        connection: &mut Connection,
+        url: &BrokerUrl,
         stop: &StopSignal,
         life: &mut LinkLife,
     ) -> Result<(), AmqpError> {
         let amqp = &self.config.amqp;
         let blocked = connection.listen_for_connection_blocked()?;
         let channel = connection.open_channel(None)?;
-        amqp::declare_inbound(&channel, amqp, &self.config.desks, &self.config.events)?;
+        amqp::declare_inbound(&channel, amqp, &self.catalog)?;
         channel.qos(0, amqp.prefetch, false)?;
         let consumer = channel.basic_consume(amqp.inbound_queue.as_str(), ConsumerOptions::default())?;
-
         life.up(&format!("({url}, queue `{}`)", amqp.inbound_queue));
-        let desks: HashSet<&str> = self.config.desks.iter().map(String::as_str).collect();
-        let events: HashSet<&str> = self.config.events.iter().map(String::as_str).collect();
+
         let (reply, verdicts) = crossbeam_channel::unbounded();
         // Deliveries handed to the router, in order, awaiting its verdict (bodies dropped):
         // amiquip acks through the `Delivery` value.
-        let mut awaiting = VecDeque::with_capacity(amqp.prefetch as usize);
+        let mut awaiting = TagQueue::default();
         loop {
             select! {
-                recv(consumer.receiver()) -> message => match message {
-                    Ok(ConsumerMessage::Delivery(delivery)) => {
-                        if let Some(delivery) = self.deliver(&channel, delivery, &desks, &events, &reply)? {
-                            awaiting.push_back(delivery);
-                        }
-                    }
-                    Ok(ConsumerMessage::ServerCancelled) => {
-                        return Err(AmqpError::Lost("the broker cancelled the consumer (was the queue deleted?)".into()));
-                    }
-                    Ok(ConsumerMessage::ServerClosedChannel(error)) => {
-                        return Err(AmqpError::Lost(format!("the broker closed the channel: {error}")));
-                    }
-                    Ok(ConsumerMessage::ServerClosedConnection(error)) => {
-                        return Err(AmqpError::Lost(format!("the broker closed the connection: {error}")));
-                    }
-                    Ok(ConsumerMessage::ClientCancelled)
-                    | Ok(ConsumerMessage::ClientClosedChannel)
-                    | Ok(ConsumerMessage::ClientClosedConnection) => {
-                        return Err(AmqpError::Lost("the consumer was closed locally".into()));
-                    }
-                    Err(_) => return Err(AmqpError::Lost("the connection's I/O thread ended".into())),
-                },
+                recv(consumer.receiver()) -> message => {
+                    let delivery = delivered(message)?;
+                    self.deliver(&channel, delivery, &reply, &mut awaiting)?;
+                }
                 recv(verdicts) -> verdict => {
                     // `reply` lives in this frame, so the channel cannot be disconnected.
                     if let Ok(verdict) = verdict {
-                        self.settle(&channel, verdict, &verdicts, &mut awaiting)?;
+                        let verdicts = std::iter::once(verdict).chain(verdicts.try_iter());
+                        let steps = plan(verdicts, &mut awaiting).map_err(|error| {
+                            AmqpError::Lost(format!("ack bookkeeping out of step ({error}); the broker redelivers"))
+                        })?;
+                        self.settle(&channel, steps)?;
                     }
                 }
-                recv(blocked) -> notification => match notification {
-                    Ok(ConnectionBlockedNotification::Blocked(reason)) => life.state().set_blocked(true, &reason),
-                    Ok(ConnectionBlockedNotification::Unblocked) => life.state().set_blocked(false, ""),
-                    Err(_) => return Err(AmqpError::Lost("the connection's I/O thread ended".into())),
-                },
+                recv(blocked) -> notification => track_blocked(life.state(), notification)?,
                 recv(stop) -> _ => return Ok(()),
             }
         }
     }
+}
 
-    /// Checks one delivery and hands it to the router (returning it, to settle on the verdict),
-    /// or settles it at once.
+/// The delivery in a consumer message, or why the link is gone. Every variant is named: only
+/// `Delivery` is data.
+fn delivered(message: Result<ConsumerMessage, RecvError>) -> Result<Delivery, AmqpError> {
+    let lost = |why: String| Err(AmqpError::Lost(why));
+    match message {
+        Ok(ConsumerMessage::Delivery(delivery)) => Ok(delivery),
+        Ok(ConsumerMessage::ServerCancelled) => {
+            lost("the broker cancelled the consumer (was the queue deleted?)".into())
+        }
+        Ok(ConsumerMessage::ServerClosedChannel(error)) => {
+            lost(format!("the broker closed the channel: {error}"))
+        }
+        Ok(ConsumerMessage::ServerClosedConnection(error)) => {
+            lost(format!("the broker closed the connection: {error}"))
+        }
+        Ok(ConsumerMessage::ClientCancelled)
+        | Ok(ConsumerMessage::ClientClosedChannel)
+        | Ok(ConsumerMessage::ClientClosedConnection) => lost("the consumer was closed locally".into()),
+        Err(_) => lost("the connection's I/O thread ended".into()),
+    }
+}
+
+impl AmqpConsumer {
+    /// Checks one delivery and hands it to the router (keeping it in `awaiting` for the
+    /// verdict), or settles it at once.
     fn deliver(
         &self,
         channel: &Channel,
         mut delivery: Delivery,
-        desks: &HashSet<&str>,
-        events: &HashSet<&str>,
         reply: &Sender<Verdict>,
-    ) -> Result<Option<Delivery>, amiquip::Error> {
+        awaiting: &mut TagQueue<Delivery>,
+    ) -> Result<(), amiquip::Error> {
         let origin = amqp::header_str(delivery.properties.headers().as_ref(), amqp::HEADER_INSTANCE);
         if origin == Some(self.instance.as_str()) {
             // Our own publish came back through overlapping bindings: never deliver it twice.
             self.metrics.own_echo();
-            return delivery.ack(channel).map(|()| None);
+            return delivery.ack(channel);
         }
-        match decode(&delivery, desks, events) {
+        match decode(&delivery, &self.catalog) {
             Ok((desk, event, data)) => {
                 let id = delivery
                     .properties
@@ -169,7 +146,7 @@ impl AmqpConsumer {
                     .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
                 // do_send: the prefetch already bounds what is in flight to the router. If the
                 // router has stopped (shutdown), no verdict comes and the broker keeps the delivery.
-                self.router.do_send(Inbound {
+                self.router.do_send(DesktopEvent {
                     delivery_tag: delivery.delivery_tag(),
                     desk,
                     event,
@@ -178,71 +155,75 @@ impl AmqpConsumer {
                     reply: reply.clone(),
                 });
                 delivery.body = Vec::new();
-                Ok(Some(delivery))
+                awaiting.push(delivery.delivery_tag(), delivery);
+                Ok(())
             }
             Err((reason, detail)) => {
                 self.metrics.rejected(reason, &delivery.routing_key, &detail);
-                delivery.reject(channel, false).map(|()| None)
+                delivery.reject(channel, false)
             }
         }
     }
 
-    /// Acks or rejects `first` and every verdict already waiting. Consecutive acks become one
-    /// `multiple` ack; verdicts arrive in delivery order, so a multiple ack never covers a
-    /// delivery the router has not answered.
-    fn settle(
-        &self,
-        channel: &Channel,
-        first: Verdict,
-        more: &Receiver<Verdict>,
-        awaiting: &mut VecDeque<Delivery>,
-    ) -> Result<(), amiquip::Error> {
-        let mut last_accepted: Option<Delivery> = None;
-        for verdict in std::iter::once(first).chain(more.try_iter()) {
-            let Some(delivery) = awaiting.pop_front() else {
-                log::error!(
-                    "amqp consumer: verdict for tag {} with no delivery awaiting",
-                    verdict.delivery_tag
-                );
-                continue;
-            };
-            debug_assert_eq!(delivery.delivery_tag(), verdict.delivery_tag);
-            match verdict.outcome {
-                Ok(()) => last_accepted = Some(delivery),
-                Err((reason, routing_key, detail)) => {
-                    if let Some(accepted) = last_accepted.take() {
-                        accepted.ack_multiple(channel)?;
-                    }
-                    self.metrics.rejected(reason, &routing_key, &detail);
+    /// Carries out a plan of acks and rejects.
+    fn settle(&self, channel: &Channel, steps: Vec<Step<Delivery>>) -> Result<(), amiquip::Error> {
+        for step in steps {
+            match step {
+                Step::AckThrough(delivery) => delivery.ack_multiple(channel)?,
+                Step::Reject(delivery, rejection) => {
+                    self.metrics
+                        .rejected(rejection.reason, &rejection.routing_key, &rejection.detail);
                     delivery.reject(channel, false)?;
                 }
             }
-        }
-        if let Some(accepted) = last_accepted {
-            accepted.ack_multiple(channel)?;
         }
         Ok(())
     }
 }
 
+/// One broker call that settles deliveries.
+#[derive(Debug, PartialEq)]
+enum Step<T> {
+    /// Ack this delivery and every earlier unsettled one (`multiple`).
+    AckThrough(T),
+    /// Reject this one delivery without requeue.
+    Reject(T, Rejection),
+}
+
+/// Turns verdicts (which arrive in delivery order) into the fewest broker calls: a run of
+/// accepted deliveries becomes one `multiple` ack, which never covers a delivery the router
+/// has not answered. A verdict for any delivery but the oldest awaiting one is [`OutOfStep`].
+fn plan<T>(
+    verdicts: impl Iterator<Item = Verdict>,
+    awaiting: &mut TagQueue<T>,
+) -> Result<Vec<Step<T>>, OutOfStep> {
+    let mut steps = Vec::new();
+    let mut last_accepted = None;
+    for verdict in verdicts {
+        let delivery = awaiting.pop(verdict.delivery_tag)?;
+        match verdict.outcome {
+            Ok(()) => last_accepted = Some(delivery),
+            Err(rejection) => {
+                steps.extend(last_accepted.take().map(Step::AckThrough));
+                steps.push(Step::Reject(delivery, rejection));
+            }
+        }
+    }
+    steps.extend(last_accepted.map(Step::AckThrough));
+    Ok(steps)
+}
+
 /// Routing key → (desk, event) and body → JSON object, or why not.
-fn decode(
-    delivery: &Delivery,
-    desks: &HashSet<&str>,
-    events: &HashSet<&str>,
-) -> Result<(String, String, Data), (RejectReason, String)> {
-    let Some((desk, event)) = amqp::split_routing_key(&delivery.routing_key) else {
-        return Err((
-            RejectReason::UnknownDesk,
-            "routing key has no `_` between desk and event".into(),
-        ));
-    };
-    if !desks.contains(desk) {
-        return Err((RejectReason::UnknownDesk, format!("unknown desk `{desk}`")));
-    }
-    if !events.contains(event) {
-        return Err((RejectReason::UnknownEvent, format!("unknown event `{event}`")));
-    }
+fn decode(delivery: &Delivery, catalog: &Catalog) -> Result<(String, String, Data), (RejectReason, String)> {
+    let (desk, event) = catalog
+        .parse_routing_key(&delivery.routing_key)
+        .map_err(|error| {
+            let reason = match error {
+                NameError::UnknownEvent { .. } => RejectReason::UnknownEvent,
+                NameError::UnknownDesk { .. } | NameError::NoSeparator(_) => RejectReason::UnknownDesk,
+            };
+            (reason, error.to_string())
+        })?;
     let data: Data = serde_json::from_slice(&delivery.body).map_err(|error| {
         (
             RejectReason::BadBody,
@@ -252,17 +233,61 @@ fn decode(
     Ok((desk.to_owned(), event.to_owned(), data))
 }
 
-/// Waits `delay` before reconnecting, or less if a broker port reopens; false when asked to stop.
-fn wait_to_retry(stop: &StopSignal, delay: std::time::Duration, urls: &[String]) -> bool {
-    let deadline = std::time::Instant::now() + delay;
-    let mut watch = PortWatch::start(urls);
-    loop {
-        match stop.recv_deadline(deadline.min(watch.next_probe())) {
-            Err(RecvTimeoutError::Timeout) if std::time::Instant::now() >= deadline || watch.reopened() => {
-                return true
-            }
-            Err(RecvTimeoutError::Timeout) => {}
-            Ok(_) | Err(RecvTimeoutError::Disconnected) => return false,
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn verdict(tag: u64, accepted: bool) -> Verdict {
+        Verdict {
+            delivery_tag: tag,
+            outcome: if accepted { Ok(()) } else { Err(rejection()) },
         }
+    }
+
+    fn rejection() -> Rejection {
+        Rejection {
+            reason: RejectReason::TransformFailed,
+            routing_key: "A_x".into(),
+            detail: "no".into(),
+        }
+    }
+
+    fn awaiting(tags: impl IntoIterator<Item = u64>) -> TagQueue<u64> {
+        let mut queue = TagQueue::default();
+        for tag in tags {
+            queue.push(tag, tag);
+        }
+        queue
+    }
+
+    #[test]
+    fn runs_of_accepted_deliveries_become_one_multiple_ack() {
+        let mut queue = awaiting(1..=5);
+        let verdicts = [(1, true), (2, true), (3, false), (4, true), (5, true)];
+        let steps = plan(verdicts.map(|(tag, ok)| verdict(tag, ok)).into_iter(), &mut queue);
+        assert_eq!(
+            steps,
+            Ok(vec![
+                Step::AckThrough(2),
+                Step::Reject(3, rejection()),
+                Step::AckThrough(5)
+            ])
+        );
+        assert!(queue.is_empty());
+    }
+
+    #[test]
+    fn a_verdict_out_of_order_settles_nothing() {
+        let mut queue = awaiting(1..=3);
+        let verdicts = [verdict(1, true), verdict(3, true)];
+        let steps = plan(verdicts.into_iter(), &mut queue);
+        assert_eq!(
+            steps,
+            Err(OutOfStep {
+                expected: Some(2),
+                got: 3
+            }),
+            "an ack through 3 would cover delivery 2, which the router never answered"
+        );
     }
 }

@@ -1,148 +1,32 @@
 //! `Router`: the one place that knows who is subscribed to what.
 //!
-//! It owns the session registry and desk subscriptions, validates desks and events, applies
-//! transforms, and fans events out. Sessions send it `Connect`, `Disconnect`, `Subscribe`,
-//! `Unsubscribe` and `Publish`; the AMQP consumer sends `Inbound` and gets a [`Verdict`] back;
-//! the AMQP publisher sends `PublishOutcomes`. Every frame it sends is serialized once and the
-//! bytes are shared; a session whose queue is full is closed (1013), never waited for.
+//! It owns the session registry and desk subscriptions, validates browser requests against the
+//! [`Catalog`], applies transforms, and fans events out. Sessions send it [`FromSession`]
+//! (connect, disconnect, subscribe, unsubscribe, publish) with `try_send`, so its mailbox,
+//! `ws.max_queued_requests` deep, bounds what browsers can pile up; the AMQP consumer sends
+//! [`DesktopEvent`]s and gets a [`Verdict`] for each; the AMQP publisher sends
+//! [`PublishOutcomes`]. Every frame it sends is serialized once and the bytes are shared; a
+//! session whose queue is full is closed (1013), never waited for.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use actix::prelude::*;
 use actix_web_actors::ws::CloseCode;
 use bytestring::ByteString;
-use crossbeam_channel::Sender;
+use serde_json::value::to_raw_value;
 use uuid::Uuid;
 
-use crate::actors::amqp_consumer::Verdict;
-use crate::actors::amqp_publisher::{PublishJob, PublisherHandle};
-use crate::actors::session::{Outbox, QueueError};
+use crate::actors::messages::{
+    BeginShutdown, CloseAll, DesktopEvent, FromSession, GetStats, Outbox, Publish, PublishJob,
+    PublishOutcome, PublishOutcomes, PublisherHandle, QueueError, Rejection, RouterStats, Verdict,
+};
+use crate::catalog::{routing_key, Catalog};
 use crate::config::Config;
 use crate::metrics::{Metrics, PublishFailure, RejectReason};
-use crate::protocol::{ErrorCode, Origin, Refusal, ServerFrame};
-use crate::transform::{Data, Direction, Transforms};
-
-/// A session started; `outbox` is how to reach it.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct Connect {
-    /// Session id.
-    pub session: Uuid,
-    /// The session's mailbox.
-    pub outbox: Outbox,
-}
-
-/// A session ended; safe to receive twice.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct Disconnect {
-    /// Session id.
-    pub session: Uuid,
-}
-
-/// A browser's `subscribe`.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct Subscribe {
-    /// Session id.
-    pub session: Uuid,
-    /// Requested desks.
-    pub desks: Vec<String>,
-}
-
-/// A browser's `unsubscribe`.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct Unsubscribe {
-    /// Session id.
-    pub session: Uuid,
-    /// Desks to leave.
-    pub desks: Vec<String>,
-}
-
-/// A browser's `publish`.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct Publish {
-    /// Session id.
-    pub session: Uuid,
-    /// Desk name, not yet validated.
-    pub desk: String,
-    /// Event name, not yet validated.
-    pub event: String,
-    /// Payload in the web's field names.
-    pub data: Data,
-    /// Client's correlation id.
-    pub reference: Option<String>,
-}
-
-/// A delivery from RabbitMQ, decoded and checked by the consumer (known desk and event, JSON
-/// object body). The router answers on `reply` once every subscriber has it queued.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct Inbound {
-    /// AMQP delivery tag, echoed in the verdict.
-    pub delivery_tag: u64,
-    /// Desk name.
-    pub desk: String,
-    /// Event name.
-    pub event: String,
-    /// AMQP message_id, or one the bridge made.
-    pub id: String,
-    /// Payload in the desktop's field names.
-    pub data: Data,
-    /// Where the verdict goes.
-    pub reply: Sender<Verdict>,
-}
-
-/// How browsers' publishes ended at the broker: everything one broker confirm settled, so
-/// that a burst of confirms costs the router one wake-up, not one per message.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct PublishOutcomes(pub Vec<PublishOutcome>);
-
-/// How one browser publish ended at the broker.
-pub struct PublishOutcome {
-    /// The publish, handed back.
-    pub job: PublishJob,
-    /// Confirmed, or why not.
-    pub result: Result<Confirmed, PublishFailure>,
-}
-
-/// The broker confirmed a publish.
-#[derive(Debug, Clone, Copy)]
-pub struct Confirmed {
-    /// False when the broker returned it (no queue bound for its routing key).
-    pub routed: bool,
-    /// Publish → confirm.
-    pub latency: Duration,
-}
-
-/// Sessions and subscriptions, for `/health`.
-#[derive(Debug, Clone, Default)]
-pub struct RouterStats {
-    /// Registered sessions.
-    pub sessions: usize,
-    /// Subscribed sessions per desk.
-    pub desks: BTreeMap<String, usize>,
-}
-
-/// Asks for [`RouterStats`].
-#[derive(Message)]
-#[rtype(result = "RouterStats")]
-pub struct GetStats;
-
-/// Shutdown has begun: refuse new publishes from now on.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct BeginShutdown;
-
-/// Close every session (1001 going away) and forget them.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct CloseAll;
+use crate::protocol::{ErrorCode, EventData, Origin, Refusal, ServerFrame};
+use crate::transform::{Direction, TransformError, Transforms};
 
 struct SessionEntry {
     outbox: Outbox,
@@ -152,10 +36,10 @@ struct SessionEntry {
 /// The central actor; see the module docs.
 pub struct Router {
     config: Arc<Config>,
+    catalog: Arc<Catalog>,
     sessions: HashMap<Uuid, SessionEntry>,
     /// desk → its subscribers' outboxes, so fan-out walks one map and looks nothing up.
     desks: HashMap<String, HashMap<Uuid, Outbox>>,
-    events: HashSet<String>,
     transforms: Transforms,
     publisher: PublisherHandle,
     metrics: Arc<Metrics>,
@@ -166,17 +50,18 @@ impl Router {
     /// A router for the configured desks and events.
     pub fn new(
         config: Arc<Config>,
+        catalog: Arc<Catalog>,
         transforms: Transforms,
         publisher: PublisherHandle,
         metrics: Arc<Metrics>,
     ) -> Self {
         Router {
-            desks: config
-                .desks
+            desks: catalog
+                .desks()
                 .iter()
                 .map(|desk| (desk.clone(), HashMap::new()))
                 .collect(),
-            events: config.events.iter().cloned().collect(),
+            catalog,
             config,
             sessions: HashMap::new(),
             transforms,
@@ -208,16 +93,8 @@ impl Router {
         }
         desks
             .iter()
-            .find(|desk| !self.desks.contains_key(*desk))
-            .map(|desk| {
-                Refusal::new(
-                    ErrorCode::UnknownDesk,
-                    format!(
-                        "unknown desk `{desk}`; known desks: {}",
-                        self.config.desks.join(", ")
-                    ),
-                )
-            })
+            .find_map(|desk| self.catalog.check_desk(desk).err())
+            .map(|error| Refusal::new(ErrorCode::UnknownDesk, error.to_string()))
     }
 
     /// Queues `frame` to every subscriber of `desk` but `except`; closes the ones too slow to
@@ -273,115 +150,116 @@ impl Router {
         if let Some(refusal) = self.check_desks(std::slice::from_ref(&msg.desk)) {
             return Err(refusal);
         }
-        if !self.events.contains(&msg.event) {
-            let known = self.config.events.join(", ");
-            let message = format!("unknown event `{}`; known events: {known}", msg.event);
-            return Err(Refusal::new(ErrorCode::UnknownEvent, message));
+        if let Err(error) = self.catalog.check_event(&msg.event) {
+            return Err(Refusal::new(ErrorCode::UnknownEvent, error.to_string()));
         }
-        let body = if self
+        // The web copy of the data is kept only when transforms make the desktop's differ.
+        let (body, web_data) = if self
             .transforms
             .applies(&msg.desk, &msg.event, Direction::ToDesktop)
         {
             let mut data = msg.data.clone();
-            self.transforms
-                .apply(&msg.desk, &msg.event, Direction::ToDesktop, &mut data)
+            self.transform(&msg.desk, &msg.event, Direction::ToDesktop, &mut data)
                 .map_err(|e| Refusal::new(ErrorCode::TransformFailed, e.to_string()))?;
-            serde_json::to_vec(&data)
+            (to_raw_value(&data), Some(to_raw_value(&msg.data)))
         } else {
-            serde_json::to_vec(&msg.data)
-        }
-        // A map of JSON values always serializes.
-        .expect("JSON objects always serialize");
+            (to_raw_value(&msg.data), None)
+        };
+        let internal =
+            |e: serde_json::Error| Refusal::new(ErrorCode::Internal, format!("cannot encode data: {e}"));
         Ok(PublishJob {
-            routing_key: crate::amqp::routing_key(&msg.desk, &msg.event),
+            routing_key: routing_key(&msg.desk, &msg.event),
             id: Uuid::new_v4().to_string(),
             session: msg.session,
             reference: msg.reference,
             desk: msg.desk,
             event: msg.event,
-            data: msg.data,
-            body,
+            body: body.map_err(internal)?,
+            web_data: web_data.transpose().map_err(internal)?,
             enqueued: Instant::now(),
         })
+    }
+
+    /// Runs the transforms for a message; a panicking one is counted and logged here.
+    fn transform(
+        &self,
+        desk: &str,
+        event: &str,
+        direction: Direction,
+        data: &mut crate::transform::Data,
+    ) -> Result<(), TransformError> {
+        let result = self.transforms.apply(desk, event, direction, data);
+        if let Err(TransformError::Panicked(message)) = &result {
+            self.metrics.transform_panicked(desk, event, message);
+        }
+        result
     }
 }
 
 impl Actor for Router {
     type Context = Context<Self>;
-}
 
-impl Handler<Connect> for Router {
-    type Result = ();
-
-    fn handle(&mut self, msg: Connect, _: &mut Context<Self>) {
-        let entry = SessionEntry {
-            outbox: msg.outbox,
-            desks: HashSet::new(),
-        };
-        self.sessions.insert(msg.session, entry);
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        ctx.set_mailbox_capacity(self.config.ws.max_queued_requests);
     }
 }
 
-impl Handler<Disconnect> for Router {
+impl Handler<FromSession> for Router {
     type Result = ();
 
-    fn handle(&mut self, msg: Disconnect, _: &mut Context<Self>) {
-        self.forget(msg.session);
-    }
-}
-
-impl Handler<Subscribe> for Router {
-    type Result = ();
-
-    fn handle(&mut self, msg: Subscribe, _: &mut Context<Self>) {
-        if let Some(refusal) = self.check_desks(&msg.desks) {
-            return self.refuse(msg.session, refusal);
+    fn handle(&mut self, msg: FromSession, _: &mut Context<Self>) {
+        match msg {
+            FromSession::Connect(session, outbox) => {
+                let entry = SessionEntry {
+                    outbox,
+                    desks: HashSet::new(),
+                };
+                self.sessions.insert(session, entry);
+            }
+            FromSession::Disconnect(session) => self.forget(session),
+            FromSession::Subscribe(session, desks) => self.subscribe(session, desks),
+            FromSession::Unsubscribe(session, desks) => self.unsubscribe(session, desks),
+            FromSession::Publish(publish) => self.publish(publish),
         }
-        let Some(entry) = self.sessions.get_mut(&msg.session) else {
+    }
+}
+
+impl Router {
+    fn subscribe(&mut self, session: Uuid, desks: Vec<String>) {
+        if let Some(refusal) = self.check_desks(&desks) {
+            return self.refuse(session, refusal);
+        }
+        let Some(entry) = self.sessions.get_mut(&session) else {
             return;
         };
-        for desk in &msg.desks {
+        for desk in &desks {
             if entry.desks.insert(desk.clone()) {
                 if let Some(subscribers) = self.desks.get_mut(desk) {
-                    subscribers.insert(msg.session, entry.outbox.clone());
+                    subscribers.insert(session, entry.outbox.clone());
                 }
             }
         }
-        self.reply(
-            msg.session,
-            ServerFrame::Subscribed { desks: &msg.desks }.to_text(),
-        );
+        self.reply(session, ServerFrame::Subscribed { desks: &desks }.to_text());
     }
-}
 
-impl Handler<Unsubscribe> for Router {
-    type Result = ();
-
-    fn handle(&mut self, msg: Unsubscribe, _: &mut Context<Self>) {
-        if let Some(refusal) = self.check_desks(&msg.desks) {
-            return self.refuse(msg.session, refusal);
+    fn unsubscribe(&mut self, session: Uuid, desks: Vec<String>) {
+        if let Some(refusal) = self.check_desks(&desks) {
+            return self.refuse(session, refusal);
         }
-        let Some(entry) = self.sessions.get_mut(&msg.session) else {
+        let Some(entry) = self.sessions.get_mut(&session) else {
             return;
         };
-        for desk in &msg.desks {
+        for desk in &desks {
             if entry.desks.remove(desk) {
                 if let Some(subscribers) = self.desks.get_mut(desk) {
-                    subscribers.remove(&msg.session);
+                    subscribers.remove(&session);
                 }
             }
         }
-        self.reply(
-            msg.session,
-            ServerFrame::Unsubscribed { desks: &msg.desks }.to_text(),
-        );
+        self.reply(session, ServerFrame::Unsubscribed { desks: &desks }.to_text());
     }
-}
 
-impl Handler<Publish> for Router {
-    type Result = ();
-
-    fn handle(&mut self, msg: Publish, _: &mut Context<Self>) {
+    fn publish(&mut self, msg: Publish) {
         self.metrics.web_publish();
         let (session, reference) = (msg.session, msg.reference.clone());
         let job = match self.prepare(msg) {
@@ -402,13 +280,11 @@ impl Handler<Publish> for Router {
     }
 }
 
-impl Handler<Inbound> for Router {
+impl Handler<DesktopEvent> for Router {
     type Result = ();
 
-    fn handle(&mut self, mut msg: Inbound, _: &mut Context<Self>) {
-        let transformed = self
-            .transforms
-            .apply(&msg.desk, &msg.event, Direction::ToWeb, &mut msg.data);
+    fn handle(&mut self, mut msg: DesktopEvent, _: &mut Context<Self>) {
+        let transformed = self.transform(&msg.desk, &msg.event, Direction::ToWeb, &mut msg.data);
         let outcome = match transformed {
             Ok(()) => {
                 let frame = ServerFrame::Event {
@@ -416,18 +292,18 @@ impl Handler<Inbound> for Router {
                     event: &msg.event,
                     id: &msg.id,
                     origin: Origin::Desktop,
-                    data: &msg.data,
+                    data: EventData::Object(&msg.data),
                 }
                 .to_text();
                 let receivers = self.fan_out(&msg.desk, &frame, None);
                 self.metrics.desktop_event(receivers);
                 Ok(())
             }
-            Err(error) => Err((
-                RejectReason::TransformFailed,
-                crate::amqp::routing_key(&msg.desk, &msg.event),
-                error.to_string(),
-            )),
+            Err(error) => Err(Rejection {
+                reason: RejectReason::TransformFailed,
+                routing_key: routing_key(&msg.desk, &msg.event),
+                detail: error.to_string(),
+            }),
         };
         // The consumer is gone only when its connection dropped; the broker redelivers then.
         let _ = msg.reply.send(Verdict {
@@ -471,7 +347,7 @@ impl Router {
                         event: &job.event,
                         id: &job.id,
                         origin: Origin::Web,
-                        data: &job.data,
+                        data: EventData::Json(job.web_data()),
                     }
                     .to_text();
                     self.fan_out(&job.desk, &frame, Some(job.session))

@@ -1,8 +1,10 @@
 //! `WsSession`: one actor per browser.
 //!
 //! It owns the socket: parses each frame once into a [`ClientFrame`], answers protocol errors
-//! itself, forwards subscriptions and publishes to the router, and writes what the router sends
-//! it ([`ToSession`]). It pings every `ws.heartbeat_interval_ms` and closes after
+//! itself, forwards subscriptions and publishes to the router ([`FromSession`], never waiting:
+//! a full router intake answers `rate_limited`), and writes what the router sends it
+//! ([`ToSession`]). A browser over `ws.max_frames_per_second`, or one the router cannot keep
+//! up with, gets one `rate_limited` error per one-second window, not one per dropped frame. It pings every `ws.heartbeat_interval_ms` and closes after
 //! `ws.client_timeout_ms` of silence. Its mailbox is its bounded outbound queue: the router
 //! `try_send`s into it, and the connection's pump ([`crate::websocket`]) stops polling the actor
 //! while the socket cannot take more, so a full mailbox means a slow reader. A socket that
@@ -14,80 +16,12 @@ use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use actix_web_actors::ws::{self, CloseCode, CloseReason, ProtocolError};
-use bytestring::ByteString;
 use uuid::Uuid;
 
-use crate::actors::router::{Connect, Disconnect, Publish, Router, Subscribe, Unsubscribe};
+use crate::actors::messages::{FromSession, Outbox, Publish, ToSession};
 use crate::config::Config;
-use crate::metrics::Metrics;
+use crate::metrics::{Dropped, Metrics};
 use crate::protocol::{parse_client_frame, ClientFrame, ErrorCode, Refusal, ServerFrame};
-
-/// Something the router sends to a session.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub enum ToSession {
-    /// A serialized frame to write (shared bytes: one serialization for every receiver).
-    Frame(ByteString),
-    /// Close the socket with this code and reason.
-    Close(CloseCode, &'static str),
-}
-
-/// Why a frame could not be queued for a session.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum QueueError {
-    /// Its outbound queue (frames or bytes) is full: the browser reads too slowly.
-    Full,
-    /// The session has ended.
-    Gone,
-}
-
-/// The router's handle to a session: its mailbox plus the byte count queued in it.
-#[derive(Clone)]
-pub struct Outbox {
-    recipient: Recipient<ToSession>,
-    queued_bytes: Arc<AtomicUsize>,
-    max_bytes: usize,
-}
-
-impl Outbox {
-    /// A handle to a session's mailbox that refuses frames past `max_bytes` queued.
-    pub fn new(recipient: Recipient<ToSession>, queued_bytes: Arc<AtomicUsize>, max_bytes: usize) -> Self {
-        Outbox {
-            recipient,
-            queued_bytes,
-            max_bytes,
-        }
-    }
-
-    /// Queues a fan-out frame without waiting; `Full` means the session is too slow.
-    pub fn try_frame(&self, frame: ByteString) -> Result<(), QueueError> {
-        let len = frame.len();
-        if self.queued_bytes.fetch_add(len, Ordering::Relaxed) + len > self.max_bytes {
-            self.queued_bytes.fetch_sub(len, Ordering::Relaxed);
-            return Err(QueueError::Full);
-        }
-        self.recipient.try_send(ToSession::Frame(frame)).map_err(|error| {
-            self.queued_bytes.fetch_sub(len, Ordering::Relaxed);
-            match error {
-                SendError::Full(_) => QueueError::Full,
-                SendError::Closed(_) => QueueError::Gone,
-            }
-        })
-    }
-
-    /// Queues a reply (ack, error, subscribed...) whatever the queue's length: replies are
-    /// bounded by the session's own requests, and dropping one would leave a request unanswered.
-    pub fn reply(&self, frame: ByteString) {
-        self.queued_bytes.fetch_add(frame.len(), Ordering::Relaxed);
-        // A closed mailbox means the session is ending; its Disconnect is on its way.
-        self.recipient.do_send(ToSession::Frame(frame));
-    }
-
-    /// Asks the session to close.
-    pub fn close(&self, code: CloseCode, reason: &'static str) {
-        self.recipient.do_send(ToSession::Close(code, reason));
-    }
-}
 
 /// A place under `ws.max_sessions`, held for the life of a session and given back on drop,
 /// even when the upgrade fails before the actor starts.
@@ -112,12 +46,24 @@ impl Drop for SessionSlot {
 struct RateWindow {
     started: Instant,
     frames: u32,
+    /// A `rate_limited` error went out in this window; further drops are only counted.
+    told: bool,
+}
+
+impl RateWindow {
+    fn new(now: Instant) -> Self {
+        RateWindow {
+            started: now,
+            frames: 0,
+            told: false,
+        }
+    }
 }
 
 /// One browser connection.
 pub struct WsSession {
     id: Uuid,
-    router: Addr<Router>,
+    router: Recipient<FromSession>,
     config: Arc<Config>,
     metrics: Arc<Metrics>,
     queued_bytes: Arc<AtomicUsize>,
@@ -131,7 +77,12 @@ pub struct WsSession {
 
 impl WsSession {
     /// A session for a new connection, holding `slot` until it ends.
-    pub fn new(router: Addr<Router>, config: Arc<Config>, metrics: Arc<Metrics>, slot: SessionSlot) -> Self {
+    pub fn new(
+        router: Recipient<FromSession>,
+        config: Arc<Config>,
+        metrics: Arc<Metrics>,
+        slot: SessionSlot,
+    ) -> Self {
         WsSession {
             id: Uuid::new_v4(),
             router,
@@ -139,10 +90,7 @@ impl WsSession {
             metrics,
             queued_bytes: Arc::new(AtomicUsize::new(0)),
             heartbeat: Instant::now(),
-            rate: RateWindow {
-                started: Instant::now(),
-                frames: 0,
-            },
+            rate: RateWindow::new(Instant::now()),
             fragments: None,
             _slot: slot,
         }
@@ -161,23 +109,47 @@ impl WsSession {
         ctx.stop();
     }
 
-    /// False (and a `rate_limited` error) when this frame exceeds the per-second budget.
+    /// False when this frame exceeds the per-second budget (it is then dropped).
     fn within_rate(&mut self, ctx: &mut ws::WebsocketContext<Self>) -> bool {
         let now = Instant::now();
         if now.duration_since(self.rate.started) >= Duration::from_secs(1) {
-            self.rate = RateWindow {
-                started: now,
-                frames: 0,
-            };
+            self.rate = RateWindow::new(now);
         }
         self.rate.frames += 1;
-        let limit = self.config.ws.max_frames_per_second;
-        if self.rate.frames > limit {
-            let message = format!("more than {limit} frames per second; this frame was dropped");
-            self.refuse(ctx, Refusal::new(ErrorCode::RateLimited, message));
+        if self.rate.frames > self.config.ws.max_frames_per_second {
+            self.dropped(Dropped::RateLimited, ctx);
             return false;
         }
         true
+    }
+
+    /// Counts a dropped frame; the first drop of a window is told to the browser.
+    fn dropped(&mut self, reason: Dropped, ctx: &mut ws::WebsocketContext<Self>) {
+        self.metrics.frame_dropped(reason);
+        if std::mem::replace(&mut self.rate.told, true) {
+            return;
+        }
+        let message = match reason {
+            Dropped::RateLimited => format!(
+                "more than {} frames per second (ws.max_frames_per_second); frames are dropped \
+                 without further notice until the second is over",
+                self.config.ws.max_frames_per_second
+            ),
+            Dropped::RouterBusy => "the bridge is overloaded; requests are dropped without further \
+                                    notice until the second is over: retry later"
+                .to_string(),
+        };
+        self.refuse(ctx, Refusal::new(ErrorCode::RateLimited, message));
+    }
+
+    /// Hands a request to the router without waiting; a full router intake drops it.
+    fn ask_router(&mut self, request: FromSession, ctx: &mut ws::WebsocketContext<Self>) {
+        match self.router.try_send(request) {
+            Ok(()) => {}
+            Err(SendError::Full(_)) => self.dropped(Dropped::RouterBusy, ctx),
+            // The router stops only at shutdown, which closes this session too.
+            Err(SendError::Closed(_)) => {}
+        }
     }
 
     fn on_text(&mut self, text: &str, ctx: &mut ws::WebsocketContext<Self>) {
@@ -200,20 +172,25 @@ impl WsSession {
                 );
                 self.refuse(ctx, Refusal::new(ErrorCode::BadRequest, message));
             }
-            ClientFrame::Subscribe { desks } => self.router.do_send(Subscribe { session, desks }),
-            ClientFrame::Unsubscribe { desks } => self.router.do_send(Unsubscribe { session, desks }),
+            ClientFrame::Subscribe { desks } => self.ask_router(FromSession::Subscribe(session, desks), ctx),
+            ClientFrame::Unsubscribe { desks } => {
+                self.ask_router(FromSession::Unsubscribe(session, desks), ctx)
+            }
             ClientFrame::Publish {
                 desk,
                 event,
                 data,
                 reference,
-            } => self.router.do_send(Publish {
-                session,
-                desk,
-                event,
-                data,
-                reference,
-            }),
+            } => {
+                let publish = Publish {
+                    session,
+                    desk,
+                    event,
+                    data,
+                    reference,
+                };
+                self.ask_router(FromSession::Publish(publish), ctx);
+            }
         }
     }
 
@@ -273,10 +250,8 @@ impl Actor for WsSession {
             Arc::clone(&self.queued_bytes),
             self.config.ws.outbound_queue_bytes,
         );
-        self.router.do_send(Connect {
-            session: self.id,
-            outbox,
-        });
+        // do_send: connect and disconnect must never be dropped, whatever the intake holds.
+        self.router.do_send(FromSession::Connect(self.id, outbox));
         let session = self.id.to_string();
         ctx.text(
             ServerFrame::Welcome {
@@ -301,7 +276,7 @@ impl Actor for WsSession {
     }
 
     fn stopping(&mut self, _: &mut Self::Context) -> Running {
-        self.router.do_send(Disconnect { session: self.id });
+        self.router.do_send(FromSession::Disconnect(self.id));
         Running::Stop
     }
 }
@@ -327,6 +302,11 @@ impl StreamHandler<Result<ws::Message, ProtocolError>> for WsSession {
             Err(ProtocolError::Overflow) => {
                 let max = self.config.ws.max_frame_bytes;
                 return Self::close(ctx, CloseCode::Size, format!("frame exceeds {max} bytes"));
+            }
+            // actix-web-actors reports a text frame that is not UTF-8 as an I/O error naming
+            // UTF-8; RFC 6455 asks for 1007, as for a fragmented message (`on_continuation`).
+            Err(ProtocolError::Io(error)) if error.to_string().contains("utf-8") => {
+                return Self::close(ctx, CloseCode::Invalid, "text message is not valid UTF-8".into());
             }
             Err(error) => {
                 log::debug!("session {}: protocol error: {error}", self.id);

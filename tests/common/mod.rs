@@ -29,6 +29,12 @@ pub fn amqp_url() -> String {
     std::env::var("AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
 }
 
+/// A broker URL from text the test wrote.
+pub fn url(text: &str) -> deskbridge::broker_url::BrokerUrl {
+    text.parse()
+        .unwrap_or_else(|error| panic!("test URL is valid: {error}"))
+}
+
 /// Opens an AMQP connection, or fails the test saying how to start RabbitMQ.
 pub fn broker() -> Connection {
     let url = amqp_url();
@@ -57,7 +63,7 @@ pub fn test_config(test: &str) -> Config {
         shutdown_timeout_ms: 3_000,
         ..Config::default()
     };
-    config.amqp.urls = vec![amqp_url()];
+    config.amqp.urls = vec![url(&amqp_url())];
     config.amqp.inbound_exchange = unique(&format!("{test}.in"));
     config.amqp.inbound_queue = unique(&format!("{test}.q"));
     config.amqp.outbound_exchange = unique(&format!("{test}.out"));
