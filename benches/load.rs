@@ -14,26 +14,27 @@
 //! Every loop is bounded (counts and deadlines) and every address must be on loopback.
 
 use std::collections::VecDeque;
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use amiquip::{
-    AmqpProperties, Connection, ConsumerMessage, ConsumerOptions, ExchangeDeclareOptions, ExchangeType,
-    FieldTable, Publish, QueueDeclareOptions,
-};
+use amiquip::{AmqpProperties, Connection, ConsumerMessage, Publish};
 use clap::{Parser, ValueEnum};
+use deskbridge::config::Config;
 use futures_util::{SinkExt, StreamExt};
 use hdrhistogram::Histogram;
 use serde_json::json;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use tokio_tungstenite::MaybeTlsStream;
 
-type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use common::amqp::{consume_unacked, declare_direct_exchange, private_queue};
+use common::browser::{small_receive_buffer, ws_url, Ws};
+use common::http::try_http_get;
+use common::process::BridgeProcess;
 
 /// Longest silence before a receiver gives up and counts the rest as lost.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -127,6 +128,13 @@ impl Target {
             Target::Stomp => "web-stomp",
         }
     }
+
+    fn names(self) -> &'static Names {
+        match self {
+            Target::Deskbridge => &BRIDGE_NAMES,
+            Target::Stomp => &STOMP_NAMES,
+        }
+    }
 }
 
 /// Exchange names per target, so the two never see each other's traffic.
@@ -201,102 +209,57 @@ impl CpuMeter {
 // ---------------------------------------------------------------------------------------------
 // deskbridge process
 
-struct Bridge {
-    child: Child,
-    addr: SocketAddr,
-    config: std::path::PathBuf,
-}
-
-impl Bridge {
-    async fn start(args: &Args) -> Bridge {
-        let config = std::env::temp_dir().join(format!("deskbridge-bench-{}.toml", std::process::id()));
-        std::fs::write(
-            &config,
-            format!(
-                "bind = \"127.0.0.1:0\"\nworkers = {}\n[amqp]\nurls = [\"{}\"]\ninbound_exchange = \"{}\"\n\
-                 inbound_queue = \"bench.bridge.listener\"\noutbound_exchange = \"{}\"\n",
-                args.bridge_workers, args.amqp_url, BRIDGE_NAMES.inbound, BRIDGE_NAMES.outbound
-            ),
-        )
-        .expect("write bench config");
-        let mut child = Command::new(&args.bridge_bin)
-            .arg("--config")
-            .arg(&config)
-            .env_remove("DESKBRIDGE_BIND")
-            .env_remove("AMQP_URL")
-            .env("RUST_LOG", "warn,deskbridge=info")
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!(
-                    "cannot start {} ({e}); build it with `cargo build --release`",
-                    args.bridge_bin
-                )
-            });
-        let stderr = child.stderr.take().expect("piped stderr");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Some(addr) = line.split(deskbridge::LISTENING_ON).nth(1) {
-                    let _ = tx.send(addr.trim().to_string());
-                } else if line.contains("WARN") || line.contains("ERROR") {
-                    eprintln!("  bridge: {line}");
-                }
-            }
-        });
-        let addr: SocketAddr = rx
-            .recv_timeout(Duration::from_secs(20))
-            .expect("deskbridge logs its address")
-            .parse()
-            .expect("socket address");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while http_get(addr, "/health").await.0 != 200 {
-            assert!(Instant::now() < deadline, "deskbridge never became healthy");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        Bridge { child, addr, config }
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    fn stop(mut self) {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = std::fs::remove_file(&self.config);
-    }
-}
-
-async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
-    let Ok(mut stream) = TcpStream::connect(addr).await else {
-        return (0, String::new());
+/// deskbridge as the bench runs it: on the bench broker, with `BRIDGE_NAMES`.
+fn bridge_config(args: &Args) -> Config {
+    let mut config = Config {
+        bind: "127.0.0.1:0".into(),
+        workers: args.bridge_workers,
+        ..Config::default()
     };
-    let _ = stream
-        .write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
-        .await;
-    let mut response = String::new();
-    let _ = stream.read_to_string(&mut response).await;
-    let status = response
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    (
-        status,
-        response
-            .split_once("\r\n\r\n")
-            .map_or(String::new(), |(_, b)| b.to_string()),
-    )
+    config.amqp.urls = vec![common::url(&args.amqp_url)];
+    config.amqp.inbound_exchange = BRIDGE_NAMES.inbound.into();
+    config.amqp.inbound_queue = "bench.bridge.listener".into();
+    config.amqp.outbound_exchange = BRIDGE_NAMES.outbound.into();
+    config
+}
+
+/// Starts `args.bridge_bin` and waits until both its AMQP links are up.
+async fn start_bridge(args: &Args) -> BridgeProcess {
+    let bridge = BridgeProcess::launch(&args.bridge_bin, &bridge_config(args)).unwrap_or_else(|e| {
+        panic!(
+            "cannot start {} ({e}); build it with `cargo build --release`",
+            args.bridge_bin
+        )
+    });
+    bridge.wait_healthy(Duration::from_secs(30)).await;
+    bridge
+}
+
+/// What a scenario runs against: a fresh deskbridge for a deskbridge run; for a Web-STOMP run
+/// none, and with `subscribers` the exchange their subscriptions bind to is declared first.
+async fn start_target(target: Target, args: &Args, subscribers: bool) -> Option<BridgeProcess> {
+    match target {
+        Target::Deskbridge => Some(start_bridge(args).await),
+        Target::Stomp => {
+            if subscribers {
+                declare_exchange(&args.amqp_url, STOMP_NAMES.inbound);
+            }
+            None
+        }
+    }
+}
+
+/// Waits (30 s at most, then measures anyway) until the bridge's `/health` counts `sessions`.
+async fn settle_sessions(addr: SocketAddr, sessions: usize) {
+    let wanted = format!("\"sessions\":{sessions}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let health = try_http_get(addr, "/health").await.unwrap_or_default().1;
+        if health.contains(&wanted) || Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -320,10 +283,10 @@ enum Inbound {
 }
 
 impl Client {
-    async fn connect(target: Target, args: &Args, bridge: Option<&Bridge>) -> Client {
+    async fn connect(target: Target, args: &Args, bridge: Option<&BridgeProcess>) -> Client {
         match target {
             Target::Deskbridge => {
-                let url = format!("ws://{}/ws", bridge.expect("bridge running").addr);
+                let url = ws_url(bridge.expect("bridge running").addr);
                 let (mut ws, _) = tokio_tungstenite::connect_async(url).await.expect("ws connect");
                 let welcome = next_text(&mut ws).await.expect("welcome");
                 assert!(welcome.contains("\"welcome\""), "{welcome}");
@@ -464,43 +427,36 @@ fn body(seq: u64, epoch: Instant) -> String {
 // ---------------------------------------------------------------------------------------------
 // The desktop side (amiquip, blocking, on its own threads)
 
-fn amqp(url: &str) -> Connection {
-    Connection::insecure_open(url).unwrap_or_else(|e| {
-        panic!("cannot reach the bench broker at {url}: {e}; start it with scripts/bench-broker.sh start")
-    })
+/// A connection to the bench broker, or a failure saying how to start it.
+fn bench_broker(url: &str) -> Connection {
+    common::amqp::connect(url, "Start the bench broker with scripts/bench-broker.sh start.")
 }
 
 fn declare_exchange(url: &str, name: &str) {
-    let mut connection = amqp(url);
+    let mut connection = bench_broker(url);
     let channel = connection.open_channel(None).expect("channel");
-    declare_exchange_on(&channel, name);
+    declare_direct_exchange(&channel, name);
     let _ = connection.close();
 }
 
-/// A durable direct exchange, as deskbridge declares its own.
-fn declare_exchange_on(channel: &amiquip::Channel, name: &str) {
-    let options = ExchangeDeclareOptions {
-        durable: true,
-        ..Default::default()
-    };
-    channel
-        .exchange_declare(ExchangeType::Direct, name, options)
-        .expect("declare exchange");
+/// Sleeps until message `seq` is due at `rate` per second from `first` (0 = unpaced: no wait).
+fn wait_until_due(first: Instant, seq: u64, rate: u64) {
+    if let Some(offset) = (seq * 1_000_000).checked_div(rate) {
+        let due = first + Duration::from_micros(offset);
+        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
+        }
+    }
 }
 
 /// Publishes `count` bodies to `exchange` at `rate` per second (0 = unpaced). Returns the
 /// instant of the first publish.
 fn desktop_publish(url: &str, exchange: &str, count: usize, rate: u64, epoch: Instant) -> Instant {
-    let mut connection = amqp(url);
+    let mut connection = bench_broker(url);
     let channel = connection.open_channel(None).expect("channel");
     let first = Instant::now();
     for seq in 0..count as u64 {
-        if let Some(offset) = (seq * 1_000_000).checked_div(rate) {
-            let due = first + Duration::from_micros(offset);
-            if let Some(wait) = due.checked_duration_since(Instant::now()) {
-                std::thread::sleep(wait);
-            }
-        }
+        wait_until_due(first, seq, rate);
         let payload = body(seq, epoch);
         let props = AmqpProperties::default().with_content_type("application/json".into());
         channel
@@ -521,44 +477,21 @@ fn desktop_counter(
 ) -> (
     std::sync::mpsc::Receiver<()>,
     std::thread::JoinHandle<usize>,
-    Arc<std::sync::atomic::AtomicUsize>,
+    Arc<AtomicUsize>,
 ) {
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-    let expected = Arc::new(std::sync::atomic::AtomicUsize::new(usize::MAX));
+    let expected = Arc::new(AtomicUsize::new(usize::MAX));
     let want = Arc::clone(&expected);
     let url = url.to_string();
     let exchange = exchange.to_string();
     let thread = std::thread::spawn(move || {
-        let mut connection = amqp(&url);
+        let mut connection = bench_broker(&url);
         let channel = connection.open_channel(None).expect("channel");
-        declare_exchange_on(&channel, &exchange);
-        let queue = channel
-            .queue_declare(
-                "",
-                QueueDeclareOptions {
-                    exclusive: true,
-                    auto_delete: true,
-                    ..Default::default()
-                },
-            )
-            .expect("queue");
-        channel
-            .queue_bind(
-                queue.name(),
-                exchange.as_str(),
-                "A_new_example",
-                FieldTable::new(),
-            )
-            .expect("bind");
-        let consumer = queue
-            .consume(ConsumerOptions {
-                no_ack: true,
-                ..Default::default()
-            })
-            .expect("consume");
+        let queue = private_queue(&channel, &exchange, &["A_new_example"]);
+        let consumer = consume_unacked(&queue);
         let _ = ready_tx.send(());
         let mut count = 0;
-        while count < want.load(std::sync::atomic::Ordering::Acquire) {
+        while count < want.load(Ordering::Acquire) {
             match consumer.receiver().recv_timeout(IDLE_TIMEOUT) {
                 Ok(ConsumerMessage::Delivery(_)) => count += 1,
                 _ => break,
@@ -583,15 +516,59 @@ struct Receipt {
     slowest: (u64, u64),
 }
 
+impl Receipt {
+    fn new() -> Receipt {
+        Receipt {
+            latencies: Some(histogram()),
+            ..Default::default()
+        }
+    }
+
+    /// Counts one delivery of `seq`, sent at `sent` and received at `now` (µs since the epoch).
+    fn record(&mut self, seen: &mut [bool], seq: u64, sent: u64, now: u64) {
+        match seen.get_mut(seq as usize) {
+            Some(flag) if *flag => self.duplicated += 1,
+            Some(flag) => {
+                *flag = true;
+                self.received += 1;
+            }
+            None => {}
+        }
+        let latency = now.saturating_sub(sent).max(1);
+        if let Some(h) = self.latencies.as_mut() {
+            let _ = h.record(latency);
+        }
+        self.slowest = self.slowest.max((latency, seq));
+        self.last = Some(Instant::now());
+    }
+
+    /// Adds one subscriber's receipt to the total.
+    fn add(&mut self, one: Receipt) {
+        self.received += one.received;
+        self.duplicated += one.duplicated;
+        self.last = self.last.max(one.last);
+        self.slowest = self.slowest.max(one.slowest);
+        if let (Some(all), Some(one)) = (self.latencies.as_mut(), one.latencies.as_ref()) {
+            let _ = all.add(one);
+        }
+    }
+}
+
 fn histogram() -> Histogram<u64> {
     // 1 µs .. 120 s, 3 significant digits.
     Histogram::new_with_bounds(1, 120_000_000, 3).expect("valid histogram bounds")
 }
 
+/// p50, p99, p999 and max of `h` (µs) in milliseconds, as the JSON rows report them.
+fn latency_ms(h: &Histogram<u64>) -> serde_json::Value {
+    let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+    json!({"p50": ms(0.5), "p99": ms(0.99), "p999": ms(0.999), "max": h.max() as f64 / 1000.0})
+}
+
 async fn connect_many(
     target: Target,
     args: &Args,
-    bridge: Option<&Bridge>,
+    bridge: Option<&BridgeProcess>,
     count: usize,
     subscribe: bool,
 ) -> Vec<Client> {
@@ -611,6 +588,24 @@ async fn connect_many(
     clients
 }
 
+/// One subscriber of a fan-out: reads until it has all `messages` or the stream goes quiet.
+async fn receive_fanout(mut client: Client, messages: usize, epoch: Instant) -> Receipt {
+    let mut receipt = Receipt::new();
+    let mut seen = vec![false; messages];
+    while receipt.received < messages {
+        let Some(Inbound::Event(text)) = client.next().await else {
+            break;
+        };
+        let now = epoch.elapsed().as_micros() as u64;
+        let (Some(seq), Some(sent)) = (field_u64(&text, "\"seq\":"), field_u64(&text, "\"t\":")) else {
+            continue;
+        };
+        receipt.record(&mut seen, seq, sent, now);
+    }
+    drop(client);
+    receipt
+}
+
 /// Runs one fan-out: `subscribers` clients, `messages` messages at `rate` (0 = unpaced).
 async fn fanout(
     target: Target,
@@ -619,74 +614,22 @@ async fn fanout(
     messages: usize,
     rate: u64,
 ) -> serde_json::Value {
-    let names = match target {
-        Target::Deskbridge => &BRIDGE_NAMES,
-        Target::Stomp => &STOMP_NAMES,
-    };
-    let bridge = match target {
-        Target::Deskbridge => Some(Bridge::start(args).await),
-        Target::Stomp => {
-            declare_exchange(&args.amqp_url, names.inbound);
-            None
-        }
-    };
+    let bridge = start_target(target, args, true).await;
     let clients = connect_many(target, args, bridge.as_ref(), subscribers, true).await;
     let epoch = Instant::now();
-    let meter = CpuMeter::start(bridge.as_ref().map(Bridge::pid), args.broker_pid);
-    let mut tasks = Vec::new();
-    for mut client in clients {
-        tasks.push(tokio::spawn(async move {
-            let mut receipt = Receipt {
-                latencies: Some(histogram()),
-                ..Default::default()
-            };
-            let mut seen = vec![false; messages];
-            while receipt.received < messages {
-                let Some(Inbound::Event(text)) = client.next().await else {
-                    break;
-                };
-                let now = epoch.elapsed().as_micros() as u64;
-                let (Some(seq), Some(sent)) = (field_u64(&text, "\"seq\":"), field_u64(&text, "\"t\":"))
-                else {
-                    continue;
-                };
-                match seen.get_mut(seq as usize) {
-                    Some(flag) if *flag => receipt.duplicated += 1,
-                    Some(flag) => {
-                        *flag = true;
-                        receipt.received += 1;
-                    }
-                    None => {}
-                }
-                let latency = now.saturating_sub(sent).max(1);
-                if let Some(h) = receipt.latencies.as_mut() {
-                    let _ = h.record(latency);
-                }
-                receipt.slowest = receipt.slowest.max((latency, seq));
-                receipt.last = Some(Instant::now());
-            }
-            drop(client);
-            receipt
-        }));
-    }
+    let meter = CpuMeter::start(bridge.as_ref().map(BridgeProcess::pid), args.broker_pid);
+    let tasks: Vec<_> = clients
+        .into_iter()
+        .map(|client| tokio::spawn(receive_fanout(client, messages, epoch)))
+        .collect();
     let url = args.amqp_url.clone();
-    let exchange = names.inbound.to_string();
+    let exchange = target.names().inbound.to_string();
     let first = tokio::task::spawn_blocking(move || desktop_publish(&url, &exchange, messages, rate, epoch))
         .await
         .expect("publisher");
-    let mut total = Receipt {
-        latencies: Some(histogram()),
-        ..Default::default()
-    };
+    let mut total = Receipt::new();
     for task in tasks {
-        let receipt = task.await.expect("receiver");
-        total.received += receipt.received;
-        total.duplicated += receipt.duplicated;
-        total.last = total.last.max(receipt.last);
-        total.slowest = total.slowest.max(receipt.slowest);
-        if let (Some(all), Some(one)) = (total.latencies.as_mut(), receipt.latencies.as_ref()) {
-            let _ = all.add(one);
-        }
+        total.add(task.await.expect("receiver"));
     }
     let (bridge_cpu, broker_cpu) = meter.stop();
     if let Some(bridge) = bridge {
@@ -697,7 +640,6 @@ async fn fanout(
         .last
         .map_or(f64::NAN, |last| last.duration_since(first).as_secs_f64());
     let h = total.latencies.unwrap_or_else(histogram);
-    let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
     json!({
         "scenario": if rate > 0 { "paced" } else { "fanout" },
         "target": target.name(),
@@ -706,7 +648,7 @@ async fn fanout(
         "rate_per_s": rate,
         "deliveries": total.received,
         "deliveries_per_s": (total.received as f64 / seconds).round(),
-        "latency_ms": {"p50": ms(0.5), "p99": ms(0.99), "p999": ms(0.999), "max": h.max() as f64 / 1000.0},
+        "latency_ms": latency_ms(&h),
         "lost": expected - total.received,
         "duplicated": total.duplicated,
         "slowest_seq": total.slowest.1,
@@ -715,55 +657,57 @@ async fn fanout(
     })
 }
 
+/// One `ingest` client: publishes `per_client` messages with up to `window` unacknowledged.
+/// Returns (acked, when the last ack came, ack latencies).
+async fn publish_windowed(
+    mut client: Client,
+    per_client: usize,
+    window: usize,
+    epoch: Instant,
+) -> (usize, Option<Instant>, Histogram<u64>) {
+    let mut h = histogram();
+    let mut in_flight: VecDeque<(u64, Instant)> = VecDeque::new();
+    let (mut sent, mut acked, mut last) = (0usize, 0usize, None);
+    while acked < per_client {
+        while sent < per_client && in_flight.len() < window {
+            client.feed_publish(sent as u64, &body(sent as u64, epoch)).await;
+            in_flight.push_back((sent as u64, Instant::now()));
+            sent += 1;
+        }
+        client.flush().await;
+        match client.next().await {
+            Some(Inbound::Ack(reference)) => {
+                // Acks come in publish order for both systems; tolerate otherwise.
+                if let Some(pos) = in_flight.iter().position(|(r, _)| *r == reference) {
+                    if let Some((_, at)) = in_flight.remove(pos) {
+                        let _ = h.record((at.elapsed().as_micros() as u64).max(1));
+                    }
+                }
+                acked += 1;
+                last = Some(Instant::now());
+            }
+            Some(_) => {}
+            None => break,
+        }
+    }
+    (acked, last, h)
+}
+
 async fn ingest(target: Target, args: &Args) -> serde_json::Value {
-    let names = match target {
-        Target::Deskbridge => &BRIDGE_NAMES,
-        Target::Stomp => &STOMP_NAMES,
-    };
-    let bridge = match target {
-        Target::Deskbridge => Some(Bridge::start(args).await),
-        Target::Stomp => None,
-    };
-    let (ready, counter, expected) = desktop_counter(&args.amqp_url, names.outbound);
+    let bridge = start_target(target, args, false).await;
+    let (ready, counter, expected) = desktop_counter(&args.amqp_url, target.names().outbound);
     ready
         .recv_timeout(Duration::from_secs(20))
         .expect("counter ready");
     let clients = connect_many(target, args, bridge.as_ref(), args.ingest_clients, false).await;
     let (per_client, window) = (args.per_client, args.window);
     let epoch = Instant::now();
-    let meter = CpuMeter::start(bridge.as_ref().map(Bridge::pid), args.broker_pid);
+    let meter = CpuMeter::start(bridge.as_ref().map(BridgeProcess::pid), args.broker_pid);
     let first = Instant::now();
-    let mut tasks = Vec::new();
-    for mut client in clients {
-        tasks.push(tokio::spawn(async move {
-            let mut h = histogram();
-            let mut in_flight: VecDeque<(u64, Instant)> = VecDeque::new();
-            let (mut sent, mut acked, mut last) = (0usize, 0usize, None);
-            while acked < per_client {
-                while sent < per_client && in_flight.len() < window {
-                    client.feed_publish(sent as u64, &body(sent as u64, epoch)).await;
-                    in_flight.push_back((sent as u64, Instant::now()));
-                    sent += 1;
-                }
-                client.flush().await;
-                match client.next().await {
-                    Some(Inbound::Ack(reference)) => {
-                        // Acks come in publish order for both systems; tolerate otherwise.
-                        if let Some(pos) = in_flight.iter().position(|(r, _)| *r == reference) {
-                            if let Some((_, at)) = in_flight.remove(pos) {
-                                let _ = h.record((at.elapsed().as_micros() as u64).max(1));
-                            }
-                        }
-                        acked += 1;
-                        last = Some(Instant::now());
-                    }
-                    Some(_) => {}
-                    None => break,
-                }
-            }
-            (acked, last, h)
-        }));
-    }
+    let tasks: Vec<_> = clients
+        .into_iter()
+        .map(|client| tokio::spawn(publish_windowed(client, per_client, window, epoch)))
+        .collect();
     let mut h = histogram();
     let (mut acked, mut last) = (0, None);
     for task in tasks {
@@ -773,7 +717,7 @@ async fn ingest(target: Target, args: &Args) -> serde_json::Value {
         let _ = h.add(&one);
     }
     let total = args.ingest_clients * per_client;
-    expected.store(total, std::sync::atomic::Ordering::Release);
+    expected.store(total, Ordering::Release);
     let arrived = tokio::task::spawn_blocking(move || counter.join().expect("counter"))
         .await
         .expect("join");
@@ -782,7 +726,6 @@ async fn ingest(target: Target, args: &Args) -> serde_json::Value {
         bridge.stop();
     }
     let seconds = last.map_or(f64::NAN, |l: Instant| l.duration_since(first).as_secs_f64());
-    let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
     json!({
         "scenario": "ingest",
         "target": target.name(),
@@ -791,7 +734,7 @@ async fn ingest(target: Target, args: &Args) -> serde_json::Value {
         "window": window,
         "acked": acked,
         "acked_per_s": (acked as f64 / seconds).round(),
-        "ack_latency_ms": {"p50": ms(0.5), "p99": ms(0.99), "p999": ms(0.999), "max": h.max() as f64 / 1000.0},
+        "ack_latency_ms": latency_ms(&h),
         "arrived": arrived,
         "lost": acked.saturating_sub(arrived),
         "unacked": total - acked,
@@ -801,15 +744,9 @@ async fn ingest(target: Target, args: &Args) -> serde_json::Value {
 }
 
 async fn idle(target: Target, args: &Args) -> serde_json::Value {
-    let bridge = match target {
-        Target::Deskbridge => Some(Bridge::start(args).await),
-        Target::Stomp => {
-            declare_exchange(&args.amqp_url, STOMP_NAMES.inbound);
-            None
-        }
-    };
+    let bridge = start_target(target, args, true).await;
     let server_pid = match target {
-        Target::Deskbridge => bridge.as_ref().map(Bridge::pid),
+        Target::Deskbridge => bridge.as_ref().map(BridgeProcess::pid),
         Target::Stomp => args.broker_pid,
     };
     // Warm up allocator and runtime with a few sessions, then measure from there.
@@ -817,16 +754,7 @@ async fn idle(target: Target, args: &Args) -> serde_json::Value {
     let before = server_pid.map_or(f64::NAN, rss_kib);
     let clients = connect_many(target, args, bridge.as_ref(), args.idle_sessions, true).await;
     if let Some(bridge) = &bridge {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let (_, health) = http_get(bridge.addr, "/health").await;
-            if health.contains(&format!("\"sessions\":{}", args.idle_sessions + 10))
-                || Instant::now() > deadline
-            {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        settle_sessions(bridge.addr, args.idle_sessions + 10).await;
     }
     let after = server_pid.map_or(f64::NAN, rss_kib);
     let per_session = (after - before) / args.idle_sessions as f64;
@@ -845,16 +773,10 @@ async fn idle(target: Target, args: &Args) -> serde_json::Value {
     })
 }
 
-/// Fast readers and one browser that never reads, under `slow_messages` paced large events:
-/// reports the bridge's RSS before, at its peak, and after, and how the slow one ended.
-async fn slow(args: &Args) -> serde_json::Value {
-    let bridge = Bridge::start(args).await;
-    let pid = bridge.pid();
-    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
-    socket.set_recv_buffer_size(4096).expect("SO_RCVBUF");
-    let stream = socket.connect(bridge.addr).await.expect("connect");
-    let url = format!("ws://{}/ws", bridge.addr);
-    let (mut sluggish, _) = tokio_tungstenite::client_async(url, MaybeTlsStream::Plain(stream))
+/// A browser on a tiny receive buffer, subscribed to desk A, that the caller never reads.
+async fn sluggish_subscriber(addr: SocketAddr) -> Ws {
+    let stream = small_receive_buffer(addr).await;
+    let (mut sluggish, _) = tokio_tungstenite::client_async(ws_url(addr), MaybeTlsStream::Plain(stream))
         .await
         .expect("ws");
     let _welcome = next_text(&mut sluggish).await;
@@ -863,76 +785,95 @@ async fn slow(args: &Args) -> serde_json::Value {
         .await
         .expect("send");
     let _subscribed = next_text(&mut sluggish).await;
-    let fast = connect_many(Target::Deskbridge, args, Some(&bridge), 4, true).await;
-    let messages = args.slow_messages;
-    let before = rss_kib(pid);
-    let readers: Vec<_> = fast
-        .into_iter()
-        .map(|mut client| {
-            tokio::spawn(async move {
-                let mut received = 0;
-                while received < messages {
-                    match client.next().await {
-                        Some(Inbound::Event(_)) => received += 1,
-                        Some(_) => {}
-                        None => break,
-                    }
-                }
-                received
-            })
-        })
-        .collect();
-    let sampling = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    sluggish
+}
+
+/// Events `client` reads, up to `messages` (or until the stream goes quiet).
+async fn count_events(mut client: Client, messages: usize) -> usize {
+    let mut received = 0;
+    while received < messages {
+        match client.next().await {
+            Some(Inbound::Event(_)) => received += 1,
+            Some(_) => {}
+            None => break,
+        }
+    }
+    received
+}
+
+/// Samples the RSS of `pid` every 20 ms (for 120 s at most) until the flag is cleared;
+/// the task returns the peak.
+fn sample_peak_rss(pid: u32) -> (Arc<AtomicBool>, tokio::task::JoinHandle<f64>) {
+    let sampling = Arc::new(AtomicBool::new(true));
     let still = Arc::clone(&sampling);
     let sampler = tokio::spawn(async move {
         let mut peak = 0f64;
         let deadline = Instant::now() + Duration::from_secs(120);
-        while still.load(std::sync::atomic::Ordering::Acquire) && Instant::now() < deadline {
+        while still.load(Ordering::Acquire) && Instant::now() < deadline {
             peak = peak.max(rss_kib(pid));
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         peak
     });
+    (sampling, sampler)
+}
+
+/// Publishes `messages` events of `kib` KiB for desk A at `rate` per second (blocking).
+fn publish_padded(url: &str, messages: usize, kib: usize, rate: u64) {
+    let mut connection = bench_broker(url);
+    let channel = connection.open_channel(None).expect("channel");
+    let pad = "p".repeat(kib * 1024);
+    let first = Instant::now();
+    for seq in 0..messages {
+        wait_until_due(first, seq as u64, rate);
+        let payload = format!(r#"{{"seq":{seq},"pad":"{pad}"}}"#);
+        channel
+            .basic_publish(
+                BRIDGE_NAMES.inbound,
+                Publish::new(payload.as_bytes(), "A_new_example"),
+            )
+            .expect("publish");
+    }
+    let _ = connection.close();
+}
+
+/// How the sluggish browser's session ended: it reads the events already in its socket, then
+/// the close frame's (code, reason); `None` without one.
+async fn close_of(mut sluggish: Ws) -> Option<(u16, String)> {
+    while let Ok(Some(frame)) = tokio::time::timeout(IDLE_TIMEOUT, sluggish.next()).await {
+        if let Ok(Message::Close(frame)) = frame {
+            return frame.map(|f| (u16::from(f.code), f.reason.to_string()));
+        }
+    }
+    None
+}
+
+/// Fast readers and one browser that never reads, under `slow_messages` paced large events:
+/// reports the bridge's RSS before, at its peak, and after, and how the slow one ended.
+async fn slow(args: &Args) -> serde_json::Value {
+    let bridge = start_bridge(args).await;
+    let pid = bridge.pid();
+    let sluggish = sluggish_subscriber(bridge.addr).await;
+    let fast = connect_many(Target::Deskbridge, args, Some(&bridge), 4, true).await;
+    let messages = args.slow_messages;
+    let before = rss_kib(pid);
+    let readers: Vec<_> = fast
+        .into_iter()
+        .map(|client| tokio::spawn(count_events(client, messages)))
+        .collect();
+    let (sampling, sampler) = sample_peak_rss(pid);
     let url = args.amqp_url.clone();
     let (kib, rate) = (args.slow_event_kib, args.slow_rate);
-    let publisher = tokio::task::spawn_blocking(move || {
-        let mut connection = amqp(&url);
-        let channel = connection.open_channel(None).expect("channel");
-        let pad = "p".repeat(kib * 1024);
-        let first = Instant::now();
-        for seq in 0..messages {
-            if let Some(offset) = (seq as u64 * 1_000_000).checked_div(rate) {
-                if let Some(wait) =
-                    (first + Duration::from_micros(offset)).checked_duration_since(Instant::now())
-                {
-                    std::thread::sleep(wait);
-                }
-            }
-            let payload = format!(r#"{{"seq":{seq},"pad":"{pad}"}}"#);
-            channel
-                .basic_publish(
-                    BRIDGE_NAMES.inbound,
-                    Publish::new(payload.as_bytes(), "A_new_example"),
-                )
-                .expect("publish");
-        }
-        let _ = connection.close();
-    });
-    publisher.await.expect("publisher");
+    tokio::task::spawn_blocking(move || publish_padded(&url, messages, kib, rate))
+        .await
+        .expect("publisher");
     let mut delivered = Vec::new();
     for reader in readers {
         delivered.push(reader.await.expect("reader"));
     }
-    sampling.store(false, std::sync::atomic::Ordering::Release);
+    sampling.store(false, Ordering::Release);
     let peak = sampler.await.expect("sampler").max(before);
-    // What the slow browser got: events already in its socket, then the close.
-    let mut close = None;
-    while let Ok(Some(frame)) = tokio::time::timeout(IDLE_TIMEOUT, sluggish.next()).await {
-        if let Ok(Message::Close(frame)) = frame {
-            close = frame.map(|f| (u16::from(f.code), f.reason.to_string()));
-            break;
-        }
-    }
+    let close = close_of(sluggish).await;
     let after = rss_kib(pid);
     bridge.stop();
     json!({
@@ -1003,6 +944,25 @@ fn print_row(result: &serde_json::Value) {
     }
 }
 
+/// Runs `scenario` against `target` and prints its rows (`slow` runs against deskbridge only).
+async fn run(scenario: Scenario, target: Target, args: &Args) {
+    match scenario {
+        Scenario::Fanout => {
+            for &subscribers in &args.subscribers {
+                print_row(&fanout(target, args, subscribers, args.messages, 0).await);
+            }
+        }
+        Scenario::Paced => {
+            let messages = (args.rate * args.paced_seconds) as usize;
+            print_row(&fanout(target, args, args.paced_subscribers, messages, args.rate).await);
+        }
+        Scenario::Ingest => print_row(&ingest(target, args).await),
+        Scenario::Idle => print_row(&idle(target, args).await),
+        Scenario::Slow if target == Target::Deskbridge => print_row(&slow(args).await),
+        Scenario::Slow => {}
+    }
+}
+
 fn main() {
     let args = Args::parse();
     loopback_only(&args);
@@ -1014,21 +974,7 @@ fn main() {
     runtime.block_on(async {
         for scenario in args.scenario.clone() {
             for target in args.target.clone() {
-                match scenario {
-                    Scenario::Fanout => {
-                        for &subscribers in &args.subscribers {
-                            print_row(&fanout(target, &args, subscribers, args.messages, 0).await);
-                        }
-                    }
-                    Scenario::Paced => {
-                        let messages = (args.rate * args.paced_seconds) as usize;
-                        print_row(&fanout(target, &args, args.paced_subscribers, messages, args.rate).await);
-                    }
-                    Scenario::Ingest => print_row(&ingest(target, &args).await),
-                    Scenario::Idle => print_row(&idle(target, &args).await),
-                    Scenario::Slow if target == Target::Deskbridge => print_row(&slow(&args).await),
-                    Scenario::Slow => {}
-                }
+                run(scenario, target, &args).await;
             }
         }
     });

@@ -37,6 +37,8 @@ pub struct BrokerUrl {
     pub channel_max: Option<u16>,
     /// The URL as written with its password masked.
     redacted: String,
+    /// The URL as written.
+    text: String,
 }
 
 /// Why a text is not a usable broker URL.
@@ -56,6 +58,11 @@ impl BrokerUrl {
             url: redact(text),
             reason,
         })
+    }
+
+    /// The URL as written, password included: for writing configuration, never for a log.
+    pub fn reveal(&self) -> &str {
+        &self.text
     }
 
     /// The addresses `host:port` resolves to.
@@ -96,6 +103,7 @@ fn parse(text: &str) -> Result<BrokerUrl, String> {
         connection_timeout: CONNECT_TIMEOUT,
         channel_max: None,
         redacted: redact(text),
+        text: text.to_owned(),
     };
     for (key, value) in url.query_pairs() {
         let number = || {

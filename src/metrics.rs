@@ -368,6 +368,11 @@ impl Metrics {
             self.unroutable.clone(),
         );
         r.register(
+            "deskbridge_transform_panics",
+            "Code-registered transforms that panicked; the message was refused as transform_failed",
+            self.transform_panics.clone(),
+        );
+        r.register(
             "deskbridge_own_echo",
             "Deliveries of this instance's own publishes, acked and not delivered again",
             self.own_echo.clone(),
@@ -401,6 +406,11 @@ impl Metrics {
             "deskbridge_amqp_blocked",
             "1 while the broker blocks the connection (flow control)",
             self.link_blocked.clone(),
+        );
+        r.register(
+            "deskbridge_amqp_worker_panics",
+            "AMQP worker panics; the link was reported down and restarted",
+            self.worker_panics.clone(),
         );
         r.register(
             "deskbridge_amqp_reconnects",
@@ -549,6 +559,8 @@ mod tests {
             "deskbridge_messages_out_total{direction=\"web_to_web\"} 0",
             "deskbridge_amqp_link_up{link=\"publisher\"} 0",
             "deskbridge_amqp_reconnects_total{link=\"consumer\"} 0",
+            "deskbridge_amqp_worker_panics_total{link=\"publisher\"} 0",
+            "deskbridge_transform_panics_total 0",
             "deskbridge_publish_confirm_seconds_count 0",
         ] {
             assert!(text.lines().any(|l| l == line), "missing `{line}` in:\n{text}");

@@ -8,7 +8,8 @@ mod common;
 use std::process::Command;
 use std::time::Duration;
 
-use amiquip::{ExchangeDeclareOptions, ExchangeType, FieldTable, QueueDeclareOptions, QueueDeleteOptions};
+use amiquip::QueueDeclareOptions;
+use common::amqp::{declare_bound_queue, delete_quietly};
 use common::*;
 use serde_json::{json, Value};
 
@@ -87,21 +88,11 @@ impl DurableQueue {
         let name = unique("desktop");
         let mut connection = broker();
         let channel = connection.open_channel(None).expect("channel");
-        let options = ExchangeDeclareOptions {
-            durable: true,
-            ..Default::default()
-        };
-        channel
-            .exchange_declare(ExchangeType::Direct, exchange, options)
-            .expect("exchange");
         let options = QueueDeclareOptions {
             durable: true,
             ..Default::default()
         };
-        channel.queue_declare(name.as_str(), options).expect("queue");
-        channel
-            .queue_bind(name.as_str(), exchange, key, FieldTable::new())
-            .expect("bind");
+        declare_bound_queue(&channel, exchange, &name, options, &[key]);
         let _ = connection.close();
         DurableQueue { name }
     }
@@ -109,12 +100,7 @@ impl DurableQueue {
 
 impl Drop for DurableQueue {
     fn drop(&mut self) {
-        if let Ok(mut connection) = amiquip::Connection::insecure_open(&amqp_url()) {
-            if let Ok(channel) = connection.open_channel(None) {
-                let _ = channel.queue_delete(self.name.as_str(), QueueDeleteOptions::default());
-            }
-            let _ = connection.close();
-        }
+        delete_quietly(&[&self.name], &[]);
     }
 }
 

@@ -2,8 +2,7 @@
 
 mod common;
 
-use std::process::Command;
-
+use common::process::{bridge_command, ConfigFile};
 use common::*;
 use serde_json::json;
 
@@ -76,8 +75,6 @@ async fn the_console_page_is_served() {
 
 #[test]
 fn a_bad_config_file_stops_start_up_naming_the_key() {
-    let dir = std::env::temp_dir().join(format!("deskbridge-cli-{}", uuid::Uuid::new_v4().simple()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
     let cases = [
         ("[amqp]\nprefetch = 0\n", "amqp.prefetch"),
         ("[ws]\nmax_frame_bytes = \"lots\"\n", "max_frame_bytes"),
@@ -85,19 +82,14 @@ fn a_bad_config_file_stops_start_up_naming_the_key() {
         ("[amqp]\nno_such_key = 1\n", "no_such_key"),
     ];
     for (text, key) in cases {
-        let path = dir.join("bad.toml");
-        std::fs::write(&path, text).expect("write config");
-        let output = Command::new(env!("CARGO_BIN_EXE_deskbridge"))
-            .arg("--config")
-            .arg(&path)
-            .env_remove("DESKBRIDGE_BIND")
+        let config = ConfigFile::write(text);
+        let output = bridge_command(env!("CARGO_BIN_EXE_deskbridge"), config.path())
             .output()
             .expect("run deskbridge");
         assert_eq!(output.status.code(), Some(2), "{text}");
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert!(stderr.contains(key), "stderr names `{key}`: {stderr}");
     }
-    std::fs::remove_dir_all(&dir).ok();
 }
 
 #[test]

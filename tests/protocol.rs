@@ -341,21 +341,19 @@ async fn a_router_that_cannot_keep_up_bounds_its_intake_and_says_so_once() {
         busy["message"].as_str().is_some_and(|m| m.contains("overloaded")),
         "{busy}"
     );
-    release.send(()).expect("the gate listens");
-
-    // What the router admitted is acked; the rest was dropped and counted, never queued. The
+    // Still held: what the router did not admit was dropped and counted, never queued. The
     // intake admits `max_queued_requests` plus some slack (a sender is parked only after
     // overfilling it), far from the 200 sent.
-    let mut acked = 0;
-    while acked < 2 {
-        let reply = browser.recv().await;
-        assert_eq!(reply["op"], "ack", "only acks follow the one busy error: {reply}");
-        acked += 1;
-    }
     bridge
         .wait_metric_at_least(
             "deskbridge_ws_frames_dropped_total{reason=\"router_busy\"}",
             flood - 16,
         )
         .await;
+    release.send(()).expect("the gate listens");
+    // What the router admitted is acked.
+    for _ in 0..2 {
+        let reply = browser.recv().await;
+        assert_eq!(reply["op"], "ack", "only acks follow the one busy error: {reply}");
+    }
 }

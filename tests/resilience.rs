@@ -4,8 +4,6 @@
 mod common;
 
 use std::collections::HashSet;
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use amiquip::{AmqpProperties, AmqpValue, FieldTable};
@@ -119,9 +117,7 @@ async fn publishes_never_handed_to_the_broker_are_reported_not_sent_at_shutdown(
 
 /// A WebSocket client whose socket receive buffer is tiny and who stops reading on demand.
 async fn sluggish_browser(bridge: &TestBridge) -> Browser {
-    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
-    socket.set_recv_buffer_size(4096).expect("SO_RCVBUF");
-    let stream = socket.connect(bridge.addr).await.expect("connect");
+    let stream = common::browser::small_receive_buffer(bridge.addr).await;
     Browser::over(stream, &bridge.ws_url()).await
 }
 
@@ -317,75 +313,19 @@ async fn shutdown_under_load_loses_no_acked_message() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_closes_browsers_with_1001_and_exits_zero() {
     let config = test_config("sigterm");
-    let dir = std::env::temp_dir().join(unique("sigterm"));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    let path = dir.join("deskbridge.toml");
-    let amqp = &config.amqp;
-    std::fs::write(
-        &path,
-        format!(
-            "bind = \"127.0.0.1:0\"\nworkers = 1\nshutdown_timeout_ms = 3000\n[amqp]\nurls = [\"{}\"]\n\
-             inbound_exchange = \"{}\"\ninbound_queue = \"{}\"\noutbound_exchange = \"{}\"\n",
-            amqp_url(),
-            amqp.inbound_exchange,
-            amqp.inbound_queue,
-            amqp.outbound_exchange
-        ),
-    )
-    .expect("write config");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_deskbridge"))
-        .arg("--config")
-        .arg(&path)
-        .env_remove("DESKBRIDGE_BIND")
-        .env_remove("AMQP_URL")
-        .env("RUST_LOG", "info")
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start deskbridge");
-    let stderr = child.stderr.take().expect("stderr");
-    let (addr_tx, addr_rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if let Some(addr) = line.split(deskbridge::LISTENING_ON).nth(1) {
-                let _ = addr_tx.send(addr.trim().to_string());
-            }
-        }
-    });
-    let addr = addr_rx
-        .recv_timeout(DEADLINE)
-        .expect("deskbridge logs its address");
-    let bridge_addr: std::net::SocketAddr = addr.parse().expect("socket address");
-    let started = Instant::now();
-    while http_get(bridge_addr, "/health").await.0 != 200 {
-        assert!(started.elapsed() < DEADLINE, "bridge never became healthy");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws"))
-        .await
-        .expect("ws");
-    let mut browser = Browser::from_stream(ws).await;
+    let mut bridge =
+        BridgeProcess::launch(env!("CARGO_BIN_EXE_deskbridge"), &config).expect("start deskbridge");
+    bridge.wait_healthy(DEADLINE).await;
+    let mut browser = Browser::connect_to(bridge.addr).await;
 
-    let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .expect("kill");
-    assert!(status.success());
+    bridge.terminate().expect("SIGTERM is delivered");
     let close = browser.closed().await.expect("close frame");
     assert_eq!(close.code, CloseCode::Away);
-    let started = Instant::now();
-    let exit = loop {
-        if let Some(exit) = child.try_wait().expect("wait") {
-            break exit;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "deskbridge did not exit within 10 s of SIGTERM"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let exit = tokio::task::block_in_place(|| bridge.wait_exit(Duration::from_secs(10)))
+        .expect("deskbridge exits within 10 s of SIGTERM");
     assert_eq!(exit.code(), Some(0));
+    drop(bridge);
     delete_topology(&config);
-    std::fs::remove_dir_all(&dir).ok();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -281,10 +281,9 @@ mod tests {
             .recv_timeout(wait)
             .expect("the worker starts over after its panic");
         assert_eq!(second, LinkStatus::Down, "the panic was reported as a lost link");
-        assert!(metrics
-            .render()
-            .lines()
-            .any(|l| l == "deskbridge_amqp_worker_panics_total{link=\"consumer\"} 1"));
+        let text = metrics.render();
+        let line = "deskbridge_amqp_worker_panics_total{link=\"consumer\"} 1";
+        assert!(text.lines().any(|l| l == line), "no `{line}` in\n{text}");
         worker.stop_and_join(Instant::now() + wait);
     }
 }

@@ -1,0 +1,131 @@
+//! The broker: connections, the topology a desktop app declares, and clean-up afterwards.
+
+use amiquip::{
+    Channel, Connection, Consumer, ConsumerOptions, ExchangeDeclareOptions, ExchangeType, FieldTable, Queue,
+    QueueDeclareOptions, QueueDeleteOptions,
+};
+use deskbridge::config::Config;
+
+/// The broker the tests use.
+pub fn amqp_url() -> String {
+    std::env::var("AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+/// A broker URL from text the test wrote.
+pub fn url(text: &str) -> deskbridge::broker_url::BrokerUrl {
+    text.parse()
+        .unwrap_or_else(|error| panic!("test URL is valid: {error}"))
+}
+
+/// Opens an AMQP connection to `url`, or fails saying how to start that broker.
+pub fn connect(url: &str, how_to_start: &str) -> Connection {
+    Connection::insecure_open(url)
+        .unwrap_or_else(|error| panic!("cannot reach RabbitMQ at {url}: {error}\n{how_to_start}"))
+}
+
+/// Opens an AMQP connection to the tests' broker, or fails the test saying how to start RabbitMQ.
+pub fn broker() -> Connection {
+    connect(
+        &amqp_url(),
+        "These tests need a real broker. Start one with `rabbitmq-server -detached` \
+         (or set AMQP_URL to one that runs).",
+    )
+}
+
+/// A durable direct exchange, as deskbridge declares its own.
+pub fn declare_direct_exchange(channel: &Channel, name: &str) {
+    let options = ExchangeDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    channel
+        .exchange_declare(ExchangeType::Direct, name, options)
+        .expect("declare exchange");
+}
+
+/// Declares `exchange` (see `declare_direct_exchange`) and the queue `name` (`""`: the broker
+/// names it) with `options`, and binds the queue to the exchange with each key.
+pub fn declare_bound_queue<'a>(
+    channel: &'a Channel,
+    exchange: &str,
+    name: &str,
+    options: QueueDeclareOptions,
+    keys: &[&str],
+) -> Queue<'a> {
+    declare_direct_exchange(channel, exchange);
+    let queue = channel.queue_declare(name, options).expect("declare queue");
+    for key in keys {
+        channel
+            .queue_bind(queue.name(), exchange, *key, FieldTable::new())
+            .expect("bind queue");
+    }
+    queue
+}
+
+/// A desktop app's private queue on `exchange`: broker-named, exclusive, deleted with its
+/// connection, bound with each key.
+pub fn private_queue<'a>(channel: &'a Channel, exchange: &str, keys: &[&str]) -> Queue<'a> {
+    let options = QueueDeclareOptions {
+        exclusive: true,
+        auto_delete: true,
+        ..Default::default()
+    };
+    declare_bound_queue(channel, exchange, "", options, keys)
+}
+
+/// A consumer that takes every message off `queue` without acknowledgements.
+pub fn consume_unacked<'a>(queue: &Queue<'a>) -> Consumer<'a> {
+    queue
+        .consume(ConsumerOptions {
+            no_ack: true,
+            ..Default::default()
+        })
+        .expect("consume")
+}
+
+/// Deletes `queues`, then `exchanges`, on the tests' broker; whatever is missing (or a broker
+/// that is away) is ignored, so this also serves in `Drop`.
+pub fn delete_quietly(queues: &[&str], exchanges: &[&str]) {
+    let Ok(mut connection) = Connection::insecure_open(&amqp_url()) else {
+        return;
+    };
+    // A failed delete closes its channel: one channel each.
+    for queue in queues {
+        if let Ok(channel) = connection.open_channel(None) {
+            let _ = channel.queue_delete(*queue, QueueDeleteOptions::default());
+        }
+    }
+    for exchange in exchanges {
+        if let Ok(channel) = connection.open_channel(None) {
+            let _ = channel.exchange_delete(*exchange, false);
+        }
+    }
+    let _ = connection.close();
+}
+
+/// Deletes everything a test bridge declared, leaving the broker clean.
+pub fn delete_topology(config: &Config) {
+    let amqp = &config.amqp;
+    let dead_letters = format!("{}.dead", amqp.inbound_queue);
+    let dead_letter_exchange = format!("{}.dlx", amqp.inbound_queue);
+    delete_quietly(
+        &[&amqp.inbound_queue, &dead_letters],
+        &[
+            &amqp.inbound_exchange,
+            &amqp.outbound_exchange,
+            &dead_letter_exchange,
+        ],
+    );
+}
+
+/// Messages ready in `queue` (unacked ones count once their consumer's connection closed).
+pub fn queue_depth(queue: &str) -> u32 {
+    let mut connection = broker();
+    let channel = connection.open_channel(None).expect("channel");
+    let depth = channel
+        .queue_declare_passive(queue)
+        .map(|q| q.declared_message_count().unwrap_or(0))
+        .unwrap_or_else(|error| panic!("queue {queue} exists: {error}"));
+    let _ = connection.close();
+    depth
+}

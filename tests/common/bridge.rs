@@ -1,0 +1,136 @@
+//! A bridge inside the test process: its own thread and actix system, as in production.
+
+use std::net::SocketAddr;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use deskbridge::config::Config;
+use deskbridge::Transforms;
+use serde_json::Value;
+
+use super::amqp::{amqp_url, delete_topology, url};
+use super::browser::ws_url;
+use super::http::{http_get, wait_health};
+use super::{poll, unique, DEADLINE};
+
+/// A config for one test: port 0, unique exchanges and queue, short timeouts.
+pub fn test_config(test: &str) -> Config {
+    let mut config = Config {
+        bind: "127.0.0.1:0".into(),
+        workers: 1,
+        shutdown_timeout_ms: 3_000,
+        ..Config::default()
+    };
+    config.amqp.urls = vec![url(&amqp_url())];
+    config.amqp.inbound_exchange = unique(&format!("{test}.in"));
+    config.amqp.inbound_queue = unique(&format!("{test}.q"));
+    config.amqp.outbound_exchange = unique(&format!("{test}.out"));
+    config.amqp.reconnect_initial_ms = 50;
+    config.amqp.reconnect_max_ms = 500;
+    config
+}
+
+/// A bridge running on its own thread and actix system, as in production.
+pub struct TestBridge {
+    pub addr: SocketAddr,
+    pub config: Config,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl TestBridge {
+    /// Starts a bridge with the config's own transform rules.
+    pub fn start(config: Config) -> TestBridge {
+        let transforms = Transforms::from_rules(&config.transforms);
+        TestBridge::start_with(config, transforms)
+    }
+
+    /// Starts a bridge with explicit transforms.
+    pub fn start_with(config: Config, transforms: Transforms) -> TestBridge {
+        let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+        let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let thread_config = config.clone();
+        let thread = std::thread::spawn(move || {
+            actix_web::rt::System::new().block_on(async move {
+                let bridge = deskbridge::start(thread_config, transforms)
+                    .await
+                    .expect("bridge starts");
+                addr_tx.send(bridge.local_addr()).expect("test is waiting");
+                let _ = stop_rx.await;
+                bridge.shutdown().await;
+            });
+        });
+        let addr = addr_rx
+            .recv_timeout(DEADLINE)
+            .expect("bridge reports its address");
+        TestBridge {
+            addr,
+            config,
+            stop: Some(stop),
+            thread: Some(thread),
+        }
+    }
+
+    /// Starts a bridge and waits until both AMQP links are up.
+    pub async fn start_healthy(config: Config) -> TestBridge {
+        let bridge = TestBridge::start(config);
+        bridge.wait_health(200).await;
+        bridge
+    }
+
+    pub fn ws_url(&self) -> String {
+        ws_url(self.addr)
+    }
+
+    /// Waits until `/health` answers `status`; returns its body.
+    pub async fn wait_health(&self, status: u16) -> Value {
+        wait_health(self.addr, status, DEADLINE).await
+    }
+
+    /// Waits until `/metrics` has `line` (e.g. `deskbridge_own_echo_total 1`).
+    pub async fn wait_metric(&self, line: &str) {
+        poll(DEADLINE, Duration::from_millis(20), || async move {
+            let (_, body) = http_get(self.addr, "/metrics").await;
+            if body.lines().any(|l| l == line) {
+                Ok(())
+            } else {
+                Err(format!("metric `{line}` never appeared:\n{body}"))
+            }
+        })
+        .await
+    }
+
+    /// Waits until the counter `name` (exact series, labels included) reaches `at_least`.
+    pub async fn wait_metric_at_least(&self, name: &str, at_least: u64) {
+        poll(DEADLINE, Duration::from_millis(10), || async move {
+            let (_, body) = http_get(self.addr, "/metrics").await;
+            let value = body
+                .lines()
+                .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse::<f64>().ok())
+                .unwrap_or(0.0);
+            if value >= at_least as f64 {
+                Ok(())
+            } else {
+                Err(format!("{name} stayed at {value} (wanted ≥ {at_least})"))
+            }
+        })
+        .await
+    }
+
+    /// Stops the bridge gracefully and waits for its thread.
+    pub fn stop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for TestBridge {
+    fn drop(&mut self) {
+        self.stop();
+        delete_topology(&self.config);
+    }
+}

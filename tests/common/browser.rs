@@ -1,0 +1,156 @@
+//! A browser: a WebSocket client of the bridge's `/ws`.
+
+use std::net::SocketAddr;
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+use super::bridge::TestBridge;
+use super::DEADLINE;
+
+/// A client WebSocket over plain TCP.
+pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// The WebSocket endpoint of the bridge at `addr`.
+pub fn ws_url(addr: SocketAddr) -> String {
+    format!("ws://{addr}/ws")
+}
+
+/// A TCP connection to `addr` whose receive buffer is tiny (4 KiB asked; the kernel may
+/// double it), so that a reader that stops reading backs the server up quickly.
+pub async fn small_receive_buffer(addr: SocketAddr) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.set_recv_buffer_size(4096).expect("SO_RCVBUF");
+    socket.connect(addr).await.expect("connect")
+}
+
+/// A browser connected to `/ws`.
+pub struct Browser {
+    ws: Ws,
+    /// The session id from `welcome`.
+    pub session: String,
+    /// The whole `welcome` frame.
+    pub welcome: Value,
+}
+
+impl Browser {
+    /// Connects and reads the `welcome`.
+    pub async fn connect(bridge: &TestBridge) -> Browser {
+        Browser::connect_to(bridge.addr).await
+    }
+
+    /// Connects to the bridge at `addr` (e.g. a `BridgeProcess`) and reads the `welcome`.
+    pub async fn connect_to(addr: SocketAddr) -> Browser {
+        let (ws, _) = tokio_tungstenite::connect_async(ws_url(addr))
+            .await
+            .expect("websocket upgrade");
+        Browser::from_stream(ws).await
+    }
+
+    /// Upgrades an already connected TCP stream (e.g. one with tuned socket buffers).
+    pub async fn over(stream: TcpStream, url: &str) -> Browser {
+        let (ws, _) = tokio_tungstenite::client_async(url, MaybeTlsStream::Plain(stream))
+            .await
+            .expect("websocket upgrade");
+        Browser::from_stream(ws).await
+    }
+
+    /// Wraps an upgraded socket and reads the `welcome`.
+    pub async fn from_stream(ws: Ws) -> Browser {
+        let mut browser = Browser {
+            ws,
+            session: String::new(),
+            welcome: Value::Null,
+        };
+        let welcome = browser.recv().await;
+        assert_eq!(welcome["op"], "welcome", "first frame is welcome: {welcome}");
+        browser.session = welcome["session"].as_str().expect("session id").to_string();
+        browser.welcome = welcome;
+        browser
+    }
+
+    pub async fn send(&mut self, frame: Value) {
+        self.send_text(&frame.to_string()).await;
+    }
+
+    pub async fn send_text(&mut self, text: &str) {
+        self.ws
+            .send(Message::Text(text.into()))
+            .await
+            .expect("send frame");
+    }
+
+    /// Sends a frame; `Err` once the connection is closed.
+    pub async fn try_send(&mut self, frame: Value) -> Result<(), tokio_tungstenite::tungstenite::Error> {
+        self.ws.send(Message::Text(frame.to_string())).await
+    }
+
+    /// The next message of any kind, `None` when the stream ended (deadline applies).
+    pub async fn next_frame(&mut self) -> Option<Message> {
+        tokio::time::timeout(DEADLINE, self.ws.next())
+            .await
+            .expect("a frame arrives before the deadline")
+            .and_then(Result::ok)
+    }
+
+    pub async fn send_raw(&mut self, message: Message) {
+        self.ws.send(message).await.expect("send frame");
+    }
+
+    /// The next JSON text frame (pings are answered by tungstenite and skipped; the deadline
+    /// covers the whole wait, so heartbeats cannot stretch it).
+    pub async fn recv(&mut self) -> Value {
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        loop {
+            let message = tokio::time::timeout_at(deadline, self.ws.next())
+                .await
+                .expect("a frame arrives before the deadline")
+                .expect("socket still open")
+                .expect("valid websocket frame");
+            match message {
+                Message::Text(text) => return serde_json::from_str(&text).expect("server sends JSON"),
+                Message::Ping(_) | Message::Pong(_) => continue,
+                other => panic!("expected a text frame, got {other:?}"),
+            }
+        }
+    }
+
+    /// Reads until the server closes; returns the close frame.
+    pub async fn closed(&mut self) -> Option<CloseFrame<'static>> {
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        loop {
+            let next = tokio::time::timeout_at(deadline, self.ws.next())
+                .await
+                .expect("the server closes before the deadline");
+            match next {
+                Some(Ok(Message::Close(frame))) => return frame,
+                Some(Ok(_)) => continue,
+                Some(Err(_)) | None => return None,
+            }
+        }
+    }
+
+    pub async fn subscribe(&mut self, desks: &[&str]) {
+        self.send(json!({"op": "subscribe", "desks": desks})).await;
+        let reply = self.recv().await;
+        assert_eq!(reply, json!({"op": "subscribed", "desks": desks}));
+    }
+
+    /// Sends ping and expects pong as the very next frame: proves the session is usable and
+    /// that nothing else was queued for it before.
+    pub async fn assert_quiet(&mut self) {
+        self.send(json!({"op": "ping"})).await;
+        assert_eq!(self.recv().await, json!({"op": "pong"}));
+    }
+
+    /// Publishes and returns the `ack` or `error` reply.
+    pub async fn publish(&mut self, desk: &str, event: &str, data: Value, reference: &str) -> Value {
+        self.send(json!({"op": "publish", "desk": desk, "event": event, "data": data, "ref": reference}))
+            .await;
+        self.recv().await
+    }
+}

@@ -1,0 +1,176 @@
+//! The deskbridge binary as a child process, configured by a TOML file, as an operator runs it.
+//!
+//! The binary's path is a parameter: tests pass `env!("CARGO_BIN_EXE_deskbridge")` (set for
+//! integration tests only), the bench its `--bridge-bin`.
+
+use std::ffi::OsStr;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStderr, Command, ExitStatus, Stdio};
+use std::sync::mpsc::Receiver;
+use std::time::{Duration, Instant};
+
+use deskbridge::config::Config;
+use serde_json::Value;
+
+use super::http::wait_health;
+use super::DEADLINE;
+
+/// A TOML config in a temp file of its own, deleted on drop.
+pub struct ConfigFile {
+    path: PathBuf,
+}
+
+impl ConfigFile {
+    pub fn write(text: &str) -> ConfigFile {
+        let name = format!("deskbridge-{}.toml", uuid::Uuid::new_v4().simple());
+        let path = std::env::temp_dir().join(name);
+        std::fs::write(&path, text).unwrap_or_else(|error| panic!("write {}: {error}", path.display()));
+        ConfigFile { path }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for ConfigFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// What a launched bridge takes from `config`, as TOML: `bind`, `workers`,
+/// `shutdown_timeout_ms` and the AMQP URLs and names (the rest keeps its defaults).
+pub fn config_toml(config: &Config) -> String {
+    let number = |n: u64| toml::Value::Integer(i64::try_from(n).expect("fits TOML's i64"));
+    let amqp = &config.amqp;
+    let mut amqp_table = toml::Table::new();
+    let urls: Vec<&str> = amqp.urls.iter().map(|url| url.reveal()).collect();
+    amqp_table.insert("urls".into(), urls.into());
+    amqp_table.insert("inbound_exchange".into(), amqp.inbound_exchange.clone().into());
+    amqp_table.insert("inbound_queue".into(), amqp.inbound_queue.clone().into());
+    amqp_table.insert("outbound_exchange".into(), amqp.outbound_exchange.clone().into());
+    let mut table = toml::Table::new();
+    table.insert("bind".into(), config.bind.clone().into());
+    table.insert("workers".into(), number(config.workers as u64));
+    table.insert("shutdown_timeout_ms".into(), number(config.shutdown_timeout_ms));
+    table.insert("amqp".into(), amqp_table.into());
+    table.to_string()
+}
+
+/// `binary --config <config>` with the environment's overrides (`DESKBRIDGE_BIND`, `AMQP_URL`)
+/// removed, so that the file alone decides.
+pub fn bridge_command(binary: impl AsRef<OsStr>, config: &Path) -> Command {
+    let mut command = Command::new(binary);
+    command
+        .arg("--config")
+        .arg(config)
+        .env_remove("DESKBRIDGE_BIND")
+        .env_remove("AMQP_URL");
+    command
+}
+
+/// A running deskbridge binary; killed (and its config file deleted) on drop.
+pub struct BridgeProcess {
+    child: Child,
+    /// Where it serves HTTP and WebSocket, from its `LISTENING_ON` log line.
+    pub addr: SocketAddr,
+    _config: ConfigFile,
+}
+
+impl BridgeProcess {
+    /// Writes `config` (see `config_toml`) to a temp file, starts `binary` on it with
+    /// `RUST_LOG=warn,deskbridge=info`, and returns once it logged its address (failing after
+    /// `DEADLINE`). From then on its WARN and ERROR lines are copied to stderr as
+    /// `  bridge: <line>`. `Err` when the binary cannot be started at all.
+    pub fn launch(binary: impl AsRef<OsStr>, config: &Config) -> std::io::Result<BridgeProcess> {
+        let file = ConfigFile::write(&config_toml(config));
+        let mut child = bridge_command(binary, file.path())
+            .env("RUST_LOG", "warn,deskbridge=info")
+            .stderr(Stdio::piped())
+            .spawn()?;
+        let address = follow_stderr(child.stderr.take().expect("stderr is piped"));
+        match address.recv_timeout(DEADLINE) {
+            Ok(addr) => Ok(BridgeProcess {
+                child,
+                addr,
+                _config: file,
+            }),
+            Err(error) => {
+                let _ = child.kill();
+                let exit = child.wait();
+                panic!("deskbridge never logged its address ({error}); it ended: {exit:?}")
+            }
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits until `/health` answers 200 (both AMQP links up), failing after `within`.
+    pub async fn wait_healthy(&self, within: Duration) -> Value {
+        wait_health(self.addr, 200, within).await
+    }
+
+    /// Sends SIGTERM, deskbridge's signal for a graceful shutdown.
+    pub fn terminate(&self) -> std::io::Result<()> {
+        let pid = libc::pid_t::try_from(self.child.id()).expect("a pid fits pid_t");
+        // SAFETY: kill(2) touches no memory of ours. The pid is our child's and is not reaped
+        // before `wait_exit` or `drop`, so it cannot name another process.
+        if unsafe { libc::kill(pid, libc::SIGTERM) } == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
+    }
+
+    /// Waits up to `within` for the process to exit, polling every 20 ms; `None` while it runs.
+    pub fn wait_exit(&mut self, within: Duration) -> Option<ExitStatus> {
+        let started = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait for deskbridge") {
+                return Some(status);
+            }
+            if started.elapsed() >= within {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGTERM, up to 15 s for the graceful exit, then SIGKILL (by `drop`).
+    pub fn stop(mut self) {
+        let _ = self.terminate();
+        let _ = self.wait_exit(Duration::from_secs(15));
+    }
+}
+
+impl Drop for BridgeProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Reads the bridge's stderr on a thread of its own until it closes: sends the address of the
+/// `LISTENING_ON` line, copies WARN and ERROR lines to our stderr.
+fn follow_stderr(stderr: ChildStderr) -> Receiver<SocketAddr> {
+    let (address, receiver) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Some(addr) = line.split(deskbridge::LISTENING_ON).nth(1) {
+                let addr = addr
+                    .trim()
+                    .parse()
+                    .unwrap_or_else(|error| panic!("`{line}` ends in a socket address: {error}"));
+                let _ = address.send(addr);
+            } else if line.contains("WARN") || line.contains("ERROR") {
+                eprintln!("  bridge: {line}");
+            }
+        }
+    });
+    receiver
+}
