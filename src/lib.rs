@@ -109,6 +109,7 @@ pub async fn start(config: Config, mut transforms: Transforms) -> Result<Bridge,
     let state = web::Data::new(AppState {
         config: Arc::clone(&config),
         router: router.clone(),
+        intake: Arc::new(router.clone().recipient()),
         metrics: Arc::clone(&metrics),
         consumer: Arc::clone(&consumer_link),
         publisher: Arc::clone(&publisher_link),

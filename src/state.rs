@@ -5,6 +5,7 @@ use std::time::Instant;
 
 use actix::Addr;
 
+use crate::actors::messages::RouterIntake;
 use crate::actors::router::Router;
 use crate::config::Config;
 use crate::link::LinkState;
@@ -14,8 +15,10 @@ use crate::metrics::Metrics;
 pub struct AppState {
     /// Shared configuration.
     pub config: Arc<Config>,
-    /// The router, for new sessions and stats.
+    /// The router, for stats.
     pub router: Addr<Router>,
+    /// The router's intake, shared by every session.
+    pub intake: RouterIntake,
     /// Shared counters.
     pub metrics: Arc<Metrics>,
     /// Consumer link state.

@@ -122,7 +122,7 @@ fn run(
     let (socket, early) = detach(framed);
     let socket = Rc::new(socket);
     let session = WsSession::new(
-        state.router.clone().recipient(),
+        Arc::clone(&state.intake),
         Arc::clone(&state.config),
         Arc::clone(&state.metrics),
         slot,

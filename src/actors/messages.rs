@@ -44,6 +44,11 @@ pub enum FromSession {
     Publish(Publish),
 }
 
+/// Every session's way to the router: one sender shared by all of them. Sharing it costs a
+/// session no allocation, and makes the router's mailbox bound global: once a `try_send`
+/// overfills it, every session is refused until the router catches up.
+pub type RouterIntake = Arc<Recipient<FromSession>>;
+
 /// A browser's `publish`, not yet validated.
 pub struct Publish {
     /// Session id.

@@ -18,7 +18,7 @@ use actix::prelude::*;
 use actix_web_actors::ws::{self, CloseCode, CloseReason, ProtocolError};
 use uuid::Uuid;
 
-use crate::actors::messages::{FromSession, Outbox, Publish, ToSession};
+use crate::actors::messages::{FromSession, Outbox, Publish, RouterIntake, ToSession};
 use crate::config::Config;
 use crate::metrics::{Dropped, Metrics};
 use crate::protocol::{parse_client_frame, ClientFrame, ErrorCode, Refusal, ServerFrame};
@@ -63,7 +63,7 @@ impl RateWindow {
 /// One browser connection.
 pub struct WsSession {
     id: Uuid,
-    router: Recipient<FromSession>,
+    router: RouterIntake,
     config: Arc<Config>,
     metrics: Arc<Metrics>,
     queued_bytes: Arc<AtomicUsize>,
@@ -78,7 +78,7 @@ pub struct WsSession {
 impl WsSession {
     /// A session for a new connection, holding `slot` until it ends.
     pub fn new(
-        router: Recipient<FromSession>,
+        router: RouterIntake,
         config: Arc<Config>,
         metrics: Arc<Metrics>,
         slot: SessionSlot,
