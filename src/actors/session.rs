@@ -77,12 +77,7 @@ pub struct WsSession {
 
 impl WsSession {
     /// A session for a new connection, holding `slot` until it ends.
-    pub fn new(
-        router: RouterIntake,
-        config: Arc<Config>,
-        metrics: Arc<Metrics>,
-        slot: SessionSlot,
-    ) -> Self {
+    pub fn new(router: RouterIntake, config: Arc<Config>, metrics: Arc<Metrics>, slot: SessionSlot) -> Self {
         WsSession {
             id: Uuid::new_v4(),
             router,

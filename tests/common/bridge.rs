@@ -2,7 +2,7 @@
 
 use std::net::SocketAddr;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use deskbridge::config::Config;
 use deskbridge::Transforms;
@@ -115,6 +115,19 @@ impl TestBridge {
             }
         })
         .await
+    }
+
+    /// Stops the bridge off the test's runtime (so browsers can be read meanwhile); returns
+    /// it (stopped, topology not yet deleted) and how long the shutdown took.
+    pub async fn shut_down(mut self) -> (TestBridge, Duration) {
+        let started = Instant::now();
+        let bridge = tokio::task::spawn_blocking(move || {
+            self.stop();
+            self
+        })
+        .await
+        .expect("shutdown completes");
+        (bridge, started.elapsed())
     }
 
     /// Stops the bridge gracefully and waits for its thread.
