@@ -16,6 +16,8 @@ use crate::config::AmqpConfig;
 pub const HEADER_INSTANCE: &str = "x-instance";
 /// Header naming the browser session that published a message.
 pub const HEADER_SESSION: &str = "x-session";
+/// Header naming the user (the token's `sub`) whose browser published a message.
+pub const HEADER_USER: &str = "x-user";
 /// Header saying where a message came from.
 pub const HEADER_ORIGIN: &str = "x-origin";
 /// `app_id` of every message the bridge publishes.

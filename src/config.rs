@@ -30,6 +30,8 @@ pub struct Config {
     pub amqp: AmqpConfig,
     /// Browser side.
     pub ws: WsConfig,
+    /// Who may connect, and with which rights.
+    pub auth: AuthConfig,
     /// Per-desk data transforms, applied in order.
     pub transforms: Vec<TransformRule>,
 }
@@ -85,6 +87,99 @@ pub struct WsConfig {
     /// Browser requests waiting for the router, all sessions together; past it a request is
     /// answered `rate_limited` at once instead of queueing without bound.
     pub max_queued_requests: usize,
+    /// Origins whose pages may open a WebSocket: `[]` only the bridge's own origin (Origin
+    /// host:port = Host), `["*"]` any, else exact origins like `https://desk.example.com`. A
+    /// handshake without `Origin` (not a browser) is always allowed.
+    pub allowed_origins: Vec<String>,
+    /// Concurrent sessions from one IP address; further upgrades get 429.
+    pub max_sessions_per_ip: usize,
+}
+
+/// `[auth]`: identity and permissions.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// `none` (anyone who can reach the port) or `jwt`.
+    pub mode: AuthMode,
+    /// With `mode = "none"`, allow a bind address that is not loopback.
+    pub allow_anonymous: bool,
+    /// How long a session may take to send its `auth` frame, in milliseconds.
+    pub timeout_ms: u64,
+    /// Keys and claim rules for `mode = "jwt"`.
+    pub jwt: JwtConfig,
+}
+
+/// How browsers are identified.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AuthMode {
+    /// No identity: every session may do everything.
+    #[default]
+    None,
+    /// A JWT on `?token=` or in the first `auth` frame.
+    Jwt,
+}
+
+/// `[auth.jwt]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JwtConfig {
+    /// File holding the HS256 secret (a trailing newline is ignored).
+    pub hs256_secret_file: Option<PathBuf>,
+    /// The HS256 secret from `DESKBRIDGE_JWT_SECRET`; wins over the file.
+    #[serde(skip)]
+    pub hs256_secret: Option<Secret>,
+    /// PEM public key (RSA for RS256, P-256 EC for ES256).
+    pub public_key_file: Option<PathBuf>,
+    /// When set, tokens must carry this `iss`.
+    pub issuer: Option<String>,
+    /// When set, tokens must carry this `aud`.
+    pub audience: Option<String>,
+}
+
+impl std::str::FromStr for AuthMode {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        match text {
+            "none" => Ok(AuthMode::None),
+            "jwt" => Ok(AuthMode::Jwt),
+            other => Err(format!("`{other}` is not an auth mode: none or jwt")),
+        }
+    }
+}
+
+/// A secret that never shows in `Debug` output or logs.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret.
+    pub fn new(secret: String) -> Self {
+        Secret(secret)
+    }
+
+    /// The secret itself, for the one place that needs it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            mode: AuthMode::None,
+            allow_anonymous: false,
+            timeout_ms: 5_000,
+            jwt: JwtConfig::default(),
+        }
+    }
 }
 
 impl Default for Config {
@@ -101,6 +196,7 @@ impl Default for Config {
             shutdown_timeout_ms: 10_000,
             amqp: AmqpConfig::default(),
             ws: WsConfig::default(),
+            auth: AuthConfig::default(),
             transforms: Vec::new(),
         }
     }
@@ -138,6 +234,8 @@ impl Default for WsConfig {
             max_desks_per_subscribe: 64,
             max_frames_per_second: 1000,
             max_queued_requests: 65_536,
+            allowed_origins: Vec::new(),
+            max_sessions_per_ip: 256,
         }
     }
 }
@@ -183,6 +281,12 @@ pub struct Overrides {
     pub bind: Option<String>,
     /// `AMQP_URL`: one URL or a comma-separated list.
     pub amqp_url: Option<String>,
+    /// `--auth-mode` or `DESKBRIDGE_AUTH_MODE`.
+    pub auth_mode: Option<AuthMode>,
+    /// `--allow-anonymous` or `DESKBRIDGE_ALLOW_ANONYMOUS`.
+    pub allow_anonymous: Option<bool>,
+    /// `DESKBRIDGE_JWT_SECRET`: the HS256 secret itself.
+    pub jwt_secret: Option<Secret>,
 }
 
 impl Config {
@@ -194,6 +298,15 @@ impl Config {
         };
         if let Some(bind) = &overrides.bind {
             config.bind = bind.clone();
+        }
+        if let Some(mode) = overrides.auth_mode {
+            config.auth.mode = mode;
+        }
+        if let Some(allow) = overrides.allow_anonymous {
+            config.auth.allow_anonymous = allow;
+        }
+        if let Some(secret) = &overrides.jwt_secret {
+            config.auth.jwt.hs256_secret = Some(secret.clone());
         }
         if let Some(urls) = &overrides.amqp_url {
             config.amqp.urls = split_urls(urls)
@@ -244,7 +357,46 @@ impl Config {
         check_names("events", &self.events, false)?;
         self.check_amqp()?;
         self.check_limits()?;
+        self.check_access()?;
         self.check_transforms()
+    }
+
+    /// Who may connect: an open bridge only on loopback unless explicitly allowed; origins that
+    /// parse.
+    fn check_access(&self) -> Result<(), ConfigError> {
+        let loopback = self
+            .bind
+            .parse::<std::net::SocketAddr>()
+            .is_ok_and(|addr| addr.ip().is_loopback());
+        if self.auth.mode == AuthMode::None && !loopback && !self.auth.allow_anonymous {
+            return invalid(
+                "auth.mode",
+                format!(
+                    "is \"none\" but bind {} is reachable from other machines: anyone there could read \
+                     and publish on every desk. Set auth.mode = \"jwt\" (DESKBRIDGE_AUTH_MODE=jwt), or \
+                     auth.allow_anonymous = true (DESKBRIDGE_ALLOW_ANONYMOUS=true) on a trusted network",
+                    self.bind
+                ),
+            );
+        }
+        for origin in &self.ws.allowed_origins {
+            if origin == "*" {
+                if self.ws.allowed_origins.len() > 1 {
+                    return invalid("ws.allowed_origins", "`*` allows every origin: list it alone");
+                }
+                continue;
+            }
+            let parsed = url::Url::parse(origin).ok().filter(|url| {
+                matches!(url.scheme(), "http" | "https") && url.host().is_some() && url.path() == "/"
+            });
+            if parsed.is_none() {
+                return invalid(
+                    "ws.allowed_origins",
+                    format!("`{origin}` is not an origin like https://desk.example.com or http://host:8080"),
+                );
+            }
+        }
+        Ok(())
     }
 
     /// URLs, names and backoff of the AMQP side.
@@ -292,6 +444,8 @@ impl Config {
             ),
             ("ws.max_frames_per_second", self.ws.max_frames_per_second as u64),
             ("ws.max_queued_requests", self.ws.max_queued_requests as u64),
+            ("ws.max_sessions_per_ip", self.ws.max_sessions_per_ip as u64),
+            ("auth.timeout_ms", self.auth.timeout_ms),
         ] {
             if value == 0 {
                 return invalid(key, "must be greater than 0");
@@ -401,6 +555,15 @@ mod tests {
             ("bind = \"nowhere\"", "bind"),
             ("[amqp]\nprefetch = 0", "amqp.prefetch"),
             ("[ws]\nclient_timeout_ms = 5", "ws.client_timeout_ms"),
+            ("bind = \"0.0.0.0:8080\"", "auth.mode"),
+            (
+                "[ws]\nallowed_origins = [\"desk.example.com\"]",
+                "ws.allowed_origins",
+            ),
+            (
+                "[ws]\nallowed_origins = [\"*\", \"https://a.example\"]",
+                "ws.allowed_origins",
+            ),
             (
                 "[[transforms]]\ndesk = \"Z\"\ndirection = \"to_web\"",
                 "transforms[0].desk",
@@ -409,6 +572,18 @@ mod tests {
         for (text, key) in cases {
             let err = parse(text).expect_err(text).to_string();
             assert!(err.contains(&format!("`{key}`")), "{text:?} gave {err}");
+        }
+    }
+
+    #[test]
+    fn an_open_bridge_off_loopback_needs_a_decision() {
+        for text in [
+            "bind = \"0.0.0.0:8080\"\n[auth]\nallow_anonymous = true",
+            "bind = \"0.0.0.0:8080\"\n[auth]\nmode = \"jwt\"",
+            "bind = \"[::1]:8080\"",
+            "[ws]\nallowed_origins = [\"https://desk.example.com\", \"http://127.0.0.1:8080\"]",
+        ] {
+            parse(text).unwrap_or_else(|e| panic!("{text:?}: {e}"));
         }
     }
 
@@ -440,6 +615,7 @@ mod tests {
         let overrides = Overrides {
             bind: Some("127.0.0.1:2".into()),
             amqp_url: Some("amqp://a:5672/%2f, amqp://b:5672/%2f".into()),
+            ..Overrides::default()
         };
         let config = Config::load(Some(&path), &overrides).expect("valid");
         assert_eq!(config.bind, "127.0.0.1:2");

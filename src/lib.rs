@@ -16,7 +16,9 @@
 //! configuration, calls it and waits for a signal.
 
 pub mod actors;
+pub mod admission;
 pub mod amqp;
+pub mod auth;
 pub mod backoff;
 pub mod broker_url;
 pub mod catalog;
@@ -44,7 +46,10 @@ use crate::actors::amqp_consumer::AmqpConsumer;
 use crate::actors::amqp_publisher::AmqpPublisher;
 use crate::actors::messages::{BeginShutdown, CloseAll, PublisherHandle};
 use crate::actors::router::Router;
+use crate::actors::session::SessionEnv;
 use crate::actors::worker::{Worker, WorkerContext};
+use crate::admission::Admission;
+use crate::auth::{KeyError, Verifier};
 use crate::catalog::Catalog;
 pub use crate::config::Config;
 use crate::link::LinkState;
@@ -70,6 +75,9 @@ pub enum StartError {
         /// What the OS said.
         source: std::io::Error,
     },
+    /// The configured token keys cannot be used.
+    #[error("{0}")]
+    Keys(KeyError),
     /// The OS refused a thread.
     #[error("cannot start an AMQP worker thread: {0}")]
     Thread(std::io::Error),
@@ -89,6 +97,7 @@ pub struct Bridge {
 /// HTTP listener is bound: the AMQP links connect in the background and `/health` tells when
 /// they are up.
 pub async fn start(config: Config, mut transforms: Transforms) -> Result<Bridge, StartError> {
+    let verifier = Verifier::from_config(&config.auth).map_err(StartError::Keys)?;
     let config = Arc::new(config);
     let catalog = Arc::new(Catalog::new(&config.desks, &config.events));
     transforms.resolve(catalog.desks(), catalog.events());
@@ -109,7 +118,17 @@ pub async fn start(config: Config, mut transforms: Transforms) -> Result<Bridge,
     let state = web::Data::new(AppState {
         config: Arc::clone(&config),
         router: router.clone(),
-        intake: Arc::new(router.clone().recipient()),
+        sessions: Arc::new(SessionEnv {
+            config: Arc::clone(&config),
+            metrics: Arc::clone(&metrics),
+            router: Arc::new(router.clone().recipient()),
+            verifier,
+        }),
+        admission: Arc::new(Admission::new(
+            Arc::clone(&metrics),
+            config.ws.max_sessions,
+            config.ws.max_sessions_per_ip,
+        )),
         metrics: Arc::clone(&metrics),
         consumer: Arc::clone(&consumer_link),
         publisher: Arc::clone(&publisher_link),

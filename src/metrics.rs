@@ -194,6 +194,11 @@ struct DroppedLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct CodeLabels {
     code: ErrorCode,
 }
@@ -207,6 +212,9 @@ struct LinkLabels {
 struct FlowLabels {
     direction: Flow,
 }
+
+/// Why a WebSocket handshake can be refused before a session exists (label values).
+pub const HANDSHAKE_REFUSALS: [&str; 2] = ["origin", "too_many_per_ip"];
 
 /// Upper bounds (seconds) of the confirm-latency histogram buckets.
 const LATENCY_BUCKETS: [f64; 12] = [
@@ -243,6 +251,8 @@ pub struct Metrics {
     publish_failures: Family<FailureLabels, Counter>,
     frames_dropped: Family<DroppedLabels, Counter>,
     ws_errors: Family<CodeLabels, Counter>,
+    auth_failures: Family<ReasonLabels, Counter>,
+    handshakes_refused: Family<ReasonLabels, Counter>,
     link_up: Family<LinkLabels, Gauge>,
     link_blocked: Family<LinkLabels, Gauge>,
     reconnects: Family<LinkLabels, Counter>,
@@ -297,6 +307,8 @@ impl Metrics {
             publish_failures: family(PublishFailure::ALL.map(|reason| FailureLabels { reason })),
             frames_dropped: family(Dropped::ALL.map(|reason| DroppedLabels { reason })),
             ws_errors: family(ErrorCode::ALL.map(|code| CodeLabels { code })),
+            auth_failures: family(crate::auth::AuthError::REASONS.map(|reason| ReasonLabels { reason })),
+            handshakes_refused: family(HANDSHAKE_REFUSALS.map(|reason| ReasonLabels { reason })),
             link_up: family(links()),
             link_blocked: family(links()),
             reconnects: family(links()),
@@ -341,6 +353,16 @@ impl Metrics {
             "deskbridge_ws_frames_dropped",
             "Browser frames dropped unhandled (one error frame per window tells the browser), by reason",
             self.frames_dropped.clone(),
+        );
+        r.register(
+            "deskbridge_auth_failures",
+            "Tokens refused (handshake, auth frame, refresh), by reason",
+            self.auth_failures.clone(),
+        );
+        r.register(
+            "deskbridge_handshakes_refused",
+            "WebSocket handshakes refused before a session existed, by reason",
+            self.handshakes_refused.clone(),
         );
         r.register(
             "deskbridge_ws_errors",
@@ -511,6 +533,24 @@ impl Metrics {
     /// A browser frame was dropped unhandled.
     pub fn frame_dropped(&self, reason: Dropped) {
         self.frames_dropped.get_or_create(&DroppedLabels { reason }).inc();
+    }
+
+    /// A token was refused; logged once here, never with the token.
+    pub fn auth_failed(&self, peer: &dyn std::fmt::Display, error: &crate::auth::AuthError) {
+        self.auth_failures
+            .get_or_create(&ReasonLabels {
+                reason: error.reason(),
+            })
+            .inc();
+        log::warn!("refused the token of {peer}: {error}");
+    }
+
+    /// A handshake was refused (`reason` from [`HANDSHAKE_REFUSALS`]).
+    pub fn handshake_refused(&self, peer: &dyn std::fmt::Display, reason: &'static str, detail: &str) {
+        self.handshakes_refused
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
+        log::warn!("refused a WebSocket handshake from {peer} ({reason}): {detail}");
     }
 
     /// An `error` frame was sent to a browser.

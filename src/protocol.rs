@@ -39,10 +39,34 @@ pub enum ClientFrame {
     },
     /// Liveness probe; answered with `pong`.
     Ping,
+    /// The session's token, when it did not come on `?token=` (`auth.mode = "jwt"`).
+    Auth {
+        /// The JWT.
+        token: Token,
+    },
+    /// A newer token for the same user, before the current one expires.
+    Refresh {
+        /// The JWT.
+        token: Token,
+    },
+}
+
+/// A JWT as a browser sent it; `Debug` never shows it, so it cannot reach a log.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Token(pub String);
+
+impl std::fmt::Debug for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Token(***)")
+    }
 }
 
 /// The `op`s a browser may send, for telling `unknown_op` from `bad_request`.
-const CLIENT_OPS: [&str; 4] = ["subscribe", "unsubscribe", "publish", "ping"];
+const CLIENT_OPS: [&str; 6] = ["subscribe", "unsubscribe", "publish", "ping", "auth", "refresh"];
+
+/// Close code for a session whose token is missing, invalid or expired.
+pub const CLOSE_UNAUTHORIZED: u16 = 4401;
 
 /// Where an event came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -76,11 +100,19 @@ pub enum ErrorCode {
     RateLimited,
     /// A bug or an unexpected state in the bridge.
     Internal,
+    /// A request before the session's `auth` frame.
+    Unauthenticated,
+    /// A missing, invalid or expired token (then close 4401).
+    Unauthorized,
+    /// The session's token expired (then close 4401).
+    TokenExpired,
+    /// The token does not grant this on this desk (or a refresh names another user).
+    Forbidden,
 }
 
 impl ErrorCode {
     /// Every code, in declaration order (metrics iterate over it).
-    pub const ALL: [ErrorCode; 9] = [
+    pub const ALL: [ErrorCode; 13] = [
         ErrorCode::BadJson,
         ErrorCode::BadRequest,
         ErrorCode::UnknownOp,
@@ -90,6 +122,10 @@ impl ErrorCode {
         ErrorCode::TransformFailed,
         ErrorCode::RateLimited,
         ErrorCode::Internal,
+        ErrorCode::Unauthenticated,
+        ErrorCode::Unauthorized,
+        ErrorCode::TokenExpired,
+        ErrorCode::Forbidden,
     ];
 
     /// The wire name, e.g. `bad_json`.
@@ -104,6 +140,10 @@ impl ErrorCode {
             ErrorCode::TransformFailed => "transform_failed",
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::Internal => "internal",
+            ErrorCode::Unauthenticated => "unauthenticated",
+            ErrorCode::Unauthorized => "unauthorized",
+            ErrorCode::TokenExpired => "token_expired",
+            ErrorCode::Forbidden => "forbidden",
         }
     }
 }
@@ -152,16 +192,36 @@ pub enum ServerFrame<'a> {
         version: &'a str,
         /// Desks that can be subscribed.
         desks: &'a [String],
+        /// The token's `sub` (with `auth.mode = "jwt"`).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        user: Option<&'a str>,
+        /// The token's `exp`, Unix seconds (with `auth.mode = "jwt"`).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        expires_at: Option<u64>,
     },
     /// Reply to `subscribe`: the desks of that request.
     Subscribed {
         /// Desk names.
         desks: &'a [String],
     },
-    /// Reply to `unsubscribe`: the desks of that request.
+    /// Reply to `unsubscribe`: the desks of that request; or, with a `reason`, desks the
+    /// bridge left for the session.
     Unsubscribed {
         /// Desk names.
         desks: &'a [String],
+        /// Why the bridge left them (`permission`: a refreshed token no longer allows them).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        reason: Option<&'a str>,
+    },
+    /// The session's token expires within a minute: send `refresh`.
+    Expiring {
+        /// The token's `exp`, Unix seconds.
+        expires_at: u64,
+    },
+    /// Reply to `refresh`.
+    Refreshed {
+        /// The new token's `exp`, Unix seconds.
+        expires_at: u64,
     },
     /// The broker confirmed a publish.
     Ack {
@@ -286,6 +346,18 @@ mod tests {
                 ClientFrame::Unsubscribe { desks: vec![] },
             ),
             (
+                r#"{"op":"auth","token":"a.b.c"}"#,
+                ClientFrame::Auth {
+                    token: Token("a.b.c".into()),
+                },
+            ),
+            (
+                r#"{"op":"refresh","token":"x.y.z"}"#,
+                ClientFrame::Refresh {
+                    token: Token("x.y.z".into()),
+                },
+            ),
+            (
                 r#"{"op":"publish","desk":"A","event":"new_example","data":{"x":1},"ref":"c1"}"#,
                 ClientFrame::Publish {
                     desk: "A".into(),
@@ -313,6 +385,8 @@ mod tests {
             (r#"{"op":7}"#, ErrorCode::BadRequest, None),
             (r#"{"op":"launch","ref":"r9"}"#, ErrorCode::UnknownOp, Some("r9")),
             (r#"{"op":"subscribe"}"#, ErrorCode::BadRequest, None),
+            (r#"{"op":"auth"}"#, ErrorCode::BadRequest, None),
+            (r#"{"op":"auth","token":7}"#, ErrorCode::BadRequest, None),
             (r#"{"op":"subscribe","desks":"A"}"#, ErrorCode::BadRequest, None),
             (
                 r#"{"op":"publish","desk":"A","event":"e","ref":"c2"}"#,
@@ -352,6 +426,41 @@ mod tests {
             (
                 ServerFrame::Subscribed { desks: &desks },
                 json!({"op": "subscribed", "desks": ["A"]}),
+            ),
+            (
+                ServerFrame::Unsubscribed {
+                    desks: &desks,
+                    reason: Some("permission"),
+                },
+                json!({"op": "unsubscribed", "desks": ["A"], "reason": "permission"}),
+            ),
+            (
+                ServerFrame::Welcome {
+                    session: "s",
+                    version: "1",
+                    desks: &desks,
+                    user: Some("alice"),
+                    expires_at: Some(7),
+                },
+                json!({"op": "welcome", "session": "s", "version": "1", "desks": ["A"], "user": "alice", "expires_at": 7}),
+            ),
+            (
+                ServerFrame::Welcome {
+                    session: "s",
+                    version: "1",
+                    desks: &desks,
+                    user: None,
+                    expires_at: None,
+                },
+                json!({"op": "welcome", "session": "s", "version": "1", "desks": ["A"]}),
+            ),
+            (
+                ServerFrame::Expiring { expires_at: 9 },
+                json!({"op": "expiring", "expires_at": 9}),
+            ),
+            (
+                ServerFrame::Refreshed { expires_at: 9 },
+                json!({"op": "refreshed", "expires_at": 9}),
             ),
             (
                 ServerFrame::Ack {
@@ -418,11 +527,21 @@ mod tests {
                 any::<i64>().prop_map(Value::from),
                 any::<f64>().prop_map(|f| serde_json::Number::from_f64(f).map_or(Value::Null, Value::Number)),
                 "[a-zA-Z_]{0,12}".prop_map(Value::String),
-                prop::sample::select(vec!["ping", "subscribe", "unsubscribe", "publish", "A", "B"])
-                    .prop_map(|s| Value::String(s.into())),
+                prop::sample::select(vec![
+                    "ping",
+                    "subscribe",
+                    "unsubscribe",
+                    "publish",
+                    "auth",
+                    "refresh",
+                    "A",
+                    "B"
+                ])
+                .prop_map(|s| Value::String(s.into())),
             ];
             leaf.prop_recursive(4, 48, 6, |inner| {
-                let key = prop::sample::select(vec!["op", "desks", "desk", "event", "data", "ref", "x"]);
+                let key =
+                    prop::sample::select(vec!["op", "desks", "desk", "event", "data", "ref", "token", "x"]);
                 prop_oneof![
                     prop::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
                     prop::collection::vec((key, inner), 0..6).prop_map(|pairs| Value::Object(
@@ -442,6 +561,25 @@ mod tests {
             fn any_text_is_parsed_or_refused_with_a_reason(text in "\\PC{0,80}") {
                 if let Err(refusal) = parse_client_frame(&text) {
                     prop_assert!(!refusal.message.is_empty());
+                }
+            }
+
+            #[test]
+            fn auth_frames_carry_any_token_verbatim_and_refusals_never_echo_it(token in "\\PC{1,300}") {
+                for op in ["auth", "refresh"] {
+                    let text = serde_json::json!({"op": op, "token": token}).to_string();
+                    let frame = parse_client_frame(&text).map_err(|r| TestCaseError::fail(r.message))?;
+                    let got = match frame {
+                        ClientFrame::Auth { token } | ClientFrame::Refresh { token } => token.0,
+                        other => return Err(TestCaseError::fail(format!("{other:?}"))),
+                    };
+                    prop_assert_eq!(&got, &token);
+                    let debug = format!("{:?}", ClientFrame::Auth { token: Token(got) });
+                    prop_assert_eq!(debug.as_str(), "Auth { token: Token(***) }", "Debug hides the token");
+                    let wrong = serde_json::json!({"op": op, "tokn": token}).to_string();
+                    let refusal = parse_client_frame(&wrong).expect_err("no token field");
+                    prop_assert_eq!(refusal.code, ErrorCode::BadRequest);
+                    prop_assert!(token.len() < 4 || !refusal.message.contains(&token));
                 }
             }
 

@@ -5,8 +5,9 @@ use std::time::Instant;
 
 use actix::Addr;
 
-use crate::actors::messages::RouterIntake;
 use crate::actors::router::Router;
+use crate::actors::session::SessionEnv;
+use crate::admission::Admission;
 use crate::config::Config;
 use crate::link::LinkState;
 use crate::metrics::Metrics;
@@ -17,8 +18,10 @@ pub struct AppState {
     pub config: Arc<Config>,
     /// The router, for stats.
     pub router: Addr<Router>,
-    /// The router's intake, shared by every session.
-    pub intake: RouterIntake,
+    /// What every session shares (the router's intake, the token verifier...).
+    pub sessions: Arc<SessionEnv>,
+    /// The session limits.
+    pub admission: Arc<Admission>,
     /// Shared counters.
     pub metrics: Arc<Metrics>,
     /// Consumer link state.

@@ -30,7 +30,9 @@ use actix_web_actors::ws::WebsocketContext;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
-use crate::actors::session::{SessionSlot, WsSession};
+use crate::actors::session::WsSession;
+use crate::admission::{origin_allowed, Refused, SessionSlot};
+use crate::auth::Identity;
 use crate::protocol::HttpError;
 use crate::state::AppState;
 
@@ -70,8 +72,8 @@ pub async fn upgrade(
     drop(req);
     let result = match verdict {
         Err(refusal) => respond(&mut framed, refusal).await.map_err(Ended::from),
-        Ok((accepted, slot)) => match respond(&mut framed, accepted).await {
-            Ok(()) => run(framed, slot, &state).await,
+        Ok(accepted) => match respond(&mut framed, accepted.response).await {
+            Ok(()) => run(framed, accepted.slot, accepted.identity, &state).await,
             Err(error) => Err(error.into()),
         },
     };
@@ -83,33 +85,92 @@ pub async fn upgrade(
     Ok(())
 }
 
-/// The 101 and a place under `ws.max_sessions` for a WebSocket handshake on `/ws`, or the
-/// refusal to send instead.
-fn answer(req: &Request, state: &AppState) -> Result<(Response<BoxBody>, SessionSlot), Response<BoxBody>> {
+/// What an accepted handshake hands to the session.
+struct Accepted {
+    response: Response<BoxBody>,
+    slot: SessionSlot,
+    identity: Option<Identity>,
+}
+
+/// The 101, a place under the session limits and the `?token=`'s identity for a WebSocket
+/// handshake on `/ws`, or the refusal to send instead. Cheap checks first: a flood of bad
+/// handshakes costs no signature verification beyond the per-IP limit.
+fn answer(req: &Request, state: &AppState) -> Result<Accepted, Response<BoxBody>> {
     if req.path() != PATH {
-        let body = HttpError {
-            error: "not_found",
-            message: format!("WebSocket upgrades are served on {PATH} only"),
-        };
-        return Err(json(StatusCode::NOT_FOUND, &body));
+        let message = format!("WebSocket upgrades are served on {PATH} only");
+        return Err(json(StatusCode::NOT_FOUND, "not_found", message));
     }
-    let accepted = actix_http::ws::handshake(req.head())
+    let response = actix_http::ws::handshake(req.head())
         .map_err(Response::from)?
         .finish()
         .map_into_boxed_body();
-    let max = state.config.ws.max_sessions;
-    let Some(slot) = SessionSlot::acquire(&state.metrics, max) else {
-        let body = HttpError {
-            error: "too_many_sessions",
-            message: format!("this bridge already serves {max} sessions (ws.max_sessions); retry later"),
-        };
-        let mut refusal = json(StatusCode::SERVICE_UNAVAILABLE, &body);
-        refusal
-            .headers_mut()
-            .insert(header::RETRY_AFTER, header::HeaderValue::from_static("5"));
-        return Err(refusal);
+    let peer = req
+        .peer_addr()
+        .map_or_else(|| "an unknown peer".to_string(), |addr| addr.to_string());
+    let header = |name| {
+        req.head()
+            .headers()
+            .get(name)
+            .and_then(|value| value.to_str().ok())
     };
-    Ok((accepted, slot))
+    let allowed = &state.config.ws.allowed_origins;
+    if !origin_allowed(header(header::ORIGIN), header(header::HOST), allowed) {
+        let origin = header(header::ORIGIN).unwrap_or_default();
+        state.metrics.handshake_refused(&peer, "origin", origin);
+        let message = format!("pages from {origin} may not connect here (ws.allowed_origins)");
+        return Err(json(StatusCode::FORBIDDEN, "origin_not_allowed", message));
+    }
+    let slot = state
+        .admission
+        .admit(req.peer_addr().map(|addr| addr.ip()))
+        .map_err(|refused| too_many(refused, state, &peer))?;
+    let identity = match (&state.sessions.verifier, query_token(req)) {
+        (Some(verifier), Some(token)) => Some(verifier.verify(&token).map_err(|error| {
+            state.metrics.auth_failed(&peer, &error);
+            json(StatusCode::UNAUTHORIZED, "unauthorized", error.to_string())
+        })?),
+        // Without `?token=`, the token comes in the first frame; without auth, none is read.
+        _ => None,
+    };
+    Ok(Accepted {
+        response,
+        slot,
+        identity,
+    })
+}
+
+/// The `token` query parameter, if the request has one (empty counts: it is refused).
+fn query_token(req: &Request) -> Option<String> {
+    let query = req.uri().query()?;
+    url::form_urlencoded::parse(query.as_bytes())
+        .find(|(key, _)| key == "token")
+        .map(|(_, token)| token.into_owned())
+}
+
+/// 503 when the bridge is full, 429 when this address has its share.
+fn too_many(refused: Refused, state: &AppState, peer: &str) -> Response<BoxBody> {
+    let (status, message) = match refused {
+        Refused::Full => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "this bridge already serves {} sessions (ws.max_sessions); retry later",
+                state.config.ws.max_sessions
+            ),
+        ),
+        Refused::PerIp => {
+            let max = state.config.ws.max_sessions_per_ip;
+            state.metrics.handshake_refused(&peer, "too_many_per_ip", "");
+            (
+                StatusCode::TOO_MANY_REQUESTS,
+                format!("your address already has {max} sessions here (ws.max_sessions_per_ip)"),
+            )
+        }
+    };
+    let mut refusal = json(status, "too_many_sessions", message);
+    refusal
+        .headers_mut()
+        .insert(header::RETRY_AFTER, header::HeaderValue::from_static("5"));
+    refusal
 }
 
 /// Starts an accepted session; the future runs it to its end. Not an `async fn`: the set-up
@@ -117,16 +178,12 @@ fn answer(req: &Request, state: &AppState) -> Result<(Response<BoxBody>, Session
 fn run(
     framed: Framed<TcpStream, Codec>,
     slot: SessionSlot,
+    identity: Option<Identity>,
     state: &AppState,
 ) -> impl Future<Output = Result<(), Ended>> {
     let (socket, early) = detach(framed);
     let socket = Rc::new(socket);
-    let session = WsSession::new(
-        Arc::clone(&state.intake),
-        Arc::clone(&state.config),
-        Arc::clone(&state.metrics),
-        slot,
-    );
+    let session = WsSession::new(Arc::clone(&state.sessions), slot, identity);
     let reader = SocketReader {
         early,
         socket: Rc::clone(&socket),
@@ -163,9 +220,10 @@ async fn respond(framed: &mut Framed<TcpStream, Codec>, response: Response<BoxBo
     poll_fn(|cx| framed.as_mut().flush(cx)).await
 }
 
-fn json(status: StatusCode, body: &HttpError) -> Response<BoxBody> {
+/// An HTTP error answer with a JSON `{error, message}` body.
+fn json(status: StatusCode, error: &'static str, message: String) -> Response<BoxBody> {
     // A struct of a &str and a String always serializes.
-    let text = serde_json::to_string(body).unwrap_or_default();
+    let text = serde_json::to_string(&HttpError { error, message }).unwrap_or_default();
     let mut response = Response::with_body(status, text).map_into_boxed_body();
     response.headers_mut().insert(
         header::CONTENT_TYPE,

@@ -307,6 +307,9 @@ impl AmqpPublisher {
             amqp::HEADER_INSTANCE.into(),
             AmqpValue::LongString(self.instance.clone()),
         );
+        if let Some(user) = &job.user {
+            headers.insert(amqp::HEADER_USER.into(), AmqpValue::LongString(user.to_string()));
+        }
         let properties = AmqpProperties::default()
             .with_content_type("application/json".into())
             .with_delivery_mode(2)
@@ -396,6 +399,7 @@ mod tests {
         PublishJob {
             id: id.into(),
             session: uuid::Uuid::nil(),
+            user: None,
             reference: None,
             desk: "A".into(),
             event: "new_example".into(),

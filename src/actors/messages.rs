@@ -20,6 +20,7 @@ use crossbeam_channel::{Receiver, Sender};
 use serde_json::value::RawValue;
 use uuid::Uuid;
 
+use crate::auth::Rights;
 use crate::config::AmqpConfig;
 use crate::metrics::{PublishFailure, RejectReason};
 use crate::transform::Data;
@@ -42,6 +43,8 @@ pub enum FromSession {
     Unsubscribe(Uuid, Vec<String>),
     /// A browser's `publish`.
     Publish(Publish),
+    /// The session's rights changed (a refreshed token): leave the desks they no longer allow.
+    Restrict(Uuid, Rights),
 }
 
 /// Every session's way to the router: one sender shared by all of them. Sharing it costs a
@@ -53,6 +56,8 @@ pub type RouterIntake = Arc<Recipient<FromSession>>;
 pub struct Publish {
     /// Session id.
     pub session: Uuid,
+    /// The token's `sub`, with `auth.mode = "jwt"`: sent as `x-user`.
+    pub user: Option<Arc<str>>,
     /// Desk name.
     pub desk: String,
     /// Event name.
@@ -185,6 +190,8 @@ pub struct PublishJob {
     pub id: String,
     /// Publishing session.
     pub session: Uuid,
+    /// The publishing user, sent as `x-user`.
+    pub user: Option<Arc<str>>,
     /// The browser's `ref`.
     pub reference: Option<String>,
     /// Desk, for the web fan-out after the confirm.
@@ -213,6 +220,7 @@ impl PublishJob {
         std::mem::size_of::<PublishJob>()
             + self.id.capacity()
             + self.reference.as_ref().map_or(0, String::capacity)
+            + self.user.as_ref().map_or(0, |user| user.len())
             + self.desk.capacity()
             + self.event.capacity()
             + self.routing_key.capacity()

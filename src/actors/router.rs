@@ -22,6 +22,7 @@ use crate::actors::messages::{
     BeginShutdown, CloseAll, DesktopEvent, FromSession, GetStats, Outbox, Publish, PublishJob,
     PublishOutcome, PublishOutcomes, PublisherHandle, QueueError, Rejection, RouterStats, Verdict,
 };
+use crate::auth::{Right, Rights};
 use crate::catalog::{routing_key, Catalog};
 use crate::config::Config;
 use crate::metrics::{Metrics, PublishFailure, RejectReason};
@@ -171,6 +172,7 @@ impl Router {
             routing_key: routing_key(&msg.desk, &msg.event),
             id: Uuid::new_v4().to_string(),
             session: msg.session,
+            user: msg.user,
             reference: msg.reference,
             desk: msg.desk,
             event: msg.event,
@@ -220,6 +222,7 @@ impl Handler<FromSession> for Router {
             FromSession::Subscribe(session, desks) => self.subscribe(session, desks),
             FromSession::Unsubscribe(session, desks) => self.unsubscribe(session, desks),
             FromSession::Publish(publish) => self.publish(publish),
+            FromSession::Restrict(session, rights) => self.restrict(session, &rights),
         }
     }
 }
@@ -256,7 +259,38 @@ impl Router {
                 }
             }
         }
-        self.reply(session, ServerFrame::Unsubscribed { desks: &desks }.to_text());
+        let unsubscribed = ServerFrame::Unsubscribed {
+            desks: &desks,
+            reason: None,
+        };
+        self.reply(session, unsubscribed.to_text());
+    }
+
+    fn restrict(&mut self, session: Uuid, rights: &Rights) {
+        let Some(entry) = self.sessions.get_mut(&session) else {
+            return;
+        };
+        let mut left: Vec<String> = entry
+            .desks
+            .iter()
+            .filter(|desk| !rights.allows(desk, Right::Subscribe))
+            .cloned()
+            .collect();
+        if left.is_empty() {
+            return;
+        }
+        left.sort();
+        for desk in &left {
+            entry.desks.remove(desk);
+            if let Some(subscribers) = self.desks.get_mut(desk) {
+                subscribers.remove(&session);
+            }
+        }
+        let unsubscribed = ServerFrame::Unsubscribed {
+            desks: &left,
+            reason: Some("permission"),
+        };
+        self.reply(session, unsubscribed.to_text());
     }
 
     fn publish(&mut self, msg: Publish) {

@@ -4,11 +4,17 @@
 //! itself, forwards subscriptions and publishes to the router ([`FromSession`], never waiting:
 //! a full router intake answers `rate_limited`), and writes what the router sends it
 //! ([`ToSession`]). A browser over `ws.max_frames_per_second`, or one the router cannot keep
-//! up with, gets one `rate_limited` error per one-second window, not one per dropped frame. It pings every `ws.heartbeat_interval_ms` and closes after
-//! `ws.client_timeout_ms` of silence. Its mailbox is its bounded outbound queue: the router
-//! `try_send`s into it, and the connection's pump ([`crate::websocket`]) stops polling the actor
-//! while the socket cannot take more, so a full mailbox means a slow reader. A socket that
-//! takes nothing for `ws.client_timeout_ms` is dropped by the pump.
+//! up with, gets one `rate_limited` error per one-second window, not one per dropped frame.
+//! It pings every `ws.heartbeat_interval_ms` and closes after `ws.client_timeout_ms` of
+//! silence. Its mailbox is its bounded outbound queue: the router `try_send`s into it, and the
+//! connection's pump ([`crate::websocket`]) stops polling the actor while the socket cannot
+//! take more, so a full mailbox means a slow reader. A socket that takes nothing for
+//! `ws.client_timeout_ms` is dropped by the pump.
+//!
+//! With `auth.mode = "jwt"` the session also enforces its token ([`Access`]): nothing but
+//! `auth` and `ping` before one, the desks' rights on every request, an `expiring` warning a
+//! minute before `exp`, `refresh`, and close 4401 at `exp` — by its own timer, and by a check
+//! on every outgoing frame, so no event leaves after the token expired.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -19,27 +25,45 @@ use actix_web_actors::ws::{self, CloseCode, CloseReason, ProtocolError};
 use uuid::Uuid;
 
 use crate::actors::messages::{FromSession, Outbox, Publish, RouterIntake, ToSession};
+use crate::admission::SessionSlot;
+use crate::auth::{AuthError, Identity, Right, Verifier};
 use crate::config::Config;
 use crate::metrics::{Dropped, Metrics};
-use crate::protocol::{parse_client_frame, ClientFrame, ErrorCode, Refusal, ServerFrame};
+use crate::protocol::{
+    parse_client_frame, ClientFrame, ErrorCode, Refusal, ServerFrame, Token, CLOSE_UNAUTHORIZED,
+};
 
-/// A place under `ws.max_sessions`, held for the life of a session and given back on drop,
-/// even when the upgrade fails before the actor starts.
-pub struct SessionSlot(Arc<Metrics>);
-
-impl SessionSlot {
-    /// Takes a place, or `None` when `max` sessions are open.
-    pub fn acquire(metrics: &Arc<Metrics>, max: usize) -> Option<SessionSlot> {
-        metrics
-            .try_open_session(max)
-            .then(|| SessionSlot(Arc::clone(metrics)))
-    }
+/// What every session shares, set up once: one pointer per session.
+pub struct SessionEnv {
+    /// Shared configuration.
+    pub config: Arc<Config>,
+    /// Shared counters.
+    pub metrics: Arc<Metrics>,
+    /// The router's intake.
+    pub router: RouterIntake,
+    /// Token verification; `None` with `auth.mode = "none"`.
+    pub verifier: Option<Verifier>,
 }
 
-impl Drop for SessionSlot {
-    fn drop(&mut self) {
-        self.0.session_closed();
-    }
+/// How far a session is allowed.
+enum Access {
+    /// `auth.mode = "none"`: everything.
+    Open,
+    /// Waiting for the `auth` frame.
+    Waiting,
+    /// A verified token, until it expires.
+    Signed(Box<Signed>),
+    /// The token expired or never came; the session is closing and sends nothing more.
+    Closed,
+}
+
+/// A verified token and the timers that enforce it.
+struct Signed {
+    identity: Identity,
+    /// `exp` as an instant, for the check on every outgoing frame.
+    expires: Instant,
+    /// The `expiring` warning and the expiry, cancelled on refresh.
+    timers: Vec<SpawnHandle>,
 }
 
 /// Counts frames in the current one-second window for `ws.max_frames_per_second`.
@@ -63,9 +87,8 @@ impl RateWindow {
 /// One browser connection.
 pub struct WsSession {
     id: Uuid,
-    router: RouterIntake,
-    config: Arc<Config>,
-    metrics: Arc<Metrics>,
+    env: Arc<SessionEnv>,
+    access: Access,
     queued_bytes: Arc<AtomicUsize>,
     /// Last time the peer showed life; refreshed by every frame, pongs included.
     heartbeat: Instant,
@@ -76,13 +99,23 @@ pub struct WsSession {
 }
 
 impl WsSession {
-    /// A session for a new connection, holding `slot` until it ends.
-    pub fn new(router: RouterIntake, config: Arc<Config>, metrics: Arc<Metrics>, slot: SessionSlot) -> Self {
+    /// A session for a new connection, holding `slot` until it ends; `identity` is the token
+    /// verified at the handshake (`?token=`), if there was one.
+    pub fn new(env: Arc<SessionEnv>, slot: SessionSlot, identity: Option<Identity>) -> Self {
+        let access = match (&env.verifier, identity) {
+            (None, _) => Access::Open,
+            (Some(_), None) => Access::Waiting,
+            // Timers are armed when the actor starts.
+            (Some(_), Some(identity)) => Access::Signed(Box::new(Signed {
+                expires: Instant::now() + identity.remaining(),
+                identity,
+                timers: Vec::new(),
+            })),
+        };
         WsSession {
             id: Uuid::new_v4(),
-            router,
-            config,
-            metrics,
+            env,
+            access,
             queued_bytes: Arc::new(AtomicUsize::new(0)),
             heartbeat: Instant::now(),
             rate: RateWindow::new(Instant::now()),
@@ -92,7 +125,7 @@ impl WsSession {
     }
 
     fn refuse(&self, ctx: &mut ws::WebsocketContext<Self>, refusal: Refusal) {
-        self.metrics.ws_error(refusal.code);
+        self.env.metrics.ws_error(refusal.code);
         ctx.text(refusal.to_frame());
     }
 
@@ -111,7 +144,7 @@ impl WsSession {
             self.rate = RateWindow::new(now);
         }
         self.rate.frames += 1;
-        if self.rate.frames > self.config.ws.max_frames_per_second {
+        if self.rate.frames > self.env.config.ws.max_frames_per_second {
             self.dropped(Dropped::RateLimited, ctx);
             return false;
         }
@@ -120,7 +153,7 @@ impl WsSession {
 
     /// Counts a dropped frame; the first drop of a window is told to the browser.
     fn dropped(&mut self, reason: Dropped, ctx: &mut ws::WebsocketContext<Self>) {
-        self.metrics.frame_dropped(reason);
+        self.env.metrics.frame_dropped(reason);
         if std::mem::replace(&mut self.rate.told, true) {
             return;
         }
@@ -128,7 +161,7 @@ impl WsSession {
             Dropped::RateLimited => format!(
                 "more than {} frames per second (ws.max_frames_per_second); frames are dropped \
                  without further notice until the second is over",
-                self.config.ws.max_frames_per_second
+                self.env.config.ws.max_frames_per_second
             ),
             Dropped::RouterBusy => "the bridge is overloaded; requests are dropped without further \
                                     notice until the second is over: retry later"
@@ -139,7 +172,7 @@ impl WsSession {
 
     /// Hands a request to the router without waiting; a full router intake drops it.
     fn ask_router(&mut self, request: FromSession, ctx: &mut ws::WebsocketContext<Self>) {
-        match self.router.try_send(request) {
+        match self.env.router.try_send(request) {
             Ok(()) => {}
             Err(SendError::Full(_)) => self.dropped(Dropped::RouterBusy, ctx),
             // The router stops only at shutdown, which closes this session too.
@@ -155,19 +188,45 @@ impl WsSession {
             Ok(frame) => frame,
             Err(refusal) => return self.refuse(ctx, refusal),
         };
+        match (&self.access, frame) {
+            (_, ClientFrame::Ping) => ctx.text(ServerFrame::Pong.to_text()),
+            (Access::Closed, _) => {}
+            (Access::Waiting, ClientFrame::Auth { token }) => self.authenticate(&token, ctx),
+            (Access::Waiting, _) => {
+                let message = "authenticate first: send {\"op\":\"auth\",\"token\":\"<jwt>\"}";
+                self.refuse(ctx, Refusal::new(ErrorCode::Unauthenticated, message));
+            }
+            (Access::Signed(_), ClientFrame::Refresh { token }) => self.refresh(&token, ctx),
+            (Access::Open, ClientFrame::Auth { .. } | ClientFrame::Refresh { .. }) => {
+                let message = "auth.mode is \"none\" on this bridge: no token is needed";
+                self.refuse(ctx, Refusal::new(ErrorCode::BadRequest, message));
+            }
+            (Access::Signed(_), ClientFrame::Auth { .. }) => {
+                let message = "this session is authenticated already; send `refresh` for a new token";
+                self.refuse(ctx, Refusal::new(ErrorCode::BadRequest, message));
+            }
+            (_, request) => self.request(request, ctx),
+        }
+    }
+
+    /// A subscribe, unsubscribe or publish from a session that may send one.
+    fn request(&mut self, frame: ClientFrame, ctx: &mut ws::WebsocketContext<Self>) {
         let session = self.id;
         match frame {
-            ClientFrame::Ping => ctx.text(ServerFrame::Pong.to_text()),
             ClientFrame::Subscribe { desks } | ClientFrame::Unsubscribe { desks }
-                if desks.len() > self.config.ws.max_desks_per_subscribe =>
+                if desks.len() > self.env.config.ws.max_desks_per_subscribe =>
             {
                 let message = format!(
                     "at most {} desks per request (ws.max_desks_per_subscribe)",
-                    self.config.ws.max_desks_per_subscribe
+                    self.env.config.ws.max_desks_per_subscribe
                 );
                 self.refuse(ctx, Refusal::new(ErrorCode::BadRequest, message));
             }
-            ClientFrame::Subscribe { desks } => self.ask_router(FromSession::Subscribe(session, desks), ctx),
+            ClientFrame::Subscribe { desks } => match self.allowed(&desks, Right::Subscribe) {
+                // All or nothing: one forbidden desk refuses the whole request.
+                Err(refusal) => self.refuse(ctx, refusal),
+                Ok(()) => self.ask_router(FromSession::Subscribe(session, desks), ctx),
+            },
             ClientFrame::Unsubscribe { desks } => {
                 self.ask_router(FromSession::Unsubscribe(session, desks), ctx)
             }
@@ -177,8 +236,12 @@ impl WsSession {
                 data,
                 reference,
             } => {
+                if let Err(refusal) = self.allowed(std::slice::from_ref(&desk), Right::Publish) {
+                    return self.refuse(ctx, Refusal { reference, ..refusal });
+                }
                 let publish = Publish {
                     session,
+                    user: self.user(),
                     desk,
                     event,
                     data,
@@ -186,6 +249,31 @@ impl WsSession {
                 };
                 self.ask_router(FromSession::Publish(publish), ctx);
             }
+            ClientFrame::Ping | ClientFrame::Auth { .. } | ClientFrame::Refresh { .. } => {}
+        }
+    }
+
+    /// `forbidden` for the first desk the token does not grant `right` on.
+    fn allowed(&self, desks: &[String], right: Right) -> Result<(), Refusal> {
+        let Access::Signed(signed) = &self.access else {
+            return Ok(());
+        };
+        match desks
+            .iter()
+            .find(|desk| !signed.identity.rights.allows(desk, right))
+        {
+            None => Ok(()),
+            Some(desk) => Err(Refusal::new(
+                ErrorCode::Forbidden,
+                format!("your token does not allow `{}` on desk `{desk}`", right.as_str()),
+            )),
+        }
+    }
+
+    fn user(&self) -> Option<Arc<str>> {
+        match &self.access {
+            Access::Signed(signed) => Some(Arc::clone(&signed.identity.user)),
+            _ => None,
         }
     }
 
@@ -207,7 +295,7 @@ impl WsSession {
                 )
             }
         }
-        let max = self.config.ws.max_frame_bytes;
+        let max = self.env.config.ws.max_frame_bytes;
         if self
             .fragments
             .as_ref()
@@ -228,6 +316,135 @@ impl WsSession {
     }
 }
 
+/// Token handling: sign in, refresh, warn, expire.
+impl WsSession {
+    fn verifier(&self) -> &Verifier {
+        // Only sessions of a bridge with a verifier leave `Access::Open`.
+        self.env
+            .verifier
+            .as_ref()
+            .expect("auth.mode = jwt has a verifier")
+    }
+
+    /// The `auth` frame of a waiting session: welcome, or 4401.
+    fn authenticate(&mut self, token: &Token, ctx: &mut ws::WebsocketContext<Self>) {
+        match self.verifier().verify(&token.0) {
+            Ok(identity) => {
+                self.sign_in(identity, ctx);
+                self.welcome(ctx);
+            }
+            Err(error) => self.turn_away(error, ErrorCode::Unauthorized, ctx),
+        }
+    }
+
+    /// Counts and logs a refused token, tells the browser why, and closes with 4401.
+    fn turn_away(&mut self, error: AuthError, code: ErrorCode, ctx: &mut ws::WebsocketContext<Self>) {
+        self.env
+            .metrics
+            .auth_failed(&format_args!("session {}", self.id), &error);
+        self.refuse(ctx, Refusal::new(code, error.to_string()));
+        self.access = Access::Closed;
+        Self::close(ctx, CloseCode::Other(CLOSE_UNAUTHORIZED), error.to_string());
+    }
+
+    /// Holds `identity` and arms its timers: `expiring` a minute before `exp`, the close at it.
+    fn sign_in(&mut self, identity: Identity, ctx: &mut ws::WebsocketContext<Self>) {
+        let remaining = identity.remaining();
+        let expires_at = identity.expires_at;
+        let warn_in = remaining.saturating_sub(Duration::from_secs(60));
+        let timers = vec![
+            ctx.run_later(warn_in, move |_, ctx| {
+                ctx.text(ServerFrame::Expiring { expires_at }.to_text());
+            }),
+            ctx.run_later(remaining, |session, ctx| session.expire(ctx)),
+        ];
+        if let Access::Signed(old) = &self.access {
+            for timer in &old.timers {
+                ctx.cancel_future(*timer);
+            }
+        }
+        self.access = Access::Signed(Box::new(Signed {
+            expires: Instant::now() + remaining,
+            identity,
+            timers,
+        }));
+    }
+
+    /// `refresh`: the same user's newer token replaces the rights and the expiry; desks it no
+    /// longer allows are left (the router says so with `reason: permission`).
+    fn refresh(&mut self, token: &Token, ctx: &mut ws::WebsocketContext<Self>) {
+        let identity = match self.verifier().verify(&token.0) {
+            Ok(identity) => identity,
+            Err(error) => {
+                self.env
+                    .metrics
+                    .auth_failed(&format_args!("session {}", self.id), &error);
+                let message = format!("{error}; the current token stays in force until it expires");
+                return self.refuse(ctx, Refusal::new(ErrorCode::Unauthorized, message));
+            }
+        };
+        if Some(&identity.user) != self.user().as_ref() {
+            let error = AuthError::OtherUser;
+            self.env
+                .metrics
+                .auth_failed(&format_args!("session {}", self.id), &error);
+            return self.refuse(ctx, Refusal::new(ErrorCode::Forbidden, error.to_string()));
+        }
+        let expires_at = identity.expires_at;
+        let rights = identity.rights.clone();
+        self.sign_in(identity, ctx);
+        ctx.text(ServerFrame::Refreshed { expires_at }.to_text());
+        // do_send: a narrowing of rights must reach the router even when its intake is full.
+        self.env.router.do_send(FromSession::Restrict(self.id, rights));
+    }
+
+    /// `exp` has come: `token_expired`, close 4401, and nothing more for this browser.
+    fn expire(&mut self, ctx: &mut ws::WebsocketContext<Self>) {
+        if !matches!(self.access, Access::Signed(_)) {
+            return;
+        }
+        let message = "your token expired: reconnect with a new one";
+        self.refuse(ctx, Refusal::new(ErrorCode::TokenExpired, message));
+        self.access = Access::Closed;
+        Self::close(ctx, CloseCode::Other(CLOSE_UNAUTHORIZED), "token expired".into());
+    }
+
+    /// False (and the session expired) when its token's `exp` has passed.
+    fn still_valid(&mut self, ctx: &mut ws::WebsocketContext<Self>) -> bool {
+        match &self.access {
+            Access::Closed => false,
+            Access::Signed(signed) if Instant::now() >= signed.expires => {
+                self.expire(ctx);
+                false
+            }
+            _ => true,
+        }
+    }
+
+    fn welcome(&self, ctx: &mut ws::WebsocketContext<Self>) {
+        let session = self.id.to_string();
+        let signed = match &self.access {
+            Access::Signed(signed) => Some(&signed.identity),
+            _ => None,
+        };
+        let welcome = ServerFrame::Welcome {
+            session: &session,
+            version: crate::VERSION,
+            desks: &self.env.config.desks,
+            user: signed.map(|identity| &*identity.user),
+            expires_at: signed.map(|identity| identity.expires_at),
+        };
+        ctx.text(welcome.to_text());
+    }
+
+    /// No `auth` frame in `auth.timeout_ms`: 4401.
+    fn auth_timed_out(&mut self, ctx: &mut ws::WebsocketContext<Self>) {
+        if matches!(self.access, Access::Waiting) {
+            self.turn_away(AuthError::Timeout, ErrorCode::Unauthorized, ctx);
+        }
+    }
+}
+
 fn binary_refusal() -> Refusal {
     Refusal::new(
         ErrorCode::BadRequest,
@@ -239,26 +456,32 @@ impl Actor for WsSession {
     type Context = ws::WebsocketContext<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
-        ctx.set_mailbox_capacity(self.config.ws.outbound_queue_frames);
+        ctx.set_mailbox_capacity(self.env.config.ws.outbound_queue_frames);
         let outbox = Outbox::new(
             ctx.address().recipient(),
             Arc::clone(&self.queued_bytes),
-            self.config.ws.outbound_queue_bytes,
+            self.env.config.ws.outbound_queue_bytes,
         );
         // do_send: connect and disconnect must never be dropped, whatever the intake holds.
-        self.router.do_send(FromSession::Connect(self.id, outbox));
-        let session = self.id.to_string();
-        ctx.text(
-            ServerFrame::Welcome {
-                session: &session,
-                version: crate::VERSION,
-                desks: &self.config.desks,
+        self.env.router.do_send(FromSession::Connect(self.id, outbox));
+        match std::mem::replace(&mut self.access, Access::Open) {
+            Access::Signed(signed) => {
+                self.sign_in(signed.identity, ctx);
+                self.welcome(ctx);
             }
-            .to_text(),
-        );
-        let timeout = Duration::from_millis(self.config.ws.client_timeout_ms);
+            Access::Waiting => {
+                self.access = Access::Waiting;
+                let timeout = Duration::from_millis(self.env.config.auth.timeout_ms);
+                ctx.run_later(timeout, |session, ctx| session.auth_timed_out(ctx));
+            }
+            access => {
+                self.access = access;
+                self.welcome(ctx);
+            }
+        }
+        let timeout = Duration::from_millis(self.env.config.ws.client_timeout_ms);
         ctx.run_interval(
-            Duration::from_millis(self.config.ws.heartbeat_interval_ms),
+            Duration::from_millis(self.env.config.ws.heartbeat_interval_ms),
             move |session, ctx| {
                 if session.heartbeat.elapsed() > timeout {
                     log::info!("session {}: no frame for {timeout:?}, closing", session.id);
@@ -271,7 +494,7 @@ impl Actor for WsSession {
     }
 
     fn stopping(&mut self, _: &mut Self::Context) -> Running {
-        self.router.do_send(FromSession::Disconnect(self.id));
+        self.env.router.do_send(FromSession::Disconnect(self.id));
         Running::Stop
     }
 }
@@ -283,7 +506,9 @@ impl Handler<ToSession> for WsSession {
         match msg {
             ToSession::Frame(frame) => {
                 self.queued_bytes.fetch_sub(frame.len(), Ordering::Relaxed);
-                ctx.text(frame);
+                if self.still_valid(ctx) {
+                    ctx.text(frame);
+                }
             }
             ToSession::Close(code, reason) => Self::close(ctx, code, reason.into()),
         }
@@ -295,7 +520,7 @@ impl StreamHandler<Result<ws::Message, ProtocolError>> for WsSession {
         let msg = match msg {
             Ok(msg) => msg,
             Err(ProtocolError::Overflow) => {
-                let max = self.config.ws.max_frame_bytes;
+                let max = self.env.config.ws.max_frame_bytes;
                 return Self::close(ctx, CloseCode::Size, format!("frame exceeds {max} bytes"));
             }
             // actix-web-actors reports a text frame that is not UTF-8 as an I/O error naming

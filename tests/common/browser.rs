@@ -28,6 +28,23 @@ pub async fn small_receive_buffer(addr: SocketAddr) -> TcpStream {
     socket.connect(addr).await.expect("connect")
 }
 
+/// Opens a WebSocket with `request` (a URL, or a request with headers such as `Origin`); when
+/// the bridge refuses the handshake, its HTTP status and JSON body.
+pub async fn handshake(
+    request: impl tokio_tungstenite::tungstenite::client::IntoClientRequest + Unpin,
+) -> Result<Ws, (u16, Value)> {
+    match tokio_tungstenite::connect_async(request).await {
+        Ok((ws, _)) => Ok(ws),
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            let body = response.body().as_deref().unwrap_or_default();
+            let json = serde_json::from_slice(body)
+                .unwrap_or_else(|_| panic!("refusal body is JSON: {}", String::from_utf8_lossy(body)));
+            Err((response.status().as_u16(), json))
+        }
+        Err(other) => panic!("the handshake failed without an HTTP answer: {other}"),
+    }
+}
+
 /// A browser connected to `/ws`.
 pub struct Browser {
     ws: Ws,
@@ -57,6 +74,27 @@ impl Browser {
             .await
             .expect("websocket upgrade");
         Browser::from_stream(ws).await
+    }
+
+    /// Wraps an upgraded socket whose session waits for an `auth` frame (no `welcome` yet).
+    pub fn unauthenticated(ws: Ws) -> Browser {
+        Browser {
+            ws,
+            session: String::new(),
+            welcome: Value::Null,
+        }
+    }
+
+    /// Reads the `welcome` that answers an `auth` frame.
+    pub async fn welcomed(&mut self) -> &Value {
+        let welcome = self.recv().await;
+        assert_eq!(
+            welcome["op"], "welcome",
+            "auth is answered with welcome: {welcome}"
+        );
+        self.session = welcome["session"].as_str().expect("session id").to_string();
+        self.welcome = welcome;
+        &self.welcome
     }
 
     /// Wraps an upgraded socket and reads the `welcome`.
