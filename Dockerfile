@@ -1,6 +1,10 @@
 # syntax=docker/dockerfile:1
 # Build:  docker build -t deskbridge .
-# Run:    docker run -p 8080:8080 -e AMQP_URL=amqp://guest:guest@rabbitmq:5672/%2f deskbridge
+# Run:    docker run -p 8080:8080 -e AMQP_URL=amqp://user:pass@rabbitmq:5672/%2f \
+#           -e DESKBRIDGE_AUTH_MODE=jwt -e DESKBRIDGE_JWT_SECRET=... deskbridge
+# The bind below is not loopback, so deskbridge refuses to start until auth is chosen:
+# DESKBRIDGE_AUTH_MODE=jwt (with DESKBRIDGE_JWT_SECRET or a public key in a mounted config), or
+# DESKBRIDGE_ALLOW_ANONYMOUS=true on a trusted network.
 
 FROM rust:1-bookworm AS build
 WORKDIR /src

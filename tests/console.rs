@@ -77,3 +77,27 @@ async fn the_console_shows_desktop_events_live() {
         "a desktop event was rendered live:\n{dom}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_console_signs_in_with_a_token() {
+    let mut config = test_config("browser-jwt");
+    config.auth.mode = deskbridge::config::AuthMode::Jwt;
+    config.auth.jwt.hs256_secret = Some(deskbridge::config::Secret::new("console-secret".into()));
+    let bridge = TestBridge::start_healthy(config).await;
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+        + 600;
+    let claims = json!({"sub": "alice", "exp": exp, "desks": {"A": ["subscribe"]}});
+    let key = jsonwebtoken::EncodingKey::from_secret(b"console-secret");
+    let token = jsonwebtoken::encode(&jsonwebtoken::Header::default(), &claims, &key).expect("sign");
+    let url = format!("http://{}/?desks=A&token={token}", bridge.addr);
+    let dom = tokio::task::spawn_blocking(move || rendered_dom(&url))
+        .await
+        .expect("chromium ran");
+    assert!(dom.contains("as alice"), "the page signed in as alice:\n{dom}");
+    assert!(
+        dom.contains(r#"{"op":"subscribed","desks":["A"]}"#),
+        "and subscribed with the token's rights:\n{dom}"
+    );
+}
