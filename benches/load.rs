@@ -101,6 +101,12 @@ struct Args {
     /// Messages per second of `slow` (the fast readers must keep up).
     #[arg(long, default_value_t = 400)]
     slow_rate: u64,
+    /// WebSocket handshakes per auth mode for `handshake`.
+    #[arg(long, default_value_t = 4000)]
+    handshakes: usize,
+    /// Concurrent clients for `handshake`.
+    #[arg(long, default_value_t = 20)]
+    handshake_clients: usize,
     /// Passed by `cargo bench`; ignored.
     #[arg(long, hide = true)]
     bench: bool,
@@ -113,6 +119,7 @@ enum Scenario {
     Ingest,
     Idle,
     Slow,
+    Handshake,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, ValueEnum)]
@@ -773,6 +780,98 @@ async fn idle(target: Target, args: &Args) -> serde_json::Value {
     })
 }
 
+// ---------------------------------------------------------------------------------------------
+// handshake: the cost of verifying tokens
+
+/// How the bridge identifies browsers in a `handshake` run.
+#[derive(Debug, Clone, Copy)]
+enum Auth {
+    None,
+    Hs256,
+    Rs256,
+}
+
+/// Throwaway keys shared with the tests.
+const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
+const BENCH_SECRET: &str = "deskbridge-bench-secret";
+
+/// The bridge's config and the `?token=` to connect with, for `auth`.
+fn auth_setup(args: &Args, auth: Auth) -> (Config, String, Option<common::process::ConfigFile>) {
+    use jsonwebtoken::{Algorithm, EncodingKey, Header};
+    let mut config = bridge_config(args);
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+        + 3600;
+    let claims = json!({"sub": "bench", "exp": exp, "desks": {"*": ["subscribe", "publish"]}});
+    let sign = |algorithm, key: &EncodingKey| {
+        let token = jsonwebtoken::encode(&Header::new(algorithm), &claims, key).expect("sign bench token");
+        format!("?token={token}")
+    };
+    match auth {
+        Auth::None => (config, String::new(), None),
+        Auth::Hs256 => {
+            let secret = common::process::ConfigFile::write(BENCH_SECRET);
+            config.auth.mode = deskbridge::config::AuthMode::Jwt;
+            config.auth.jwt.hs256_secret_file = Some(secret.path().to_path_buf());
+            let token = sign(Algorithm::HS256, &EncodingKey::from_secret(BENCH_SECRET.as_bytes()));
+            (config, token, Some(secret))
+        }
+        Auth::Rs256 => {
+            config.auth.mode = deskbridge::config::AuthMode::Jwt;
+            config.auth.jwt.public_key_file = Some(format!("{FIXTURES}/rsa_public.pem").into());
+            let private = std::fs::read(format!("{FIXTURES}/rsa_private.pem")).expect("bench private key");
+            let key = EncodingKey::from_rsa_pem(&private).expect("RSA private key");
+            (config, sign(Algorithm::RS256, &key), None)
+        }
+    }
+}
+
+/// `count` handshakes one after another: connect, read the welcome, close.
+async fn handshakes(url: String, count: usize) {
+    for _ in 0..count {
+        let (mut ws, _) = tokio_tungstenite::connect_async(url.as_str())
+            .await
+            .expect("handshake accepted");
+        let welcome = next_text(&mut ws).await.expect("welcome");
+        assert!(welcome.contains("\"welcome\""), "{welcome}");
+        let _ = ws.close(None).await;
+    }
+}
+
+/// Handshakes per second and bridge CPU per handshake with `auth`.
+async fn handshake(args: &Args, auth: Auth) -> serde_json::Value {
+    let (config, token, _secret) = auth_setup(args, auth);
+    let bridge = BridgeProcess::launch(&args.bridge_bin, &config).expect("start deskbridge");
+    bridge.wait_healthy(Duration::from_secs(30)).await;
+    let url = format!("{}{token}", ws_url(bridge.addr));
+    handshakes(url.clone(), 50).await; // warm-up
+    let clients = args.handshake_clients.max(1);
+    let per_client = args.handshakes / clients;
+    let cpu = CpuMeter::start(Some(bridge.pid()), None);
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..clients)
+        .map(|_| tokio::spawn(handshakes(url.clone(), per_client)))
+        .collect();
+    for task in tasks {
+        task.await.expect("handshake client");
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let (bridge_cpu, _) = cpu.stop();
+    bridge.stop();
+    let total = per_client * clients;
+    json!({
+        "scenario": "handshake",
+        "target": "deskbridge",
+        "auth": format!("{auth:?}").to_lowercase(),
+        "handshakes": total,
+        "seconds": seconds,
+        "handshakes_per_s": (total as f64 / seconds).round(),
+        "cpu_seconds": {"bridge": bridge_cpu},
+        "bridge_cpu_us_per_handshake": (bridge_cpu * 1e6 / total as f64).round(),
+    })
+}
+
 /// A browser on a tiny receive buffer, subscribed to desk A, that the caller never reads.
 async fn sluggish_subscriber(addr: SocketAddr) -> Ws {
     let stream = small_receive_buffer(addr).await;
@@ -931,6 +1030,11 @@ fn print_row(result: &serde_json::Value) {
             f(&["ack_latency_ms", "p50"]), f(&["ack_latency_ms", "p99"]), f(&["ack_latency_ms", "max"]),
             result["arrived"], result["unacked"], f(&["cpu_seconds", "bridge"]), f(&["cpu_seconds", "broker"])
         ),
+        Some("handshake") => eprintln!(
+            "  deskbridge handshake auth={:<5} handshakes={} per_s={} bridge cpu={}s ({} µs each)",
+            result["auth"].as_str().unwrap_or(""), result["handshakes"], f(&["handshakes_per_s"]),
+            f(&["cpu_seconds", "bridge"]), f(&["bridge_cpu_us_per_handshake"])
+        ),
         Some("slow") => eprintln!(
             "  deskbridge slow   messages={} fast readers got {} rss before={} KiB peak={} KiB after={} KiB slow close={}",
             result["messages"], result["fast_readers_received"], f(&["rss_kib_before"]), f(&["rss_kib_peak"]),
@@ -959,7 +1063,12 @@ async fn run(scenario: Scenario, target: Target, args: &Args) {
         Scenario::Ingest => print_row(&ingest(target, args).await),
         Scenario::Idle => print_row(&idle(target, args).await),
         Scenario::Slow if target == Target::Deskbridge => print_row(&slow(args).await),
-        Scenario::Slow => {}
+        Scenario::Handshake if target == Target::Deskbridge => {
+            for auth in [Auth::None, Auth::Hs256, Auth::Rs256] {
+                print_row(&handshake(args, auth).await);
+            }
+        }
+        Scenario::Slow | Scenario::Handshake => {}
     }
 }
 

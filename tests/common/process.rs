@@ -42,7 +42,8 @@ impl Drop for ConfigFile {
 }
 
 /// What a launched bridge takes from `config`, as TOML: `bind`, `workers`,
-/// `shutdown_timeout_ms` and the AMQP URLs and names (the rest keeps its defaults).
+/// `shutdown_timeout_ms`, the AMQP URLs and names, and `[auth]` with its key files when
+/// `auth.mode = "jwt"` (the rest keeps its defaults).
 pub fn config_toml(config: &Config) -> String {
     let number = |n: u64| toml::Value::Integer(i64::try_from(n).expect("fits TOML's i64"));
     let amqp = &config.amqp;
@@ -57,6 +58,25 @@ pub fn config_toml(config: &Config) -> String {
     table.insert("workers".into(), number(config.workers as u64));
     table.insert("shutdown_timeout_ms".into(), number(config.shutdown_timeout_ms));
     table.insert("amqp".into(), amqp_table.into());
+    if config.auth.mode == deskbridge::config::AuthMode::Jwt {
+        let jwt = &config.auth.jwt;
+        let mut jwt_table = toml::Table::new();
+        let path = |p: &Option<std::path::PathBuf>| p.as_ref().map(|p| p.display().to_string());
+        for (key, value) in [
+            ("hs256_secret_file", path(&jwt.hs256_secret_file)),
+            ("public_key_file", path(&jwt.public_key_file)),
+            ("issuer", jwt.issuer.clone()),
+            ("audience", jwt.audience.clone()),
+        ] {
+            if let Some(value) = value {
+                jwt_table.insert(key.into(), value.into());
+            }
+        }
+        let mut auth = toml::Table::new();
+        auth.insert("mode".into(), "jwt".into());
+        auth.insert("jwt".into(), jwt_table.into());
+        table.insert("auth".into(), auth.into());
+    }
     table.to_string()
 }
 
