@@ -814,7 +814,10 @@ fn auth_setup(args: &Args, auth: Auth) -> (Config, String, Option<common::proces
             let secret = common::process::ConfigFile::write(BENCH_SECRET);
             config.auth.mode = deskbridge::config::AuthMode::Jwt;
             config.auth.jwt.hs256_secret_file = Some(secret.path().to_path_buf());
-            let token = sign(Algorithm::HS256, &EncodingKey::from_secret(BENCH_SECRET.as_bytes()));
+            let token = sign(
+                Algorithm::HS256,
+                &EncodingKey::from_secret(BENCH_SECRET.as_bytes()),
+            );
             (config, token, Some(secret))
         }
         Auth::Rs256 => {

@@ -74,9 +74,12 @@ pub struct WsConfig {
     pub heartbeat_interval_ms: u64,
     /// Silence after which a peer is considered dead, in milliseconds.
     pub client_timeout_ms: u64,
-    /// Frames queued for one browser before it is closed as too slow (1013).
+    /// Frames queued for one browser before it is closed as too slow (1013); 0 (the default)
+    /// sets no frame limit, so that a burst of small events cannot close a browser that keeps
+    /// up: the byte budget governs.
     pub outbound_queue_frames: usize,
-    /// Bytes queued for one browser before it is closed as too slow (1013).
+    /// Bytes queued for one browser (each frame counted with its queueing overhead) before it
+    /// is closed as too slow (1013).
     pub outbound_queue_bytes: usize,
     /// Concurrent sessions; further upgrades get 503.
     pub max_sessions: usize,
@@ -228,7 +231,7 @@ impl Default for WsConfig {
             max_frame_bytes: 64 * 1024,
             heartbeat_interval_ms: 10_000,
             client_timeout_ms: 30_000,
-            outbound_queue_frames: 1024,
+            outbound_queue_frames: 0,
             outbound_queue_bytes: 8 * 1024 * 1024,
             max_sessions: 10_000,
             max_desks_per_subscribe: 64,
@@ -435,7 +438,6 @@ impl Config {
             ("amqp.publish_ttl_ms", self.amqp.publish_ttl_ms),
             ("ws.max_frame_bytes", self.ws.max_frame_bytes as u64),
             ("ws.heartbeat_interval_ms", self.ws.heartbeat_interval_ms),
-            ("ws.outbound_queue_frames", self.ws.outbound_queue_frames as u64),
             ("ws.outbound_queue_bytes", self.ws.outbound_queue_bytes as u64),
             ("ws.max_sessions", self.ws.max_sessions as u64),
             (

@@ -130,6 +130,8 @@ struct Health {
     amqp: AmqpHealth,
     sessions: usize,
     desks: BTreeMap<String, usize>,
+    /// Problems that do not stop the bridge but lose events: `shared_queue`.
+    warnings: Vec<&'static str>,
 }
 
 #[derive(Serialize)]
@@ -162,6 +164,12 @@ async fn health(state: web::Data<AppState>) -> HttpResponse {
         amqp,
         sessions: stats.sessions,
         desks: stats.desks,
+        warnings: state
+            .consumer
+            .shared_queue()
+            .then_some("shared_queue")
+            .into_iter()
+            .collect(),
     };
     if ok {
         HttpResponse::Ok().json(body)

@@ -35,6 +35,8 @@ pub struct LinkState {
     pub name: &'static str,
     status: AtomicU8,
     blocked: AtomicBool,
+    /// Another consumer shares the inbound queue (consumer link only).
+    shared_queue: AtomicBool,
     gauges: LinkGauges,
 }
 
@@ -46,6 +48,7 @@ impl LinkState {
             name: link.as_str(),
             status: AtomicU8::new(LinkStatus::Connecting as u8),
             blocked: AtomicBool::new(false),
+            shared_queue: AtomicBool::new(false),
             gauges: metrics.link_gauges(link),
         }
     }
@@ -81,6 +84,29 @@ impl LinkState {
     /// True while the broker has blocked this connection (connection.blocked: resource alarm).
     pub fn blocked(&self) -> bool {
         self.blocked.load(Ordering::Acquire)
+    }
+
+    /// True while another consumer reads the same inbound queue.
+    pub fn shared_queue(&self) -> bool {
+        self.shared_queue.load(Ordering::Acquire)
+    }
+
+    /// Records how many consumers the inbound queue has besides this bridge; logs an error
+    /// when another one appears (the broker then splits events between them), once.
+    pub fn set_other_consumers(&self, queue: &str, others: u32) {
+        let shared = others > 0;
+        if self.shared_queue.swap(shared, Ordering::AcqRel) == shared {
+            return;
+        }
+        if shared {
+            log::error!(
+                "queue `{queue}` has {others} other consumer(s), probably another deskbridge instance: \
+                 RabbitMQ hands each event to one of them, so every browser misses some. Run one \
+                 instance per inbound queue, or set history.enabled = true for many instances"
+            );
+        } else {
+            log::info!("queue `{queue}` is no longer shared with another consumer");
+        }
     }
 
     /// Records connection.blocked / connection.unblocked.

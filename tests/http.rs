@@ -144,3 +144,36 @@ async fn wrong_upgrades_get_clear_http_errors_and_leave_the_bridge_serving() {
         "refused upgrades hold no session: {health}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_on_one_inbound_queue_are_reported_by_both() {
+    let first = TestBridge::start_healthy(test_config("sharedq")).await;
+    assert_eq!(first.wait_health(200).await["warnings"], serde_json::json!([]));
+    // A second instance with the same names: RabbitMQ would split events between them.
+    let mut second = TestBridge::start(first.config.clone());
+    let shared = |health: &serde_json::Value| health["warnings"] == serde_json::json!(["shared_queue"]);
+    for (name, bridge) in [("the newcomer", &second), ("the first instance", &first)] {
+        poll(DEADLINE, std::time::Duration::from_millis(100), || async {
+            let (_, body) = http_get(bridge.addr, "/health").await;
+            let health: serde_json::Value = serde_json::from_str(&body).map_err(|e| e.to_string())?;
+            if shared(&health) {
+                Ok(())
+            } else {
+                Err(format!("{name} never reported the shared queue: {health}"))
+            }
+        })
+        .await;
+    }
+    second.stop(); // stopped, its (shared) topology left in place for the first
+    poll(DEADLINE, std::time::Duration::from_millis(100), || async {
+        let (_, body) = http_get(first.addr, "/health").await;
+        if body.contains("\"warnings\":[]") {
+            Ok(())
+        } else {
+            Err(format!(
+                "the warning stayed after the second instance left: {body}"
+            ))
+        }
+    })
+    .await;
+}

@@ -399,3 +399,38 @@ async fn fifty_subscribers_each_get_all_two_hundred_messages() {
         .wait_metric("deskbridge_messages_out_total{direction=\"desktop_to_web\"} 10000")
         .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_does_not_close_browsers_that_read_it() {
+    // Default limits: the byte budget, not a frame count, decides who is too slow.
+    let c = test_config("burst");
+    let bridge = TestBridge::start_healthy(c).await;
+    let (browsers, events) = (20, 5_000);
+    let mut subscribed = Vec::new();
+    for _ in 0..browsers {
+        let mut browser = Browser::connect(&bridge).await;
+        browser.subscribe(&["A"]).await;
+        subscribed.push(browser);
+    }
+    let messages: Vec<(String, Value)> = (0..events)
+        .map(|seq| (key("A", "new_example"), json!({"seq": seq, "px": 101.25})))
+        .collect();
+    // The whole burst reaches the broker before anybody reads.
+    let exchange = bridge.config.amqp.inbound_exchange.clone();
+    tokio::task::spawn_blocking(move || Desktop::connect().publish_many(&exchange, &messages))
+        .await
+        .expect("desktop publisher");
+    let readers = subscribed.into_iter().map(|mut browser| {
+        tokio::spawn(async move {
+            for seq in 0..events {
+                assert_eq!(browser.recv().await["data"]["seq"], seq);
+            }
+        })
+    });
+    for reader in readers {
+        reader.await.expect("every browser got the whole burst, in order");
+    }
+    bridge
+        .wait_metric("deskbridge_sessions_slow_closed_total 0")
+        .await;
+}

@@ -25,6 +25,10 @@ use crate::metrics::{Link, Metrics, RejectReason};
 use crate::tag_queue::{OutOfStep, TagQueue};
 use crate::transform::Data;
 
+/// How often the inbound queue is checked for other consumers: a second instance started
+/// after this one is noticed here too, not only by the newcomer.
+const SHARED_CHECK: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// The consumer's state; [`super::worker::Worker::spawn`] runs it.
 pub struct AmqpConsumer {
     config: Arc<Config>,
@@ -69,8 +73,11 @@ impl LinkWork for AmqpConsumer {
         let channel = connection.open_channel(None)?;
         amqp::declare_inbound(&channel, amqp, &self.catalog)?;
         channel.qos(0, amqp.prefetch, false)?;
-        let consumer = channel.basic_consume(amqp.inbound_queue.as_str(), ConsumerOptions::default())?;
-        life.up(&format!("({url}, queue `{}`)", amqp.inbound_queue));
+        let queue = amqp.inbound_queue.as_str();
+        self.check_shared(&channel, queue, 0, life)?;
+        let consumer = channel.basic_consume(queue, ConsumerOptions::default())?;
+        life.up(&format!("({url}, queue `{queue}`)"));
+        let shared_check = crossbeam_channel::tick(SHARED_CHECK);
 
         let (reply, verdicts) = crossbeam_channel::unbounded();
         // Deliveries handed to the router, in order, awaiting its verdict (bodies dropped):
@@ -93,6 +100,7 @@ impl LinkWork for AmqpConsumer {
                     }
                 }
                 recv(blocked) -> notification => track_blocked(life.state(), notification)?,
+                recv(shared_check) -> _ => self.check_shared(&channel, queue, 1, life)?,
                 recv(stop) -> _ => return Ok(()),
             }
         }
@@ -122,6 +130,23 @@ fn delivered(message: Result<ConsumerMessage, RecvError>) -> Result<Delivery, Am
 }
 
 impl AmqpConsumer {
+    /// Looks for other consumers on the inbound queue (`ours` of them are this bridge's).
+    fn check_shared(
+        &self,
+        channel: &Channel,
+        queue: &str,
+        ours: u32,
+        life: &LinkLife,
+    ) -> Result<(), AmqpError> {
+        let consumers = channel
+            .queue_declare_passive(queue)?
+            .declared_consumer_count()
+            .unwrap_or(0);
+        life.state()
+            .set_other_consumers(queue, consumers.saturating_sub(ours));
+        Ok(())
+    }
+
     /// Checks one delivery and hands it to the router (keeping it in `awaiting` for the
     /// verdict), or settles it at once.
     fn deliver(

@@ -90,6 +90,10 @@ pub enum QueueError {
     Gone,
 }
 
+/// What one queued frame costs beyond its text (the mailbox's envelope and node), so that the
+/// byte budget bounds memory even for a flood of tiny frames.
+pub const FRAME_OVERHEAD: usize = 96;
+
 /// The router's handle to a session: its mailbox plus the byte count queued in it.
 #[derive(Clone)]
 pub struct Outbox {
@@ -110,7 +114,7 @@ impl Outbox {
 
     /// Queues a fan-out frame without waiting; `Full` means the session is too slow.
     pub fn try_frame(&self, frame: ByteString) -> Result<(), QueueError> {
-        let len = frame.len();
+        let len = frame.len() + FRAME_OVERHEAD;
         if self.queued_bytes.fetch_add(len, Ordering::Relaxed) + len > self.max_bytes {
             self.queued_bytes.fetch_sub(len, Ordering::Relaxed);
             return Err(QueueError::Full);
@@ -127,7 +131,8 @@ impl Outbox {
     /// Queues a reply (ack, error, subscribed...) whatever the queue's length: replies are
     /// bounded by the session's own requests, and dropping one would leave a request unanswered.
     pub fn reply(&self, frame: ByteString) {
-        self.queued_bytes.fetch_add(frame.len(), Ordering::Relaxed);
+        self.queued_bytes
+            .fetch_add(frame.len() + FRAME_OVERHEAD, Ordering::Relaxed);
         // A closed mailbox means the session is ending; its Disconnect is on its way.
         self.recipient.do_send(ToSession::Frame(frame));
     }

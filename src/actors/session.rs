@@ -24,7 +24,7 @@ use actix::prelude::*;
 use actix_web_actors::ws::{self, CloseCode, CloseReason, ProtocolError};
 use uuid::Uuid;
 
-use crate::actors::messages::{FromSession, Outbox, Publish, RouterIntake, ToSession};
+use crate::actors::messages::{FromSession, Outbox, Publish, RouterIntake, ToSession, FRAME_OVERHEAD};
 use crate::admission::SessionSlot;
 use crate::auth::{AuthError, Identity, Right, Verifier};
 use crate::config::Config;
@@ -456,6 +456,7 @@ impl Actor for WsSession {
     type Context = ws::WebsocketContext<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
+        // 0 is actix's "no limit": then the byte budget alone decides who is too slow.
         ctx.set_mailbox_capacity(self.env.config.ws.outbound_queue_frames);
         let outbox = Outbox::new(
             ctx.address().recipient(),
@@ -505,7 +506,8 @@ impl Handler<ToSession> for WsSession {
     fn handle(&mut self, msg: ToSession, ctx: &mut Self::Context) {
         match msg {
             ToSession::Frame(frame) => {
-                self.queued_bytes.fetch_sub(frame.len(), Ordering::Relaxed);
+                self.queued_bytes
+                    .fetch_sub(frame.len() + FRAME_OVERHEAD, Ordering::Relaxed);
                 if self.still_valid(ctx) {
                     ctx.text(frame);
                 }
