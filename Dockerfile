@@ -6,6 +6,7 @@
 # DESKBRIDGE_AUTH_MODE=jwt (with DESKBRIDGE_JWT_SECRET or a public key in a mounted config), or
 # DESKBRIDGE_ALLOW_ANONYMOUS=true on a trusted network.
 
+# rust:1-bookworm already has OpenSSL's headers and pkg-config (libssl-dev), which amqps:// needs.
 FROM rust:1-bookworm AS build
 WORKDIR /src
 # Dependencies first, in their own layer: source edits do not rebuild them.
@@ -25,6 +26,10 @@ RUN touch src/main.rs src/lib.rs \
  && strip target/release/deskbridge
 
 FROM debian:bookworm-slim
+# libssl3 for amqps://; ca-certificates is the system trust store used when amqp.tls.ca_file is unset.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends libssl3 ca-certificates \
+ && rm -rf /var/lib/apt/lists/*
 RUN groupadd --system --gid 10001 deskbridge \
  && useradd --system --uid 10001 --gid 10001 --no-create-home --shell /usr/sbin/nologin deskbridge
 COPY --from=build /src/target/release/deskbridge /usr/local/bin/deskbridge

@@ -10,7 +10,8 @@ use amiquip::{
 
 use crate::broker_url::BrokerUrl;
 use crate::catalog::{routing_key, Catalog};
-use crate::config::AmqpConfig;
+use crate::config::{AmqpConfig, TlsConfig};
+use crate::tls::{handshake_hint, Stage, TlsFileError};
 
 /// Header naming the bridge process that published a message (loop prevention).
 pub const HEADER_INSTANCE: &str = "x-instance";
@@ -41,6 +42,20 @@ pub enum AmqpError {
         url: String,
         /// What amiquip said.
         source: Box<amiquip::Error>,
+    },
+    /// An `amqp.tls` file that loaded at start-up no longer does (moved, replaced badly).
+    #[error("{0}")]
+    TlsFile(#[from] TlsFileError),
+    /// The TLS handshake failed: the broker's certificate is not trusted or does not name the
+    /// host, the broker refused the client certificate, or the port does not speak TLS.
+    #[error("TLS handshake with {url} failed: {reason}{hint}")]
+    Tls {
+        /// The URL, without its password.
+        url: String,
+        /// What OpenSSL said.
+        reason: String,
+        /// What to check, as ` (...)`, or empty.
+        hint: String,
     },
     /// Declaring an exchange, queue or binding failed.
     #[error("cannot declare {what}: {source} (an existing one with other settings? delete it or rename it in the config)")]
@@ -75,11 +90,22 @@ pub struct Connected<'u> {
     pub socket: std::net::TcpStream,
 }
 
-/// Opens a connection to the first URL in `urls` that answers.
-pub fn connect_any<'u>(urls: &'u [BrokerUrl], name: &str) -> Result<Connected<'u>, AmqpError> {
+/// Opens a connection to the first URL in `urls` that answers; `amqps://` URLs use `tls`.
+pub fn connect_any<'u>(
+    urls: &'u [BrokerUrl],
+    tls: &TlsConfig,
+    name: &str,
+) -> Result<Connected<'u>, AmqpError> {
     let mut last = None;
+    // Built at the first amqps:// URL of this attempt, from the files as they are now.
+    let mut connector = None;
     for url in urls {
-        match open(url) {
+        let opened = if url.tls {
+            open_tls(url, tls, &mut connector)
+        } else {
+            open(url, None)
+        };
+        match opened {
             Ok((connection, socket)) => {
                 return Ok(Connected {
                     connection,
@@ -99,10 +125,29 @@ pub fn connect_any<'u>(urls: &'u [BrokerUrl], name: &str) -> Result<Connected<'u
     }))
 }
 
+/// Opens an `amqps://` URL, building `connector` from `tls` first if this is the attempt's
+/// first TLS URL.
+fn open_tls(
+    url: &BrokerUrl,
+    tls: &TlsConfig,
+    connector: &mut Option<native_tls::TlsConnector>,
+) -> Result<(Connection, std::net::TcpStream), AmqpError> {
+    let built = match connector {
+        Some(built) => built,
+        None => connector.insert(tls.connector()?),
+    };
+    open(url, Some((built, tls)))
+}
+
 /// Opens an AMQP connection with `TCP_NODELAY` set: publishes, acks and confirms are small
 /// frames that must leave at once, and amiquip's own connect leaves Nagle's algorithm on, which
 /// holds a small frame back until the previous one is acknowledged (up to 40 ms on Linux).
-fn open(broker: &BrokerUrl) -> Result<(Connection, std::net::TcpStream), AmqpError> {
+/// With `tls`, the connection is wrapped in TLS, verifying the broker's certificate against
+/// the URL's host.
+fn open(
+    broker: &BrokerUrl,
+    tls: Option<(&native_tls::TlsConnector, &TlsConfig)>,
+) -> Result<(Connection, std::net::TcpStream), AmqpError> {
     let unreachable = |reason: String| AmqpError::Unreachable {
         url: broker.to_string(),
         reason,
@@ -127,29 +172,74 @@ fn open(broker: &BrokerUrl) -> Result<(Connection, std::net::TcpStream), AmqpErr
             .and_then(|()| stream.set_nonblocking(true))
             .and_then(|()| mio::net::TcpStream::from_stream(stream))
             .map_err(|e| unreachable(format!("{addr}: {e}")))?;
-        let mut options = ConnectionOptions::<Auth>::default()
-            .heartbeat(broker.heartbeat)
-            .connection_timeout(Some(broker.connection_timeout));
-        if let Some(vhost) = &broker.vhost {
-            options = options.virtual_host(vhost.as_str());
-        }
-        if let Some((username, password)) = &broker.credentials {
-            options = options.auth(Auth::Plain {
-                username: username.clone(),
-                password: password.clone(),
-            });
-        }
-        if let Some(channel_max) = broker.channel_max {
-            options = options.channel_max(channel_max);
-        }
-        return Connection::insecure_open_stream(stream, options, Default::default())
-            .map(|connection| (connection, socket))
-            .map_err(|source| AmqpError::Connect {
-                url: broker.to_string(),
-                source: Box::new(source),
-            });
+        let options = connection_options(broker);
+        let opened = match tls {
+            Some((connector, files)) => Connection::open_tls_stream(
+                connector.clone(),
+                &broker.host,
+                stream,
+                options,
+                Default::default(),
+            )
+            .map_err(|source| tls_failure(broker, files, source)),
+            None => Connection::insecure_open_stream(stream, options, Default::default())
+                .map_err(|source| handshake_failure(broker, source)),
+        };
+        return opened.map(|connection| (connection, socket));
     }
     Err(last)
+}
+
+/// Virtual host, credentials, heartbeat and limits from the URL.
+fn connection_options(broker: &BrokerUrl) -> ConnectionOptions<Auth> {
+    let mut options = ConnectionOptions::<Auth>::default()
+        .heartbeat(broker.heartbeat)
+        .connection_timeout(Some(broker.connection_timeout));
+    if let Some(vhost) = &broker.vhost {
+        options = options.virtual_host(vhost.as_str());
+    }
+    if let Some((username, password)) = &broker.credentials {
+        options = options.auth(Auth::Plain {
+            username: username.clone(),
+            password: password.clone(),
+        });
+    }
+    if let Some(channel_max) = broker.channel_max {
+        options = options.channel_max(channel_max);
+    }
+    options
+}
+
+fn handshake_failure(broker: &BrokerUrl, source: amiquip::Error) -> AmqpError {
+    AmqpError::Connect {
+        url: broker.to_string(),
+        source: Box::new(source),
+    }
+}
+
+/// A failed `amqps://` connect, as a TLS error when TLS is what failed: in the handshake, or
+/// at the first AMQP bytes, where TLS 1.3 delivers the broker's verdict on the client's
+/// certificate (see [`Stage::FirstBytes`]).
+fn tls_failure(broker: &BrokerUrl, files: &TlsConfig, source: amiquip::Error) -> AmqpError {
+    let (reason, stage) = match &source {
+        amiquip::Error::TlsHandshake { source } => (source.to_string(), Stage::Handshake),
+        amiquip::Error::IoErrorReadingSocket { .. }
+        | amiquip::Error::IoErrorWritingSocket { .. }
+        | amiquip::Error::UnexpectedSocketClose => (source.to_string(), Stage::FirstBytes),
+        _ => return handshake_failure(broker, source),
+    };
+    let hint = handshake_hint(
+        &reason,
+        stage,
+        broker.port,
+        files.ca_file.is_some(),
+        files.cert_file.is_some(),
+    );
+    AmqpError::Tls {
+        url: broker.to_string(),
+        reason,
+        hint,
+    }
 }
 
 /// Name of the dead-letter exchange of the inbound queue.

@@ -1,5 +1,6 @@
-//! [`BrokerUrl`]: an `amqp://` URL parsed once, the one type every part of the bridge uses for
-//! a broker's address (connecting, probing its port, logging it without the password).
+//! [`BrokerUrl`]: an `amqp://` or `amqps://` URL parsed once, the one type every part of the
+//! bridge uses for a broker's address (connecting, probing its port, logging it without the
+//! password).
 
 use std::fmt;
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -16,7 +17,8 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub const HEARTBEAT_SECS: u16 = 10;
 
 /// An `amqp://user:pass@host:port/vhost?heartbeat=N&connection_timeout=MS&channel_max=N` URL,
-/// read the way amiquip reads it (percent-decoded vhost and credentials, port 5672 by default).
+/// read the way amiquip reads it (percent-decoded vhost and credentials, port 5672 by default),
+/// or the same with `amqps://` (TLS, port 5671 by default).
 /// `Display` shows it with the password masked, so it is safe in logs and `/health`.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(try_from = "String")]
@@ -25,6 +27,8 @@ pub struct BrokerUrl {
     pub host: String,
     /// TCP port.
     pub port: u16,
+    /// `amqps://`: TLS, with the broker's certificate verified against `host`.
+    pub tls: bool,
     /// Virtual host; `None` means the broker's default (`/`).
     pub vhost: Option<String>,
     /// (user, password); `None` means guest/guest.
@@ -73,9 +77,11 @@ impl BrokerUrl {
 
 fn parse(text: &str) -> Result<BrokerUrl, String> {
     let url = url::Url::parse(text).map_err(|e| format!("is not a URL: {e}"))?;
-    if url.scheme() != "amqp" {
-        return Err("must start with amqp://".into());
-    }
+    let tls = match url.scheme() {
+        "amqp" => false,
+        "amqps" => true,
+        _ => return Err("must start with amqp:// or amqps://".into()),
+    };
     let host = url.host_str().filter(|h| !h.is_empty()).ok_or("has no host")?;
     let decode = |s: &str| {
         percent_encoding::percent_decode_str(s)
@@ -96,7 +102,8 @@ fn parse(text: &str) -> Result<BrokerUrl, String> {
     });
     let mut parsed = BrokerUrl {
         host: host.trim_matches(['[', ']']).to_owned(),
-        port: url.port().unwrap_or(5672),
+        port: url.port().unwrap_or(if tls { 5671 } else { 5672 }),
+        tls,
         vhost: segments.first().map(|v| decode(v)),
         credentials,
         heartbeat: HEARTBEAT_SECS,
@@ -204,6 +211,24 @@ mod tests {
     }
 
     #[test]
+    fn amqps_means_tls_on_5671_unless_the_url_says_otherwise() {
+        let cases = [
+            ("amqps://rabbit", true, 5671),
+            ("amqps://u:secret@rabbit:6000/%2f", true, 6000),
+            ("amqp://rabbit", false, 5672),
+            ("amqp://rabbit:5671", false, 5671),
+        ];
+        for (text, tls, port) in cases {
+            let url = BrokerUrl::parse(text).expect(text);
+            assert_eq!((url.tls, url.port), (tls, port), "{text}");
+            assert!(!url.to_string().contains("secret"), "{url}");
+        }
+        let refused = BrokerUrl::parse("amqpx://u:secret@h").expect_err("unknown scheme");
+        assert!(refused.to_string().contains("amqps://"), "{refused}");
+        assert!(!refused.to_string().contains("secret"), "{refused}");
+    }
+
+    #[test]
     fn broker_urls_parse_like_amiquip() {
         let url: BrokerUrl = "amqp://us%40er:p%3Ass@rabbit:5673/%2f?heartbeat=3&connection_timeout=250"
             .parse()
@@ -225,6 +250,7 @@ mod tests {
             (HEARTBEAT_SECS, CONNECT_TIMEOUT)
         );
         let ipv6 = BrokerUrl::parse("amqp://[::1]:5673").expect("valid");
+        assert!(!ipv6.tls);
         assert_eq!((ipv6.host.as_str(), ipv6.port), ("::1", 5673));
         for bad in [
             "http://h",

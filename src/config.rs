@@ -62,6 +62,36 @@ pub struct AmqpConfig {
     pub publish_buffer_bytes: usize,
     /// How long a publish may wait for the broker to come back, in milliseconds.
     pub publish_ttl_ms: u64,
+    /// Certificates for `amqps://` URLs.
+    pub tls: TlsConfig,
+}
+
+/// `amqp.tls`: the files `amqps://` connections use. The broker's certificate is always
+/// verified against the URL's host; there is deliberately no switch to turn that off.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// PEM CA certificate(s) that sign the broker's certificate, trusted instead of the
+    /// system's trust store; `None` uses the system's trust store.
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate (chain after it), for brokers that require one; with `key_file`.
+    pub cert_file: Option<PathBuf>,
+    /// Unencrypted PKCS#8 PEM private key of `cert_file`.
+    pub key_file: Option<PathBuf>,
+}
+
+impl TlsConfig {
+    /// True when any file is set.
+    pub fn is_set(&self) -> bool {
+        *self != TlsConfig::default()
+    }
+
+    /// Reads the files (again: a renewed certificate is picked up at the next connect) and
+    /// builds the TLS connector for `amqps://` URLs.
+    pub fn connector(&self) -> Result<native_tls::TlsConnector, crate::tls::TlsFileError> {
+        let client = self.cert_file.as_deref().zip(self.key_file.as_deref());
+        crate::tls::connector(self.ca_file.as_deref(), client)
+    }
 }
 
 /// WebSocket session limits and heartbeat.
@@ -221,6 +251,7 @@ impl Default for AmqpConfig {
             publish_buffer_messages: 10_000,
             publish_buffer_bytes: 64 * 1024 * 1024,
             publish_ttl_ms: 30_000,
+            tls: TlsConfig::default(),
         }
     }
 }
@@ -405,7 +436,7 @@ impl Config {
     /// URLs, names and backoff of the AMQP side.
     fn check_amqp(&self) -> Result<(), ConfigError> {
         if self.amqp.urls.is_empty() {
-            return invalid("amqp.urls", "at least one amqp:// URL is required");
+            return invalid("amqp.urls", "at least one amqp:// or amqps:// URL is required");
         }
         for (key, value) in [
             ("amqp.inbound_exchange", &self.amqp.inbound_exchange),
@@ -421,6 +452,44 @@ impl Config {
                 "amqp.reconnect_max_ms",
                 "must be at least amqp.reconnect_initial_ms",
             );
+        }
+        self.check_tls()
+    }
+
+    /// `amqp.tls` goes with `amqps://` URLs, and its files load now rather than at the first
+    /// connect: a typo in a path stops start-up instead of leaving the link down.
+    fn check_tls(&self) -> Result<(), ConfigError> {
+        let tls = &self.amqp.tls;
+        match (&tls.cert_file, &tls.key_file) {
+            (Some(_), None) => {
+                return invalid(
+                    "amqp.tls.key_file",
+                    "is required with amqp.tls.cert_file (its unencrypted PKCS#8 PEM key)",
+                )
+            }
+            (None, Some(_)) => {
+                return invalid(
+                    "amqp.tls.cert_file",
+                    "is required with amqp.tls.key_file (the client certificate, PEM)",
+                )
+            }
+            _ => {}
+        }
+        let any_tls_url = self.amqp.urls.iter().any(|url| url.tls);
+        if tls.is_set() && !any_tls_url {
+            // Certificates without an amqps:// URL would connect in clear text while the
+            // operator believes otherwise.
+            return invalid(
+                "amqp.tls",
+                "is set but no URL in amqp.urls is amqps://, so nothing would be encrypted: \
+                 use amqps:// URLs (port 5671 by default) or remove amqp.tls",
+            );
+        }
+        if any_tls_url {
+            tls.connector().map_err(|error| ConfigError::Invalid {
+                key: error.key().into(),
+                reason: error.to_string(),
+            })?;
         }
         Ok(())
     }
@@ -570,6 +639,14 @@ mod tests {
                 "[[transforms]]\ndesk = \"Z\"\ndirection = \"to_web\"",
                 "transforms[0].desk",
             ),
+            ("[amqp.tls]\ncert_file = \"c.pem\"", "amqp.tls.key_file"),
+            ("[amqp.tls]\nkey_file = \"k.pem\"", "amqp.tls.cert_file"),
+            ("[amqp.tls]\nca_file = \"ca.pem\"", "amqp.tls"),
+            ("[amqp.tls]\nverify = false", "verify"),
+            (
+                "[amqp]\nurls = [\"amqps://h\"]\n[amqp.tls]\nca_file = \"/no/such/ca.pem\"",
+                "amqp.tls.ca_file",
+            ),
         ];
         for (text, key) in cases {
             let err = parse(text).expect_err(text).to_string();
@@ -587,6 +664,19 @@ mod tests {
         ] {
             parse(text).unwrap_or_else(|e| panic!("{text:?}: {e}"));
         }
+    }
+
+    #[test]
+    fn amqps_without_a_ca_file_uses_the_system_trust_store() {
+        let config =
+            parse("[amqp]\nurls = [\"amqps://u:p@rabbit/%2f\", \"amqp://fallback\"]").expect("valid");
+        assert!(config.amqp.urls[0].tls && !config.amqp.urls[1].tls);
+        assert!(!config.amqp.tls.is_set());
+        config
+            .amqp
+            .tls
+            .connector()
+            .expect("the system's trust store loads");
     }
 
     #[test]

@@ -32,6 +32,7 @@ pub mod port_watch;
 pub mod protocol;
 pub mod state;
 pub mod tag_queue;
+pub mod tls;
 pub mod transform;
 pub mod websocket;
 

@@ -159,7 +159,7 @@ fn run<W: LinkWork>(mut work: W, context: WorkerContext, stop: StopSignal, socke
     );
     loop {
         let served = catch_unwind(AssertUnwindSafe(|| {
-            let mut connected = amqp::connect_any(urls, W::LINK.as_str())?;
+            let mut connected = amqp::connect_any(urls, &context.config.amqp.tls, W::LINK.as_str())?;
             *lock(socket) = Some(connected.socket);
             let end = work.serve(&mut connected.connection, connected.url, &stop, &mut life);
             if end.is_ok() {

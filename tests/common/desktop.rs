@@ -5,7 +5,7 @@ use std::thread::JoinHandle;
 use amiquip::{AmqpProperties, Connection, ConsumerMessage, Delivery, FieldTable, Publish};
 use serde_json::Value;
 
-use super::amqp::{broker, consume_unacked, private_queue};
+use super::amqp::{broker, connect, consume_unacked, private_queue};
 use super::DEADLINE;
 
 /// A desktop app: publishes with amiquip.
@@ -16,6 +16,13 @@ pub struct Desktop {
 impl Desktop {
     pub fn connect() -> Desktop {
         Desktop { connection: broker() }
+    }
+
+    /// A desktop app on another broker than the tests' (a private node).
+    pub fn connect_to(url: &str) -> Desktop {
+        Desktop {
+            connection: connect(url, "Is the private node still running?"),
+        }
     }
 
     /// Publishes `body` to `exchange` with `key` and the given properties, and waits for the
@@ -79,22 +86,30 @@ impl Listener {
     /// Declares `exchange` (direct, durable, as the bridge does), binds an exclusive queue with
     /// each key, and returns once consuming.
     pub fn bind(exchange: &str, keys: &[&str]) -> Listener {
-        Listener::queue(exchange, None, keys)
+        Listener::queue(None, exchange, None, keys)
+    }
+
+    /// `bind` on another broker than the tests' (a private node).
+    pub fn bind_at(url: &str, exchange: &str, keys: &[&str]) -> Listener {
+        Listener::queue(Some(url.to_string()), exchange, None, keys)
     }
 
     /// Consumes an existing queue (e.g. a dead-letter queue).
     pub fn existing(queue: &str) -> Listener {
-        Listener::queue("", Some(queue.to_string()), &[])
+        Listener::queue(None, "", Some(queue.to_string()), &[])
     }
 
-    fn queue(exchange: &str, existing: Option<String>, keys: &[&str]) -> Listener {
+    fn queue(url: Option<String>, exchange: &str, existing: Option<String>, keys: &[&str]) -> Listener {
         let (ready_tx, ready_rx) = crossbeam_channel::bounded(1);
         let (tx, deliveries) = crossbeam_channel::unbounded();
         let (stop, stop_rx) = crossbeam_channel::bounded::<()>(1);
         let exchange = exchange.to_string();
         let keys: Vec<String> = keys.iter().map(|k| k.to_string()).collect();
         let thread = std::thread::spawn(move || {
-            let mut connection = broker();
+            let mut connection = match url {
+                Some(url) => connect(&url, "Is the private node still running?"),
+                None => broker(),
+            };
             let channel = connection.open_channel(None).expect("channel");
             let queue = match existing {
                 Some(name) => channel.queue_declare_passive(name).expect("queue exists"),

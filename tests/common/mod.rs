@@ -10,7 +10,8 @@
 //! - `process`: `BridgeProcess`, the deskbridge binary as a child process;
 //! - `http`: minimal HTTP/1.0 requests and waiting for `/health`;
 //! - `browser`: `Browser`, a WebSocket client of `/ws`;
-//! - `desktop`: `Desktop` (publishes) and `Listener` (consumes), the desktop app's side.
+//! - `desktop`: `Desktop` (publishes) and `Listener` (consumes), the desktop app's side;
+//! - `private_broker`: `PrivateBroker`, a RabbitMQ node of the test's own (TLS, free ports).
 #![allow(dead_code)]
 
 pub mod amqp;
@@ -18,6 +19,7 @@ pub mod bridge;
 pub mod browser;
 pub mod desktop;
 pub mod http;
+pub mod private_broker;
 pub mod process;
 
 use std::future::Future;

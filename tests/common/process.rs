@@ -9,6 +9,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStderr, Command, ExitStatus, Stdio};
 use std::sync::mpsc::Receiver;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use deskbridge::config::Config;
@@ -42,8 +43,8 @@ impl Drop for ConfigFile {
 }
 
 /// What a launched bridge takes from `config`, as TOML: `bind`, `workers`,
-/// `shutdown_timeout_ms`, the AMQP URLs and names, and `[auth]` with its key files when
-/// `auth.mode = "jwt"` (the rest keeps its defaults).
+/// `shutdown_timeout_ms`, the AMQP URLs, names and `amqp.tls`, and `[auth]` with its key files
+/// when `auth.mode = "jwt"` (the rest keeps its defaults).
 pub fn config_toml(config: &Config) -> String {
     let number = |n: u64| toml::Value::Integer(i64::try_from(n).expect("fits TOML's i64"));
     let amqp = &config.amqp;
@@ -53,6 +54,20 @@ pub fn config_toml(config: &Config) -> String {
     amqp_table.insert("inbound_exchange".into(), amqp.inbound_exchange.clone().into());
     amqp_table.insert("inbound_queue".into(), amqp.inbound_queue.clone().into());
     amqp_table.insert("outbound_exchange".into(), amqp.outbound_exchange.clone().into());
+    let mut tls = toml::Table::new();
+    for (key, path) in [
+        ("ca_file", &amqp.tls.ca_file),
+        ("cert_file", &amqp.tls.cert_file),
+        ("key_file", &amqp.tls.key_file),
+    ] {
+        if let Some(path) = path {
+            let path = path.to_str().expect("test paths are UTF-8");
+            tls.insert(key.into(), path.into());
+        }
+    }
+    if !tls.is_empty() {
+        amqp_table.insert("tls".into(), tls.into());
+    }
     let mut table = toml::Table::new();
     table.insert("bind".into(), config.bind.clone().into());
     table.insert("workers".into(), number(config.workers as u64));
@@ -97,8 +112,13 @@ pub struct BridgeProcess {
     child: Child,
     /// Where it serves HTTP and WebSocket, from its `LISTENING_ON` log line.
     pub addr: SocketAddr,
+    /// Every line it logged so far.
+    log: Log,
     _config: ConfigFile,
 }
+
+/// A child's log lines, appended by the thread that reads its stderr.
+type Log = Arc<Mutex<Vec<String>>>;
 
 impl BridgeProcess {
     /// Writes `config` (see `config_toml`) to a temp file, starts `binary` on it with
@@ -111,11 +131,13 @@ impl BridgeProcess {
             .env("RUST_LOG", "warn,deskbridge=info")
             .stderr(Stdio::piped())
             .spawn()?;
-        let address = follow_stderr(child.stderr.take().expect("stderr is piped"));
+        let log = Log::default();
+        let address = follow_stderr(child.stderr.take().expect("stderr is piped"), Arc::clone(&log));
         match address.recv_timeout(DEADLINE) {
             Ok(addr) => Ok(BridgeProcess {
                 child,
                 addr,
+                log,
                 _config: file,
             }),
             Err(error) => {
@@ -133,6 +155,28 @@ impl BridgeProcess {
     /// Waits until `/health` answers 200 (both AMQP links up), failing after `within`.
     pub async fn wait_healthy(&self, within: Duration) -> Value {
         wait_health(self.addr, 200, within).await
+    }
+
+    /// Waits until a logged line contains every one of `needles` and returns it; fails the
+    /// test after `within`, showing what was logged.
+    pub fn wait_for_log(&self, needles: &[&str], within: Duration) -> String {
+        let started = Instant::now();
+        loop {
+            let lines = self
+                .log
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clone();
+            if let Some(line) = lines.iter().find(|line| needles.iter().all(|n| line.contains(n))) {
+                return line.clone();
+            }
+            assert!(
+                started.elapsed() < within,
+                "deskbridge never logged a line with {needles:?}; it logged:\n{}",
+                lines.join("\n")
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// Sends SIGTERM, deskbridge's signal for a graceful shutdown.
@@ -175,12 +219,16 @@ impl Drop for BridgeProcess {
     }
 }
 
-/// Reads the bridge's stderr on a thread of its own until it closes: sends the address of the
-/// `LISTENING_ON` line, copies WARN and ERROR lines to our stderr.
-fn follow_stderr(stderr: ChildStderr) -> Receiver<SocketAddr> {
+/// Reads the bridge's stderr on a thread of its own until it closes: keeps every line in
+/// `log`, sends the address of the `LISTENING_ON` line, copies WARN and ERROR lines to our
+/// stderr.
+fn follow_stderr(stderr: ChildStderr, log: Log) -> Receiver<SocketAddr> {
     let (address, receiver) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            log.lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .push(line.clone());
             if let Some(addr) = line.split(deskbridge::LISTENING_ON).nth(1) {
                 let addr = addr
                     .trim()
