@@ -227,6 +227,8 @@ fn bridge_config(args: &Args) -> Config {
     config.amqp.inbound_exchange = BRIDGE_NAMES.inbound.into();
     config.amqp.inbound_queue = "bench.bridge.listener".into();
     config.amqp.outbound_exchange = BRIDGE_NAMES.outbound.into();
+    // Every bench client comes from loopback: one address may hold all of them.
+    config.ws.max_sessions_per_ip = config.ws.max_sessions;
     config
 }
 

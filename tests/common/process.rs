@@ -43,8 +43,8 @@ impl Drop for ConfigFile {
 }
 
 /// What a launched bridge takes from `config`, as TOML: `bind`, `workers`,
-/// `shutdown_timeout_ms`, the AMQP URLs, names and `amqp.tls`, and `[auth]` with its key files
-/// when `auth.mode = "jwt"` (the rest keeps its defaults).
+/// `shutdown_timeout_ms`, the AMQP URLs, names and `amqp.tls`, `ws.max_sessions_per_ip`, and
+/// `[auth]` with its key files when `auth.mode = "jwt"` (the rest keeps its defaults).
 pub fn config_toml(config: &Config) -> String {
     let number = |n: u64| toml::Value::Integer(i64::try_from(n).expect("fits TOML's i64"));
     let amqp = &config.amqp;
@@ -73,6 +73,9 @@ pub fn config_toml(config: &Config) -> String {
     table.insert("workers".into(), number(config.workers as u64));
     table.insert("shutdown_timeout_ms".into(), number(config.shutdown_timeout_ms));
     table.insert("amqp".into(), amqp_table.into());
+    let mut ws = toml::Table::new();
+    ws.insert("max_sessions_per_ip".into(), number(config.ws.max_sessions_per_ip as u64));
+    table.insert("ws".into(), ws.into());
     if config.auth.mode == deskbridge::config::AuthMode::Jwt {
         let jwt = &config.auth.jwt;
         let mut jwt_table = toml::Table::new();
