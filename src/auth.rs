@@ -41,6 +41,16 @@ impl Right {
         }
     }
 
+    /// The right a claim names, if this bridge knows it.
+    pub fn parse(name: &str) -> Option<Right> {
+        match name {
+            "subscribe" => Some(Right::Subscribe),
+            "publish" => Some(Right::Publish),
+            "request" => Some(Right::Request),
+            _ => None,
+        }
+    }
+
     /// The wire name.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -101,22 +111,33 @@ impl Identity {
     }
 }
 
-/// The claims deskbridge reads; others are ignored.
-#[derive(Debug, Serialize, Deserialize)]
+/// The claims of a token deskbridge makes (`deskbridge token`).
+#[derive(Debug, Serialize)]
 pub struct Claims {
     /// User id.
     pub sub: String,
     /// Expiry, Unix seconds.
     pub exp: u64,
-    /// Desk → rights; absent means no rights at all.
-    #[serde(default)]
+    /// Desk → rights.
     pub desks: HashMap<String, Vec<Right>>,
     /// Issuer, when the deployment checks one.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub iss: Option<String>,
     /// Audience, when the deployment checks one.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub aud: Option<String>,
+}
+
+/// The claims deskbridge reads from a token; `iss`, `aud` (a string or a list), `nbf` are
+/// checked by jsonwebtoken, everything else is ignored.
+#[derive(Debug, Deserialize)]
+struct Received {
+    sub: String,
+    exp: u64,
+    /// Desk → right names; names this bridge does not know grant nothing (a newer issuer may
+    /// know more rights than this bridge).
+    #[serde(default)]
+    desks: HashMap<String, Vec<String>>,
 }
 
 /// Why a token was refused; [`AuthError::reason`] is its metrics label.
@@ -290,14 +311,24 @@ impl Verifier {
                     .is_ok_and(|alg| alg == key.algorithm)
             })
             .ok_or(AuthError::Algorithm(algorithm))?;
-        let data = jsonwebtoken::decode::<Claims>(token, &key.key, &key.validation).map_err(classify)?;
+        let data = jsonwebtoken::decode::<Received>(token, &key.key, &key.validation).map_err(classify)?;
         let claims = data.claims;
         if claims.sub.is_empty() {
             return Err(AuthError::Claims("`sub` is empty".into()));
         }
+        let desks = claims
+            .desks
+            .iter()
+            .map(|(desk, names)| {
+                (
+                    desk.clone(),
+                    names.iter().filter_map(|name| Right::parse(name)).collect(),
+                )
+            })
+            .collect();
         Ok(Identity {
             user: claims.sub.into(),
-            rights: Rights::from_claim(&claims.desks),
+            rights: Rights::from_claim(&desks),
             expires_at: claims.exp,
         })
     }
@@ -404,11 +435,9 @@ pub fn parse_desk_grant(text: &str) -> Result<(String, Vec<Right>), String> {
         .ok_or_else(|| format!("`{text}`: expected DESK:right[,right...], e.g. A:subscribe,publish"))?;
     let rights = rights
         .split(',')
-        .map(|right| match right.trim() {
-            "subscribe" => Ok(Right::Subscribe),
-            "publish" => Ok(Right::Publish),
-            "request" => Ok(Right::Request),
-            other => Err(format!("`{other}` is not a right: subscribe, publish or request")),
+        .map(|right| {
+            Right::parse(right.trim())
+                .ok_or_else(|| format!("`{right}` is not a right: subscribe, publish or request"))
         })
         .collect::<Result<Vec<_>, _>>()?;
     Ok((desk.to_owned(), rights))
@@ -472,6 +501,36 @@ mod tests {
         assert_eq!(verifier.verify(&other), Err(AuthError::BadSignature));
         let expired = mint_hs256(&auth.jwt, &claims("alice", -5)).expect("mint");
         assert_eq!(verifier.verify(&expired), Err(AuthError::Expired));
+    }
+
+    #[test]
+    fn audience_lists_and_unknown_rights_are_read_like_identity_providers_write_them() {
+        let mut auth = jwt_config("s3cret");
+        auth.jwt.audience = Some("deskbridge".into());
+        let verifier = Verifier::from_config(&auth).expect("keys").expect("jwt on");
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let claims = serde_json::json!({
+            "sub": "alice", "exp": now + 300, "aud": ["account", "deskbridge"],
+            "desks": {"A": ["subscribe", "teleport"]},
+        });
+        let key = EncodingKey::from_secret(b"s3cret");
+        let token = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &key).expect("sign");
+        let identity = verifier
+            .verify(&token)
+            .expect("an aud list naming us is accepted");
+        assert!(identity.rights.allows("A", Right::Subscribe));
+        assert!(
+            !identity.rights.allows("A", Right::Publish),
+            "an unknown right grants nothing"
+        );
+        let far = serde_json::json!({"sub": "a", "exp": u64::MAX, "aud": "deskbridge"});
+        let token = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &far, &key).expect("sign");
+        assert!(
+            verifier.verify(&token).is_ok(),
+            "a far exp is a valid token (capped by the session)"
+        );
     }
 
     #[test]

@@ -20,7 +20,7 @@ pub const HEARTBEAT_SECS: u16 = 10;
 /// read the way amiquip reads it (percent-decoded vhost and credentials, port 5672 by default),
 /// or the same with `amqps://` (TLS, port 5671 by default).
 /// `Display` shows it with the password masked, so it is safe in logs and `/health`.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Clone, PartialEq, Deserialize)]
 #[serde(try_from = "String")]
 pub struct BrokerUrl {
     /// Host name or address, without IPv6 brackets.
@@ -160,6 +160,13 @@ pub fn mask_passwords(text: &str) -> String {
     }
     out.push_str(rest);
     out
+}
+
+/// Like `Display`: a `{:?}` of a config must not print a password either.
+impl fmt::Debug for BrokerUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "BrokerUrl({})", self.redacted)
+    }
 }
 
 impl fmt::Display for BrokerUrl {

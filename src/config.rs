@@ -370,11 +370,20 @@ impl Config {
             let start = error.span().map_or(0, |span| span.start).min(text.len());
             let line_start = text[..start].rfind('\n').map_or(0, |i| i + 1);
             let line_end = text[start..].find('\n').map_or(text.len(), |i| start + i);
+            let line = text[line_start..line_end].trim();
+            let (excerpt, message) = match line.split_once('=') {
+                // A mistyped secret key must not print the secret it holds.
+                Some((key, _)) if looks_secret(key) => (
+                    format!("{} = ***", key.trim()),
+                    "this key is not accepted here (value hidden)".into(),
+                ),
+                _ => (mask_passwords(line), mask_passwords(error.message())),
+            };
             ConfigError::Parse {
                 path: path.to_owned(),
                 line: text[..start].matches('\n').count() + 1,
-                excerpt: mask_passwords(text[line_start..line_end].trim()),
-                message: mask_passwords(error.message()),
+                excerpt,
+                message,
             }
         })
     }
@@ -557,6 +566,14 @@ impl Config {
     }
 }
 
+/// True for a key whose value is probably a secret (`hs256_secret`, `password`, `token`...).
+fn looks_secret(key: &str) -> bool {
+    let key = key.to_ascii_lowercase();
+    ["secret", "password", "token", "passwd"]
+        .iter()
+        .any(|word| key.contains(word))
+}
+
 /// Splits `AMQP_URL`'s comma-separated list, ignoring blanks.
 pub fn split_urls(list: &str) -> Vec<String> {
     list.split(',')
@@ -686,6 +703,14 @@ mod tests {
             .to_string();
         assert!(err.contains("urls") && err.contains("amqp://"), "{err}");
         assert!(!err.contains("secret"), "{err}");
+    }
+
+    #[test]
+    fn a_misplaced_secret_is_never_printed() {
+        let err = parse("[auth.jwt]\nhs256_secret = \"s3cr3t-value\"")
+            .expect_err("unknown key")
+            .to_string();
+        assert!(err.contains("hs256_secret") && !err.contains("s3cr3t"), "{err}");
     }
 
     #[test]

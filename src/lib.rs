@@ -45,7 +45,7 @@ use actix_web::{dev::ServerHandle, web};
 
 use crate::actors::amqp_consumer::AmqpConsumer;
 use crate::actors::amqp_publisher::AmqpPublisher;
-use crate::actors::messages::{BeginShutdown, CloseAll, PublisherHandle};
+use crate::actors::messages::{BeginShutdown, CloseAll, PublishJob, PublisherHandle};
 use crate::actors::router::Router;
 use crate::actors::session::SessionEnv;
 use crate::actors::worker::{Worker, WorkerContext};
@@ -105,8 +105,6 @@ pub async fn start(config: Config, mut transforms: Transforms) -> Result<Bridge,
     let metrics = Arc::new(Metrics::new());
     let consumer_link = Arc::new(LinkState::new(Link::Consumer, &metrics));
     let publisher_link = Arc::new(LinkState::new(Link::Publisher, &metrics));
-    let instance = uuid::Uuid::new_v4().to_string();
-
     let (handle, jobs) = PublisherHandle::new(&config.amqp);
     let router = Router::new(
         Arc::clone(&config),
@@ -138,27 +136,14 @@ pub async fn start(config: Config, mut transforms: Transforms) -> Result<Bridge,
     let (addr, server) = serve_http(&config, state)?;
 
     // The AMQP workers start only once the port is ours: a failed start leaves nothing running.
-    let context = |link: &Arc<LinkState>| WorkerContext {
-        config: Arc::clone(&config),
-        link: Arc::clone(link),
-        metrics: Arc::clone(&metrics),
-    };
-    let publisher = AmqpPublisher::new(
-        Arc::clone(&config),
-        handle,
-        jobs,
-        router.clone().recipient(),
-        instance.clone(),
-    );
-    let publisher = Worker::spawn(publisher, context(&publisher_link)).map_err(StartError::Thread)?;
-    let consumer = AmqpConsumer::new(
-        Arc::clone(&config),
+    let (publisher, consumer) = spawn_workers(
+        &config,
         catalog,
-        router.clone().recipient(),
-        Arc::clone(&metrics),
-        instance,
-    );
-    let consumer = Worker::spawn(consumer, context(&consumer_link)).map_err(StartError::Thread)?;
+        &router,
+        (handle, jobs),
+        &metrics,
+        [&consumer_link, &publisher_link],
+    )?;
     let handle = server.handle();
     actix_web::rt::spawn(server);
     Ok(Bridge {
@@ -169,6 +154,40 @@ pub async fn start(config: Config, mut transforms: Transforms) -> Result<Bridge,
         publisher,
         config,
     })
+}
+
+/// Starts the publisher and the consumer threads; returns (publisher, consumer).
+fn spawn_workers(
+    config: &Arc<Config>,
+    catalog: Arc<Catalog>,
+    router: &Addr<Router>,
+    (handle, jobs): (PublisherHandle, crossbeam_channel::Receiver<PublishJob>),
+    metrics: &Arc<Metrics>,
+    [consumer_link, publisher_link]: [&Arc<LinkState>; 2],
+) -> Result<(Worker, Worker), StartError> {
+    let instance = uuid::Uuid::new_v4().to_string();
+    let context = |link: &Arc<LinkState>| WorkerContext {
+        config: Arc::clone(config),
+        link: Arc::clone(link),
+        metrics: Arc::clone(metrics),
+    };
+    let publisher = AmqpPublisher::new(
+        Arc::clone(config),
+        handle,
+        jobs,
+        router.clone().recipient(),
+        instance.clone(),
+    );
+    let publisher = Worker::spawn(publisher, context(publisher_link)).map_err(StartError::Thread)?;
+    let consumer = AmqpConsumer::new(
+        Arc::clone(config),
+        catalog,
+        router.clone().recipient(),
+        Arc::clone(metrics),
+        instance,
+    );
+    let consumer = Worker::spawn(consumer, context(consumer_link)).map_err(StartError::Thread)?;
+    Ok((publisher, consumer))
 }
 
 /// Binds the configured address and builds the HTTP server on it (not yet running).
@@ -209,9 +228,15 @@ impl Bridge {
         self.server.pause().await;
         // A failed send means the router already stopped; nothing is left to tell it.
         let _ = self.router.send(BeginShutdown).await;
-        join_worker(self.publisher, publishes_deadline).await;
+        let (mut publisher, mut consumer) = (self.publisher, self.consumer);
+        publisher.signal(publishes_deadline);
+        consumer.signal(deadline);
+        let consumer = actix_web::rt::task::spawn_blocking(move || consumer.join(deadline));
+        join_worker(publisher, publishes_deadline).await;
         let _ = self.router.send(CloseAll).await;
-        join_worker(self.consumer, deadline).await;
+        if consumer.await.is_err() {
+            log::error!("the AMQP consumer did not stop cleanly");
+        }
         let remaining = deadline.saturating_duration_since(Instant::now());
         if tokio::time::timeout(remaining, self.server.stop(true))
             .await
@@ -226,7 +251,7 @@ impl Bridge {
 }
 
 async fn join_worker(worker: Worker, deadline: Instant) {
-    if actix_web::rt::task::spawn_blocking(move || worker.stop_and_join(deadline))
+    if actix_web::rt::task::spawn_blocking(move || worker.join(deadline))
         .await
         .is_err()
     {

@@ -247,12 +247,12 @@ pub struct Metrics {
     unroutable: Counter,
     own_echo: Counter,
     transform_panics: Counter,
-    rejects: Family<RejectLabels, Counter>,
-    publish_failures: Family<FailureLabels, Counter>,
-    frames_dropped: Family<DroppedLabels, Counter>,
-    ws_errors: Family<CodeLabels, Counter>,
-    auth_failures: Family<ReasonLabels, Counter>,
-    handshakes_refused: Family<ReasonLabels, Counter>,
+    rejects: Resolved<RejectReason, RejectLabels>,
+    publish_failures: Resolved<PublishFailure, FailureLabels>,
+    frames_dropped: Resolved<Dropped, DroppedLabels>,
+    ws_errors: Resolved<ErrorCode, CodeLabels>,
+    auth_failures: Resolved<&'static str, ReasonLabels>,
+    handshakes_refused: Resolved<&'static str, ReasonLabels>,
     link_up: Family<LinkLabels, Gauge>,
     link_blocked: Family<LinkLabels, Gauge>,
     reconnects: Family<LinkLabels, Counter>,
@@ -271,6 +271,41 @@ where
         drop(family.get_or_create(&label));
     }
     family
+}
+
+/// A labelled counter family whose series are looked up once, at start-up, so that counting
+/// takes no lock: a key not among them (none today) falls back to the family.
+#[derive(Debug)]
+struct Resolved<K, L: Clone + std::hash::Hash + Eq> {
+    family: Family<L, Counter>,
+    counters: Vec<(K, Counter)>,
+    label: fn(K) -> L,
+}
+
+impl<K: Copy + PartialEq, L: Clone + std::hash::Hash + Eq> Resolved<K, L> {
+    fn new(keys: impl IntoIterator<Item = K>, label: fn(K) -> L) -> Self {
+        let family = Family::<L, Counter>::default();
+        let counters = keys
+            .into_iter()
+            .map(|key| (key, family.get_or_create(&label(key)).clone()))
+            .collect();
+        Resolved {
+            family,
+            counters,
+            label,
+        }
+    }
+
+    fn inc(&self, key: K) {
+        match self.counters.iter().find(|(known, _)| *known == key) {
+            Some((_, counter)) => {
+                counter.inc();
+            }
+            None => {
+                self.family.get_or_create(&(self.label)(key)).inc();
+            }
+        }
+    }
 }
 
 impl Default for Metrics {
@@ -303,12 +338,12 @@ impl Metrics {
             unroutable: Counter::default(),
             own_echo: Counter::default(),
             transform_panics: Counter::default(),
-            rejects: family(RejectReason::ALL.map(|reason| RejectLabels { reason })),
-            publish_failures: family(PublishFailure::ALL.map(|reason| FailureLabels { reason })),
-            frames_dropped: family(Dropped::ALL.map(|reason| DroppedLabels { reason })),
-            ws_errors: family(ErrorCode::ALL.map(|code| CodeLabels { code })),
-            auth_failures: family(crate::auth::AuthError::REASONS.map(|reason| ReasonLabels { reason })),
-            handshakes_refused: family(HANDSHAKE_REFUSALS.map(|reason| ReasonLabels { reason })),
+            rejects: Resolved::new(RejectReason::ALL, |reason| RejectLabels { reason }),
+            publish_failures: Resolved::new(PublishFailure::ALL, |reason| FailureLabels { reason }),
+            frames_dropped: Resolved::new(Dropped::ALL, |reason| DroppedLabels { reason }),
+            ws_errors: Resolved::new(ErrorCode::ALL, |code| CodeLabels { code }),
+            auth_failures: Resolved::new(crate::auth::AuthError::REASONS, |reason| ReasonLabels { reason }),
+            handshakes_refused: Resolved::new(HANDSHAKE_REFUSALS, |reason| ReasonLabels { reason }),
             link_up: family(links()),
             link_blocked: family(links()),
             reconnects: family(links()),
@@ -352,22 +387,22 @@ impl Metrics {
         r.register(
             "deskbridge_ws_frames_dropped",
             "Browser frames dropped unhandled (one error frame per window tells the browser), by reason",
-            self.frames_dropped.clone(),
+            self.frames_dropped.family.clone(),
         );
         r.register(
             "deskbridge_auth_failures",
             "Tokens refused (handshake, auth frame, refresh), by reason",
-            self.auth_failures.clone(),
+            self.auth_failures.family.clone(),
         );
         r.register(
             "deskbridge_handshakes_refused",
             "WebSocket handshakes refused before a session existed, by reason",
-            self.handshakes_refused.clone(),
+            self.handshakes_refused.family.clone(),
         );
         r.register(
             "deskbridge_ws_errors",
             "Error frames sent to browsers, by code",
-            self.ws_errors.clone(),
+            self.ws_errors.family.clone(),
         );
     }
 
@@ -402,12 +437,12 @@ impl Metrics {
         r.register(
             "deskbridge_rejects",
             "Deliveries rejected to the dead-letter queue, by reason",
-            self.rejects.clone(),
+            self.rejects.family.clone(),
         );
         r.register(
             "deskbridge_publish_failures",
             "Browser publishes answered with broker_unavailable, by reason",
-            self.publish_failures.clone(),
+            self.publish_failures.family.clone(),
         );
         r.register(
             "deskbridge_publish_confirm_seconds",
@@ -489,7 +524,7 @@ impl Metrics {
 
     /// A delivery from RabbitMQ was rejected.
     pub fn rejected(&self, reason: RejectReason, routing_key: &str, detail: &str) {
-        self.rejects.get_or_create(&RejectLabels { reason }).inc();
+        self.rejects.inc(reason);
         log::warn!(
             "rejected delivery with routing key `{routing_key}` ({}): {detail}",
             reason.as_str()
@@ -524,38 +559,30 @@ impl Metrics {
 
     /// A browser's publish ended in `broker_unavailable`.
     pub fn publish_failed(&self, failure: PublishFailure) {
-        self.publish_failures
-            .get_or_create(&FailureLabels { reason: failure })
-            .inc();
+        self.publish_failures.inc(failure);
         log::warn!("publish failed ({}): {}", failure.as_str(), failure.message());
     }
 
     /// A browser frame was dropped unhandled.
     pub fn frame_dropped(&self, reason: Dropped) {
-        self.frames_dropped.get_or_create(&DroppedLabels { reason }).inc();
+        self.frames_dropped.inc(reason);
     }
 
     /// A token was refused; logged once here, never with the token.
     pub fn auth_failed(&self, peer: &dyn std::fmt::Display, error: &crate::auth::AuthError) {
-        self.auth_failures
-            .get_or_create(&ReasonLabels {
-                reason: error.reason(),
-            })
-            .inc();
+        self.auth_failures.inc(error.reason());
         log::warn!("refused the token of {peer}: {error}");
     }
 
     /// A handshake was refused (`reason` from [`HANDSHAKE_REFUSALS`]).
     pub fn handshake_refused(&self, peer: &dyn std::fmt::Display, reason: &'static str, detail: &str) {
-        self.handshakes_refused
-            .get_or_create(&ReasonLabels { reason })
-            .inc();
+        self.handshakes_refused.inc(reason);
         log::warn!("refused a WebSocket handshake from {peer} ({reason}): {detail}");
     }
 
     /// An `error` frame was sent to a browser.
     pub fn ws_error(&self, code: ErrorCode) {
-        self.ws_errors.get_or_create(&CodeLabels { code }).inc();
+        self.ws_errors.inc(code);
     }
 
     /// A link reconnected after having been up before.

@@ -73,7 +73,7 @@ pub async fn upgrade(
     let result = match verdict {
         Err(refusal) => respond(&mut framed, refusal).await.map_err(Ended::from),
         Ok(accepted) => match respond(&mut framed, accepted.response).await {
-            Ok(()) => run(framed, accepted.slot, accepted.identity, &state).await,
+            Ok(()) => run(framed, accepted.slot, peer, accepted.identity, &state).await,
             Err(error) => Err(error.into()),
         },
     };
@@ -178,12 +178,13 @@ fn too_many(refused: Refused, state: &AppState, peer: &str) -> Response<BoxBody>
 fn run(
     framed: Framed<TcpStream, Codec>,
     slot: SessionSlot,
+    peer: Option<std::net::SocketAddr>,
     identity: Option<Identity>,
     state: &AppState,
 ) -> impl Future<Output = Result<(), Ended>> {
     let (socket, early) = detach(framed);
     let socket = Rc::new(socket);
-    let session = WsSession::new(Arc::clone(&state.sessions), slot, identity);
+    let session = WsSession::new(Arc::clone(&state.sessions), slot, peer, identity);
     let reader = SocketReader {
         early,
         socket: Rc::clone(&socket),

@@ -214,9 +214,24 @@ async fn the_auth_frame_opens_a_session_and_nothing_else_does() {
     carol.subscribe(&["A", "B"]).await;
 
     let mut forged = Browser::unauthenticated(handshake(url.as_str()).await.expect("upgrade"));
-    forged.send(json!({"op": "auth", "token": "a.b.c"})).await;
+    forged.send_text("{not json").await;
+    assert_eq!(
+        forged.recv().await["code"],
+        "unauthenticated",
+        "anything but auth and ping"
+    );
+    // An algorithm name long enough that quoting it would overflow a close frame's reason.
+    let long_alg = {
+        use base64::Engine as _;
+        let header = json!({"alg": "X".repeat(300)}).to_string();
+        format!(
+            "{}.e30.c2ln",
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(header)
+        )
+    };
+    forged.send(json!({"op": "auth", "token": long_alg})).await;
     assert_eq!(forged.recv().await["code"], "unauthorized");
-    let close = forged.closed().await.expect("close frame");
+    let close = forged.closed().await.expect("a valid close frame");
     assert_eq!(close.code, CloseCode::from(4401));
 
     let mut silent = Browser::unauthenticated(handshake(url.as_str()).await.expect("upgrade"));

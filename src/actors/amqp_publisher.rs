@@ -250,18 +250,14 @@ impl AmqpPublisher {
         let exchange = &self.config.amqp.outbound_exchange;
         life.up(&format!("({url}, exchange `{exchange}`)"));
 
-        let ttl = self.ttl();
-        while let Some(job) = self.buffer.pop_front() {
-            if job.enqueued.elapsed() >= ttl {
-                self.finish_one(job, Err(PublishFailure::Expired));
-            } else {
-                self.send_or_requeue(&channel, job)?;
-            }
-        }
+        self.send_buffered(&channel)?;
         loop {
             select! {
                 recv(self.jobs) -> job => match job {
-                    Ok(job) => self.send_or_requeue(&channel, job)?,
+                    Ok(job) => {
+                        self.buffer.push_back(job);
+                        self.send_buffered(&channel)?;
+                    }
                     // The router is gone: nothing more will come.
                     Err(_) => return self.drain(&confirms, &returns, Instant::now()),
                 },
@@ -281,19 +277,24 @@ impl AmqpPublisher {
         }
     }
 
-    /// Publishes `job` and tracks it until its confirm; if the channel fails, puts it back at
-    /// the front of the buffer for the next connection.
-    fn send_or_requeue(&mut self, channel: &Channel, job: PublishJob) -> Result<(), AmqpError> {
-        match self.publish(channel, &job) {
-            Ok(()) => {
-                self.pipeline.sent(job);
-                Ok(())
+    /// Publishes the buffered jobs in order, each tracked until its confirm; expired ones end
+    /// as such. A job leaves the buffer only once published, so neither a failing channel nor
+    /// a panic can lose it.
+    fn send_buffered(&mut self, channel: &Channel) -> Result<(), AmqpError> {
+        let ttl = self.ttl();
+        while let Some(job) = self.buffer.front() {
+            let expired = job.enqueued.elapsed() >= ttl;
+            if !expired {
+                self.publish(channel, job)?;
             }
-            Err(error) => {
-                self.buffer.push_front(job);
-                Err(error.into())
+            let Some(job) = self.buffer.pop_front() else { break };
+            if expired {
+                self.finish_one(job, Err(PublishFailure::Expired));
+            } else {
+                self.pipeline.sent(job);
             }
         }
+        Ok(())
     }
 
     fn publish(&self, channel: &Channel, job: &PublishJob) -> Result<(), amiquip::Error> {

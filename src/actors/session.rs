@@ -33,6 +33,12 @@ use crate::protocol::{
     parse_client_frame, ClientFrame, ErrorCode, Refusal, ServerFrame, Token, CLOSE_UNAUTHORIZED,
 };
 
+/// Longest close reason RFC 6455 allows (125 bytes of payload less the 2-byte code).
+const MAX_CLOSE_REASON: usize = 123;
+
+/// Longest a token is trusted for: an absurd `exp` must not overflow the session's clock.
+const MAX_TOKEN_LIFE: Duration = Duration::from_secs(366 * 24 * 3600);
+
 /// What every session shares, set up once: one pointer per session.
 pub struct SessionEnv {
     /// Shared configuration.
@@ -49,21 +55,25 @@ pub struct SessionEnv {
 enum Access {
     /// `auth.mode = "none"`: everything.
     Open,
-    /// Waiting for the `auth` frame.
-    Waiting,
+    /// Waiting for the `auth` frame from this peer.
+    Waiting(Box<Peer>),
     /// A verified token, until it expires.
     Signed(Box<Signed>),
     /// The token expired or never came; the session is closing and sends nothing more.
     Closed,
 }
 
+/// The browser's address, for the log lines of refused tokens.
+type Peer = Option<std::net::SocketAddr>;
+
 /// A verified token and the timers that enforce it.
 struct Signed {
     identity: Identity,
+    peer: Peer,
     /// `exp` as an instant, for the check on every outgoing frame.
     expires: Instant,
-    /// The `expiring` warning and the expiry, cancelled on refresh.
-    timers: Vec<SpawnHandle>,
+    /// The `expiring` warning and the expiry, cancelled on refresh (none until started).
+    timers: Option<[SpawnHandle; 2]>,
 }
 
 /// Counts frames in the current one-second window for `ws.max_frames_per_second`.
@@ -101,15 +111,16 @@ pub struct WsSession {
 impl WsSession {
     /// A session for a new connection, holding `slot` until it ends; `identity` is the token
     /// verified at the handshake (`?token=`), if there was one.
-    pub fn new(env: Arc<SessionEnv>, slot: SessionSlot, identity: Option<Identity>) -> Self {
+    pub fn new(env: Arc<SessionEnv>, slot: SessionSlot, peer: Peer, identity: Option<Identity>) -> Self {
         let access = match (&env.verifier, identity) {
             (None, _) => Access::Open,
-            (Some(_), None) => Access::Waiting,
+            (Some(_), None) => Access::Waiting(Box::new(peer)),
             // Timers are armed when the actor starts.
             (Some(_), Some(identity)) => Access::Signed(Box::new(Signed {
-                expires: Instant::now() + identity.remaining(),
+                expires: Instant::now() + life(&identity),
                 identity,
-                timers: Vec::new(),
+                peer,
+                timers: None,
             })),
         };
         WsSession {
@@ -124,12 +135,30 @@ impl WsSession {
         }
     }
 
+    /// Refuses a frame that could not be read; before `auth`, whatever it was, the answer is
+    /// `unauthenticated`.
+    fn refuse_frame(&self, ctx: &mut ws::WebsocketContext<Self>, refusal: Refusal) {
+        match self.access {
+            Access::Waiting(_) => self.refuse(ctx, unauthenticated()),
+            _ => self.refuse(ctx, refusal),
+        }
+    }
+
     fn refuse(&self, ctx: &mut ws::WebsocketContext<Self>, refusal: Refusal) {
         self.env.metrics.ws_error(refusal.code);
         ctx.text(refusal.to_frame());
     }
 
-    fn close(ctx: &mut ws::WebsocketContext<Self>, code: CloseCode, reason: String) {
+    /// Closes with `code`; the reason is cut to the 123 bytes a close frame may carry, so a
+    /// long one cannot turn the close into an invalid frame (the browser would see 1006).
+    fn close(ctx: &mut ws::WebsocketContext<Self>, code: CloseCode, mut reason: String) {
+        if reason.len() > MAX_CLOSE_REASON {
+            let mut end = MAX_CLOSE_REASON;
+            while !reason.is_char_boundary(end) {
+                end -= 1;
+            }
+            reason.truncate(end);
+        }
         ctx.close(Some(CloseReason {
             code,
             description: Some(reason),
@@ -186,16 +215,13 @@ impl WsSession {
         }
         let frame = match parse_client_frame(text) {
             Ok(frame) => frame,
-            Err(refusal) => return self.refuse(ctx, refusal),
+            Err(refusal) => return self.refuse_frame(ctx, refusal),
         };
         match (&self.access, frame) {
             (_, ClientFrame::Ping) => ctx.text(ServerFrame::Pong.to_text()),
             (Access::Closed, _) => {}
-            (Access::Waiting, ClientFrame::Auth { token }) => self.authenticate(&token, ctx),
-            (Access::Waiting, _) => {
-                let message = "authenticate first: send {\"op\":\"auth\",\"token\":\"<jwt>\"}";
-                self.refuse(ctx, Refusal::new(ErrorCode::Unauthenticated, message));
-            }
+            (Access::Waiting(_), ClientFrame::Auth { token }) => self.authenticate(&token, ctx),
+            (Access::Waiting(_), _) => self.refuse(ctx, unauthenticated()),
             (Access::Signed(_), ClientFrame::Refresh { token }) => self.refresh(&token, ctx),
             (Access::Open, ClientFrame::Auth { .. } | ClientFrame::Refresh { .. }) => {
                 let message = "auth.mode is \"none\" on this bridge: no token is needed";
@@ -311,9 +337,14 @@ impl WsSession {
                 Ok(text) => self.on_text(&text, ctx),
                 Err(_) => Self::close(ctx, CloseCode::Invalid, "text message is not valid UTF-8".into()),
             },
-            _ => self.refuse(ctx, binary_refusal()),
+            _ => self.refuse_frame(ctx, binary_refusal()),
         }
     }
+}
+
+/// How long `identity` may be trusted from now, capped at [`MAX_TOKEN_LIFE`].
+fn life(identity: &Identity) -> Duration {
+    identity.remaining().min(MAX_TOKEN_LIFE)
 }
 
 /// Token handling: sign in, refresh, warn, expire.
@@ -326,47 +357,63 @@ impl WsSession {
             .expect("auth.mode = jwt has a verifier")
     }
 
+    /// Where this session's browser is, for log lines.
+    fn peer(&self) -> String {
+        let peer = match &self.access {
+            Access::Waiting(peer) => **peer,
+            Access::Signed(signed) => signed.peer,
+            Access::Open | Access::Closed => None,
+        };
+        match peer {
+            Some(addr) => format!("{addr} (session {})", self.id),
+            None => format!("session {}", self.id),
+        }
+    }
+
     /// The `auth` frame of a waiting session: welcome, or 4401.
     fn authenticate(&mut self, token: &Token, ctx: &mut ws::WebsocketContext<Self>) {
         match self.verifier().verify(&token.0) {
             Ok(identity) => {
-                self.sign_in(identity, ctx);
+                let peer = match &self.access {
+                    Access::Waiting(peer) => **peer,
+                    _ => None,
+                };
+                self.sign_in(identity, peer, ctx);
                 self.welcome(ctx);
             }
-            Err(error) => self.turn_away(error, ErrorCode::Unauthorized, ctx),
+            Err(error) => self.turn_away(error, ctx),
         }
     }
 
     /// Counts and logs a refused token, tells the browser why, and closes with 4401.
-    fn turn_away(&mut self, error: AuthError, code: ErrorCode, ctx: &mut ws::WebsocketContext<Self>) {
-        self.env
-            .metrics
-            .auth_failed(&format_args!("session {}", self.id), &error);
-        self.refuse(ctx, Refusal::new(code, error.to_string()));
+    fn turn_away(&mut self, error: AuthError, ctx: &mut ws::WebsocketContext<Self>) {
+        self.env.metrics.auth_failed(&self.peer(), &error);
+        self.refuse(ctx, Refusal::new(ErrorCode::Unauthorized, error.to_string()));
         self.access = Access::Closed;
-        Self::close(ctx, CloseCode::Other(CLOSE_UNAUTHORIZED), error.to_string());
+        Self::close(ctx, CloseCode::Other(CLOSE_UNAUTHORIZED), "unauthorized".into());
     }
 
     /// Holds `identity` and arms its timers: `expiring` a minute before `exp`, the close at it.
-    fn sign_in(&mut self, identity: Identity, ctx: &mut ws::WebsocketContext<Self>) {
-        let remaining = identity.remaining();
+    fn sign_in(&mut self, identity: Identity, peer: Peer, ctx: &mut ws::WebsocketContext<Self>) {
+        let remaining = life(&identity);
         let expires_at = identity.expires_at;
         let warn_in = remaining.saturating_sub(Duration::from_secs(60));
-        let timers = vec![
+        let timers = [
             ctx.run_later(warn_in, move |_, ctx| {
                 ctx.text(ServerFrame::Expiring { expires_at }.to_text());
             }),
             ctx.run_later(remaining, |session, ctx| session.expire(ctx)),
         ];
         if let Access::Signed(old) = &self.access {
-            for timer in &old.timers {
+            for timer in old.timers.iter().flatten() {
                 ctx.cancel_future(*timer);
             }
         }
         self.access = Access::Signed(Box::new(Signed {
             expires: Instant::now() + remaining,
             identity,
-            timers,
+            peer,
+            timers: Some(timers),
         }));
     }
 
@@ -376,23 +423,22 @@ impl WsSession {
         let identity = match self.verifier().verify(&token.0) {
             Ok(identity) => identity,
             Err(error) => {
-                self.env
-                    .metrics
-                    .auth_failed(&format_args!("session {}", self.id), &error);
+                self.env.metrics.auth_failed(&self.peer(), &error);
                 let message = format!("{error}; the current token stays in force until it expires");
                 return self.refuse(ctx, Refusal::new(ErrorCode::Unauthorized, message));
             }
         };
-        if Some(&identity.user) != self.user().as_ref() {
+        let Access::Signed(signed) = &self.access else {
+            return;
+        };
+        if identity.user != signed.identity.user {
             let error = AuthError::OtherUser;
-            self.env
-                .metrics
-                .auth_failed(&format_args!("session {}", self.id), &error);
+            self.env.metrics.auth_failed(&self.peer(), &error);
             return self.refuse(ctx, Refusal::new(ErrorCode::Forbidden, error.to_string()));
         }
-        let expires_at = identity.expires_at;
+        let (expires_at, peer) = (identity.expires_at, signed.peer);
         let rights = identity.rights.clone();
-        self.sign_in(identity, ctx);
+        self.sign_in(identity, peer, ctx);
         ctx.text(ServerFrame::Refreshed { expires_at }.to_text());
         // do_send: a narrowing of rights must reach the router even when its intake is full.
         self.env.router.do_send(FromSession::Restrict(self.id, rights));
@@ -439,10 +485,17 @@ impl WsSession {
 
     /// No `auth` frame in `auth.timeout_ms`: 4401.
     fn auth_timed_out(&mut self, ctx: &mut ws::WebsocketContext<Self>) {
-        if matches!(self.access, Access::Waiting) {
-            self.turn_away(AuthError::Timeout, ErrorCode::Unauthorized, ctx);
+        if matches!(self.access, Access::Waiting(_)) {
+            self.turn_away(AuthError::Timeout, ctx);
         }
     }
+}
+
+fn unauthenticated() -> Refusal {
+    Refusal::new(
+        ErrorCode::Unauthenticated,
+        "authenticate first: send {\"op\":\"auth\",\"token\":\"<jwt>\"}",
+    )
 }
 
 fn binary_refusal() -> Refusal {
@@ -467,11 +520,11 @@ impl Actor for WsSession {
         self.env.router.do_send(FromSession::Connect(self.id, outbox));
         match std::mem::replace(&mut self.access, Access::Open) {
             Access::Signed(signed) => {
-                self.sign_in(signed.identity, ctx);
+                self.sign_in(signed.identity, signed.peer, ctx);
                 self.welcome(ctx);
             }
-            Access::Waiting => {
-                self.access = Access::Waiting;
+            Access::Waiting(peer) => {
+                self.access = Access::Waiting(peer);
                 let timeout = Duration::from_millis(self.env.config.auth.timeout_ms);
                 ctx.run_later(timeout, |session, ctx| session.auth_timed_out(ctx));
             }
@@ -540,7 +593,7 @@ impl StreamHandler<Result<ws::Message, ProtocolError>> for WsSession {
             ws::Message::Text(text) => self.on_text(&text, ctx),
             ws::Message::Binary(_) => {
                 if self.within_rate(ctx) {
-                    self.refuse(ctx, binary_refusal());
+                    self.refuse_frame(ctx, binary_refusal());
                 }
             }
             ws::Message::Continuation(item) => self.on_continuation(item, ctx),

@@ -74,13 +74,15 @@ pub struct WorkerContext {
 /// The socket of a worker's current connection, if it has one.
 type CurrentSocket = Arc<Mutex<Option<TcpStream>>>;
 
-/// How long a worker whose socket was cut may take to notice before it is left behind.
-const AFTER_CUT: Duration = Duration::from_secs(1);
+/// How long before the deadline a worker still busy has its socket cut: the time it gets to
+/// notice before it is left behind.
+const AFTER_CUT: Duration = Duration::from_millis(300);
 
 /// Owner's end of an AMQP worker thread: how to ask it to stop, and how to wait for it.
 pub struct Worker {
     name: String,
-    stop: Sender<Instant>,
+    /// Taken (and so closed) by `signal`.
+    stop: Option<Sender<Instant>>,
     /// Disconnected when the thread ends.
     ended: Receiver<()>,
     socket: CurrentSocket,
@@ -101,19 +103,27 @@ impl Worker {
         })?;
         Ok(Worker {
             name,
-            stop,
+            stop: Some(stop),
             ended,
             socket,
             thread,
         })
     }
 
-    /// Asks the worker to finish by `deadline` and waits for it; past the deadline its
-    /// connection is cut, and a thread that still does not end is left behind.
-    pub fn stop_and_join(self, deadline: Instant) {
-        // The worker may already have ended; then there is nobody to tell.
-        let _ = self.stop.send(deadline);
-        if self.ended.recv_deadline(deadline) == Err(RecvTimeoutError::Timeout) {
+    /// Asks the worker to finish by `deadline`. The stop channel is closed right after, so a
+    /// worker that consumed the signal and then lost its link still sees "stop" everywhere.
+    pub fn signal(&mut self, deadline: Instant) {
+        if let Some(stop) = self.stop.take() {
+            // The worker may already have ended; then there is nobody to tell.
+            let _ = stop.send(deadline);
+        }
+    }
+
+    /// Waits for a signalled worker, all within `deadline`: shortly before it, a worker still
+    /// busy has its connection cut, and one that still does not end is left behind.
+    pub fn join(self, deadline: Instant) {
+        let cut_at = deadline.checked_sub(AFTER_CUT).unwrap_or(deadline);
+        if self.ended.recv_deadline(cut_at) == Err(RecvTimeoutError::Timeout) {
             log::warn!(
                 "{} did not finish by the shutdown deadline: cutting its connection",
                 self.name
@@ -121,7 +131,7 @@ impl Worker {
             if let Some(socket) = lock(&self.socket).as_ref() {
                 let _ = socket.shutdown(Shutdown::Both);
             }
-            if self.ended.recv_timeout(AFTER_CUT) == Err(RecvTimeoutError::Timeout) {
+            if self.ended.recv_deadline(deadline) == Err(RecvTimeoutError::Timeout) {
                 log::error!("{} is stuck; leaving it behind", self.name);
                 return;
             }
@@ -284,6 +294,8 @@ mod tests {
         let text = metrics.render();
         let line = "deskbridge_amqp_worker_panics_total{link=\"consumer\"} 1";
         assert!(text.lines().any(|l| l == line), "no `{line}` in\n{text}");
-        worker.stop_and_join(Instant::now() + wait);
+        let mut worker = worker;
+        worker.signal(Instant::now() + wait);
+        worker.join(Instant::now() + wait);
     }
 }

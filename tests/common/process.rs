@@ -74,7 +74,10 @@ pub fn config_toml(config: &Config) -> String {
     table.insert("shutdown_timeout_ms".into(), number(config.shutdown_timeout_ms));
     table.insert("amqp".into(), amqp_table.into());
     let mut ws = toml::Table::new();
-    ws.insert("max_sessions_per_ip".into(), number(config.ws.max_sessions_per_ip as u64));
+    ws.insert(
+        "max_sessions_per_ip".into(),
+        number(config.ws.max_sessions_per_ip as u64),
+    );
     table.insert("ws".into(), ws.into());
     if config.auth.mode == deskbridge::config::AuthMode::Jwt {
         let jwt = &config.auth.jwt;
