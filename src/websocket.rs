@@ -13,7 +13,7 @@
 use std::convert::Infallible;
 use std::future::{poll_fn, Future};
 use std::io;
-use std::pin::{pin, Pin};
+use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
@@ -61,21 +61,17 @@ enum Ended {
 /// business (it went away or sent garbage), so they are logged here, never returned.
 ///
 /// This future lives as long as the connection, inside its task, so it is kept small: the
-/// handshake's values are dropped before the session starts.
+/// handshake is its own future, finished (and its values dropped) before the session starts.
 pub async fn upgrade(
     req: Request,
     mut framed: Framed<TcpStream, Codec>,
     state: Data<AppState>,
 ) -> Result<(), Infallible> {
     let peer = req.peer_addr();
-    let verdict = answer(&req, &state);
-    drop(req);
-    let result = match verdict {
-        Err(refusal) => respond(&mut framed, refusal).await.map_err(Ended::from),
-        Ok(accepted) => match respond(&mut framed, accepted.response).await {
-            Ok(()) => run(framed, accepted.slot, peer, accepted.identity, &state).await,
-            Err(error) => Err(error.into()),
-        },
+    let result = match handshake(req, &mut framed, &state).await {
+        Ok(Some((slot, identity))) => run(framed, slot, peer, identity, &state).await,
+        Ok(None) => Ok(()),
+        Err(error) => Err(error.into()),
     };
     match result {
         Ok(()) => {}
@@ -83,6 +79,36 @@ pub async fn upgrade(
         Err(Ended::Io(error)) => log::debug!("websocket connection from {peer:?} ended: {error}"),
     }
     Ok(())
+}
+
+/// Answers the upgrade request: the 101 and what the session starts with, or a refusal
+/// (then `None`).
+async fn handshake(
+    req: Request,
+    framed: &mut Framed<TcpStream, Codec>,
+    state: &AppState,
+) -> io::Result<Option<(SessionSlot, Option<Identity>)>> {
+    let verdict = answer(&req, state);
+    drop(req);
+    match verdict {
+        Err(refusal) => respond(framed, refusal).await.map(|()| None),
+        Ok(accepted) => {
+            respond(framed, accepted.response).await?;
+            Ok(Some((accepted.slot, accepted.identity)))
+        }
+    }
+}
+
+/// A peer's address for log lines, formatted only when one is written.
+struct Peer(Option<std::net::SocketAddr>);
+
+impl std::fmt::Display for Peer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(addr) => write!(f, "{addr}"),
+            None => f.write_str("an unknown peer"),
+        }
+    }
 }
 
 /// What an accepted handshake hands to the session.
@@ -104,9 +130,7 @@ fn answer(req: &Request, state: &AppState) -> Result<Accepted, Response<BoxBody>
         .map_err(Response::from)?
         .finish()
         .map_into_boxed_body();
-    let peer = req
-        .peer_addr()
-        .map_or_else(|| "an unknown peer".to_string(), |addr| addr.to_string());
+    let peer = Peer(req.peer_addr());
     let header = |name| {
         req.head()
             .headers()
@@ -148,7 +172,7 @@ fn query_token(req: &Request) -> Option<String> {
 }
 
 /// 503 when the bridge is full, 429 when this address has its share.
-fn too_many(refused: Refused, state: &AppState, peer: &str) -> Response<BoxBody> {
+fn too_many(refused: Refused, state: &AppState, peer: &Peer) -> Response<BoxBody> {
     let (status, message) = match refused {
         Refused::Full => (
             StatusCode::SERVICE_UNAVAILABLE,
@@ -159,7 +183,7 @@ fn too_many(refused: Refused, state: &AppState, peer: &str) -> Response<BoxBody>
         ),
         Refused::PerIp => {
             let max = state.config.ws.max_sessions_per_ip;
-            state.metrics.handshake_refused(&peer, "too_many_per_ip", "");
+            state.metrics.handshake_refused(peer, "too_many_per_ip", "");
             (
                 StatusCode::TOO_MANY_REQUESTS,
                 format!("your address already has {max} sessions here (ws.max_sessions_per_ip)"),
@@ -192,7 +216,10 @@ fn run(
     let codec = actix_http::ws::Codec::new().max_size(state.config.ws.max_frame_bytes);
     let frames = WebsocketContext::with_codec(session, reader, codec);
     let stall = Duration::from_millis(state.config.ws.client_timeout_ms);
-    pump(frames, socket, stall)
+    eprintln!("FRAMES {}", std::mem::size_of_val(&frames));
+    let p = pump(frames, socket, stall);
+    eprintln!("PUMP {}", std::mem::size_of_val(&p));
+    p
 }
 
 /// Leaves HTTP/1: the socket, and what the browser sent after its request head (its first
@@ -270,16 +297,18 @@ impl Stream for SocketReader {
 /// A browser that takes no byte for `stall` is dropped at once: while its socket is full the
 /// session is not polled, so neither its heartbeat nor a close frame could reach it.
 async fn pump(
-    frames: impl Stream<Item = Result<Bytes, actix_web::Error>>,
+    mut frames: impl Stream<Item = Result<Bytes, actix_web::Error>> + Unpin,
     socket: Rc<TcpStream>,
     stall: Duration,
 ) -> Result<(), Ended> {
     {
-        let mut frames = pin!(frames);
-        while let Some(chunk) = poll_fn(|cx| frames.as_mut().poll_next(cx)).await {
+        // Polled in place (the stream is `Unpin`): pinning it into a local would store the
+        // whole session a second time in this future, for the life of the connection.
+        while let Some(chunk) = poll_fn(|cx| Pin::new(&mut frames).poll_next(cx)).await {
             let chunk = chunk.map_err(|error| io::Error::other(error.to_string()))?;
             write_all(&socket, &chunk, stall).await?;
         }
+        drop(frames);
     }
     // The session (and with it the reader's handle) is gone now that its stream ended.
     let mut socket = Rc::into_inner(socket).ok_or_else(|| io::Error::other("socket still shared"))?;
