@@ -944,7 +944,9 @@ fn publish_padded(url: &str, messages: usize, kib: usize, rate: u64) {
 /// How the sluggish browser's session ended: it reads the events already in its socket, then
 /// the close frame's (code, reason); `None` without one.
 async fn close_of(mut sluggish: Ws) -> Option<(u16, String)> {
-    while let Ok(Some(frame)) = tokio::time::timeout(IDLE_TIMEOUT, sluggish.next()).await {
+    // One deadline for the whole wait: the bridge's pings would reset a per-frame timeout.
+    let deadline = tokio::time::Instant::now() + 6 * IDLE_TIMEOUT;
+    while let Ok(Some(frame)) = tokio::time::timeout_at(deadline, sluggish.next()).await {
         if let Ok(Message::Close(frame)) = frame {
             return frame.map(|f| (u16::from(f.code), f.reason.to_string()));
         }
