@@ -177,3 +177,56 @@ async fn two_instances_on_one_inbound_queue_are_reported_by_both() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_monitoring_examples_name_only_metrics_the_bridge_exposes() {
+    let bridge = TestBridge::start_healthy(test_config("monitoring")).await;
+    let (_, metrics) = http_get(bridge.addr, "/metrics").await;
+    // Sample names (`name` or `name{labels}` before the value) and full series.
+    let series: Vec<&str> = metrics
+        .lines()
+        .filter(|line| !line.starts_with('#') && !line.is_empty())
+        .filter_map(|line| line.rsplit_once(' ').map(|(series, _)| series))
+        .collect();
+    let names: std::collections::HashSet<&str> =
+        series.iter().map(|s| s.split('{').next().unwrap_or(s)).collect();
+    let docs = concat!(env!("CARGO_MANIFEST_DIR"), "/docs/monitoring");
+    let alerts = std::fs::read_to_string(format!("{docs}/alerts.yml")).expect("alerts.yml");
+    let dashboard = std::fs::read_to_string(format!("{docs}/grafana-dashboard.json")).expect("dashboard");
+    let dashboard_json: serde_json::Value = serde_json::from_str(&dashboard).expect("the dashboard is JSON");
+    let panels = dashboard_json["panels"].as_array().expect("panels");
+    assert!(panels
+        .iter()
+        .all(|p| p["targets"].as_array().is_some_and(|t| !t.is_empty())));
+    let mut named = 0;
+    for (file, text) in [("alerts.yml", &alerts), ("grafana-dashboard.json", &dashboard)] {
+        for (at, _) in text.match_indices("deskbridge_") {
+            let name: String = text[at..]
+                .chars()
+                .take_while(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '_')
+                .collect();
+            // `uid`/`title` mention the product, not a metric.
+            if name == "deskbridge_" {
+                continue;
+            }
+            named += 1;
+            assert!(
+                names.contains(name.as_str()),
+                "{file} names `{name}`, which /metrics lacks:\n{metrics}"
+            );
+            // A literal selector like name{reason="router_busy"} must match a real series.
+            let rest = &text[at + name.len()..];
+            if let Some(selector) = rest
+                .strip_prefix('{')
+                .and_then(|r| r.split_once('}'))
+                .map(|(s, _)| s)
+            {
+                if !selector.contains('$') && selector.contains('=') {
+                    let wanted = format!("{name}{{{}}}", selector.replace("\\\"", "\""));
+                    assert!(series.contains(&wanted.as_str()), "{file}: no series {wanted}");
+                }
+            }
+        }
+    }
+    assert!(named > 20, "the examples use the metrics ({named} mentions)");
+}
