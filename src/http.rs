@@ -140,6 +140,9 @@ struct AmqpHealth {
     publisher: LinkStatus,
     /// True while the broker applies flow control (connection.blocked) to either link.
     blocked: bool,
+    /// Why a link is down (what was tried and what failed), while one is.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
 }
 
 async fn health(state: web::Data<AppState>) -> HttpResponse {
@@ -155,6 +158,7 @@ async fn health(state: web::Data<AppState>) -> HttpResponse {
         consumer: state.consumer.status(),
         publisher: state.publisher.status(),
         blocked: state.consumer.blocked() || state.publisher.blocked(),
+        error: state.consumer.error().or_else(|| state.publisher.error()),
     };
     let ok = amqp.consumer == LinkStatus::Up && amqp.publisher == LinkStatus::Up;
     let body = Health {

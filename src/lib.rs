@@ -53,7 +53,7 @@ use crate::admission::Admission;
 use crate::auth::{KeyError, Verifier};
 use crate::catalog::Catalog;
 pub use crate::config::Config;
-use crate::link::LinkState;
+use crate::link::{LinkErrors, LinkState};
 use crate::metrics::{Link, Metrics};
 use crate::state::AppState;
 pub use crate::transform::Transforms;
@@ -103,8 +103,9 @@ pub async fn start(config: Config, mut transforms: Transforms) -> Result<Bridge,
     let catalog = Arc::new(Catalog::new(&config.desks, &config.events));
     transforms.resolve(catalog.desks(), catalog.events());
     let metrics = Arc::new(Metrics::new());
-    let consumer_link = Arc::new(LinkState::new(Link::Consumer, &metrics));
-    let publisher_link = Arc::new(LinkState::new(Link::Publisher, &metrics));
+    let errors = Arc::new(LinkErrors::default());
+    let consumer_link = Arc::new(LinkState::new(Link::Consumer, &metrics, Arc::clone(&errors)));
+    let publisher_link = Arc::new(LinkState::new(Link::Publisher, &metrics, errors));
     let (handle, jobs) = PublisherHandle::new(&config.amqp);
     let router = Router::new(
         Arc::clone(&config),

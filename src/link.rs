@@ -5,7 +5,7 @@
 //! one per retry.
 
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use serde::Serialize;
@@ -26,6 +26,35 @@ pub enum LinkStatus {
     Down,
 }
 
+/// Why the AMQP links went down, shared by both: when the broker is simply not there, both
+/// links fail for the same reason, and a person should read it once, not twice per outage.
+#[derive(Debug, Default)]
+pub struct LinkErrors {
+    last: Mutex<Option<String>>,
+}
+
+impl LinkErrors {
+    /// Records a link's failure; true when it says something the other link has not.
+    fn record(&self, detail: &str) -> bool {
+        let mut last = self.last.lock().unwrap_or_else(PoisonError::into_inner);
+        if last.as_deref() == Some(detail) {
+            return false;
+        }
+        *last = Some(detail.to_owned());
+        true
+    }
+
+    /// A link is up again: the next failure is news.
+    fn forget(&self) {
+        *self.last.lock().unwrap_or_else(PoisonError::into_inner) = None;
+    }
+
+    /// The last reason a link went down (for `/health`).
+    pub fn last(&self) -> Option<String> {
+        self.last.lock().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+}
+
 /// A link's status plus the broker's flow-control flag, mirrored in its metrics gauges.
 #[derive(Debug)]
 pub struct LinkState {
@@ -38,11 +67,12 @@ pub struct LinkState {
     /// Another consumer shares the inbound queue (consumer link only).
     shared_queue: AtomicBool,
     gauges: LinkGauges,
+    errors: Arc<LinkErrors>,
 }
 
 impl LinkState {
     /// A new link, `connecting`.
-    pub fn new(link: Link, metrics: &Metrics) -> Self {
+    pub fn new(link: Link, metrics: &Metrics, errors: Arc<LinkErrors>) -> Self {
         LinkState {
             link,
             name: link.as_str(),
@@ -50,6 +80,7 @@ impl LinkState {
             blocked: AtomicBool::new(false),
             shared_queue: AtomicBool::new(false),
             gauges: metrics.link_gauges(link),
+            errors,
         }
     }
 
@@ -72,9 +103,15 @@ impl LinkState {
             return;
         }
         match status {
-            LinkStatus::Up => log::info!("amqp {} link up {detail}", self.name),
+            LinkStatus::Up => {
+                self.errors.forget();
+                log::info!("amqp {} link up {detail}", self.name);
+            }
             LinkStatus::Connecting => log::info!("amqp {} link connecting {detail}", self.name),
-            LinkStatus::Down => log::warn!("amqp {} link down: {detail}", self.name),
+            LinkStatus::Down if self.errors.record(detail) => {
+                log::warn!("amqp {} link down: {detail}", self.name)
+            }
+            LinkStatus::Down => log::debug!("amqp {} link down for the same reason: {detail}", self.name),
         }
         if status != LinkStatus::Up {
             self.set_blocked(false, "");
@@ -84,6 +121,13 @@ impl LinkState {
     /// True while the broker has blocked this connection (connection.blocked: resource alarm).
     pub fn blocked(&self) -> bool {
         self.blocked.load(Ordering::Acquire)
+    }
+
+    /// Why a link last went down, while this one is not up.
+    pub fn error(&self) -> Option<String> {
+        (self.status() != LinkStatus::Up)
+            .then(|| self.errors.last())
+            .flatten()
     }
 
     /// True while another consumer reads the same inbound queue.

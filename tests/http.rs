@@ -230,3 +230,42 @@ async fn the_monitoring_examples_name_only_metrics_the_bridge_exposes() {
     }
     assert!(named > 20, "the examples use the metrics ({named} mentions)");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_broker_one_log_line_and_health_say_what_was_tried_and_how_to_start_one() {
+    let mut config = test_config("nobroker-log");
+    config.amqp.urls = vec![url("amqp://guest:secret@127.0.0.1:1/%2f")];
+    config.amqp.reconnect_initial_ms = 20;
+    config.amqp.reconnect_max_ms = 40;
+    let bridge = common::process::BridgeProcess::launch(env!("CARGO_BIN_EXE_deskbridge"), &config)
+        .expect("start deskbridge");
+    let how = "rabbitmq-server -detached";
+    let line = bridge.wait_for_log(&["cannot reach", "127.0.0.1:1", how], DEADLINE);
+    assert!(
+        !line.contains("secret"),
+        "the password stays out of the log: {line}"
+    );
+    // Both links fail, again and again; the person reading the log is told once.
+    let health = poll(DEADLINE, std::time::Duration::from_millis(50), || async {
+        let (_, body) = http_get(bridge.addr, "/health").await;
+        let health: serde_json::Value = serde_json::from_str(&body).map_err(|e| e.to_string())?;
+        if health["amqp"]["consumer"] == "down" && health["amqp"]["publisher"] == "down" {
+            Ok(health)
+        } else {
+            Err(format!("links not both down yet: {health}"))
+        }
+    })
+    .await;
+    let error = health["amqp"]["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("cannot reach") && error.contains(how),
+        "/health says why: {health}"
+    );
+    assert!(!error.contains("secret"), "{error}");
+    assert_eq!(
+        bridge.log_lines("cannot reach").len(),
+        1,
+        "one line for both links and every retry"
+    );
+    bridge.stop();
+}

@@ -269,7 +269,7 @@ mod tests {
         config.amqp.reconnect_initial_ms = 10;
         config.amqp.reconnect_max_ms = 20;
         let metrics = Arc::new(Metrics::new());
-        let link = Arc::new(LinkState::new(Link::Consumer, &metrics));
+        let link = Arc::new(LinkState::new(Link::Consumer, &metrics, Default::default()));
         let (sender, statuses) = crossbeam_channel::unbounded();
         let work = PanicsOnce {
             statuses: sender,

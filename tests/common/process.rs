@@ -185,6 +185,16 @@ impl BridgeProcess {
         }
     }
 
+    /// The logged lines that contain `needle`.
+    pub fn log_lines(&self, needle: &str) -> Vec<String> {
+        let lines = self.log.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        lines
+            .iter()
+            .filter(|line| line.contains(needle))
+            .cloned()
+            .collect()
+    }
+
     /// Sends SIGTERM, deskbridge's signal for a graceful shutdown.
     pub fn terminate(&self) -> std::io::Result<()> {
         let pid = libc::pid_t::try_from(self.child.id()).expect("a pid fits pid_t");
