@@ -335,6 +335,13 @@ pub fn unix_now() -> u64 {
         .as_secs()
 }
 
+/// Milliseconds since the Unix epoch.
+pub fn unix_now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 /// A string header's value, if present and a string.
 pub fn header_str<'a>(headers: Option<&'a FieldTable>, name: &str) -> Option<&'a str> {
     match headers?.get(name)? {

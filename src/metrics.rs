@@ -246,6 +246,7 @@ pub struct Metrics {
     web_to_web_out: Counter,
     unroutable: Counter,
     own_echo: Counter,
+    expired: Counter,
     transform_panics: Counter,
     rejects: Resolved<RejectReason, RejectLabels>,
     publish_failures: Resolved<PublishFailure, FailureLabels>,
@@ -337,6 +338,7 @@ impl Metrics {
             web_to_web_out: out(Flow::WebToWeb),
             unroutable: Counter::default(),
             own_echo: Counter::default(),
+            expired: Counter::default(),
             transform_panics: Counter::default(),
             rejects: Resolved::new(RejectReason::ALL, |reason| RejectLabels { reason }),
             publish_failures: Resolved::new(PublishFailure::ALL, |reason| FailureLabels { reason }),
@@ -423,6 +425,11 @@ impl Metrics {
             "deskbridge_publish_unroutable",
             "Confirmed publishes the broker returned: no queue bound for the routing key",
             self.unroutable.clone(),
+        );
+        r.register(
+            "deskbridge_expired",
+            "Desktop messages not delivered because their timestamp + expiration had passed",
+            self.expired.clone(),
         );
         r.register(
             "deskbridge_transform_panics",
@@ -534,6 +541,12 @@ impl Metrics {
     /// A delivery carried this instance's `x-instance`: it was acked and not delivered again.
     pub fn own_echo(&self) {
         self.own_echo.inc();
+    }
+
+    /// A desktop message arrived after its expiration; acked, not delivered.
+    pub fn expired(&self, routing_key: &str) {
+        self.expired.inc();
+        log::debug!("dropped an expired message with routing key `{routing_key}`");
     }
 
     /// A code-registered transform panicked.

@@ -36,6 +36,9 @@ pub enum ClientFrame {
         /// Client's correlation id, echoed in the `ack` or `error`.
         #[serde(rename = "ref", default)]
         reference: Option<String>,
+        /// Milliseconds the message stays worth delivering (AMQP `expiration`).
+        #[serde(default)]
+        ttl_ms: Option<u64>,
     },
     /// Liveness probe; answered with `pong`.
     Ping,
@@ -364,6 +367,7 @@ mod tests {
                     event: "new_example".into(),
                     data: json!({"x": 1}).as_object().cloned().unwrap_or_default(),
                     reference: Some("c1".into()),
+                    ttl_ms: None,
                 },
             ),
         ];

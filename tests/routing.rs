@@ -434,3 +434,40 @@ async fn a_burst_does_not_close_browsers_that_read_it() {
         .wait_metric("deskbridge_sessions_slow_closed_total 0")
         .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_carry_their_ttl_and_expired_ones_are_not_delivered() {
+    let bridge = TestBridge::start_healthy(test_config("ttl")).await;
+    let listener = Listener::bind(&bridge.config.amqp.outbound_exchange, &["A_new_example"]);
+    let mut browser = Browser::connect(&bridge).await;
+    browser
+        .send(json!({"op": "publish", "desk": "A", "event": "new_example", "data": {"q": 1}, "ref": "t1", "ttl_ms": 60000}))
+        .await;
+    assert_eq!(browser.recv().await["op"], "ack");
+    let expiration = listener
+        .next()
+        .properties
+        .expiration()
+        .clone()
+        .expect("expiration set");
+    let ms: u64 = expiration.parse().expect("milliseconds");
+    assert!((50_000..=60_000).contains(&ms), "what is left of ttl_ms: {ms}");
+
+    browser.subscribe(&["A"]).await;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let exchange = bridge.config.amqp.inbound_exchange.clone();
+    let mut desktop = Desktop::connect();
+    let stale = AmqpProperties::default()
+        .with_timestamp(now - 120)
+        .with_expiration("1000".into());
+    desktop.publish_with(&exchange, "A_new_example", br#"{"quote":"stale"}"#, stale);
+    let fresh = AmqpProperties::default()
+        .with_timestamp(now)
+        .with_expiration("60000".into());
+    desktop.publish_with(&exchange, "A_new_example", br#"{"quote":"fresh"}"#, fresh);
+    assert_eq!(browser.recv().await["data"], json!({"quote": "fresh"}));
+    bridge.wait_metric("deskbridge_expired_total 1").await;
+    browser.assert_quiet().await;
+}

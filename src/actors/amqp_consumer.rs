@@ -162,6 +162,10 @@ impl AmqpConsumer {
             self.metrics.own_echo();
             return delivery.ack(channel);
         }
+        if expired(&delivery.properties, amqp::unix_now_ms()) {
+            self.metrics.expired(&delivery.routing_key);
+            return delivery.ack(channel);
+        }
         match decode(&delivery, &self.catalog) {
             Ok((desk, event, data)) => {
                 let id = delivery
@@ -238,6 +242,22 @@ fn plan<T>(
     Ok(steps)
 }
 
+/// True when the message's `timestamp` (seconds) + `expiration` (milliseconds) lies before
+/// `now_ms`: the desktop app said it is worthless by now. Without either, it never expires here.
+fn expired(properties: &amiquip::AmqpProperties, now_ms: u64) -> bool {
+    let Some(published) = properties.timestamp() else {
+        return false;
+    };
+    let Some(ttl) = properties
+        .expiration()
+        .as_deref()
+        .and_then(|ms| ms.parse::<u64>().ok())
+    else {
+        return false;
+    };
+    published.saturating_mul(1000).saturating_add(ttl) < now_ms
+}
+
 /// Routing key → (desk, event) and body → JSON object, or why not.
 fn decode(delivery: &Delivery, catalog: &Catalog) -> Result<(String, String, Data), (RejectReason, String)> {
     let (desk, event) = catalog
@@ -283,6 +303,31 @@ mod tests {
             queue.push(tag, tag);
         }
         queue
+    }
+
+    #[test]
+    fn a_message_expires_at_its_timestamp_plus_expiration() {
+        let at = |timestamp: Option<u64>, expiration: Option<&str>| {
+            let mut properties = amiquip::AmqpProperties::default();
+            if let Some(timestamp) = timestamp {
+                properties = properties.with_timestamp(timestamp);
+            }
+            if let Some(expiration) = expiration {
+                properties = properties.with_expiration(expiration.into());
+            }
+            properties
+        };
+        let now_ms = 100_000;
+        let cases = [
+            (at(Some(90), Some("5000")), true),
+            (at(Some(90), Some("20000")), false),
+            (at(Some(90), None), false),
+            (at(None, Some("1")), false),
+            (at(Some(90), Some("soon")), false),
+        ];
+        for (properties, expired_now) in cases {
+            assert_eq!(expired(&properties, now_ms), expired_now, "{properties:?}");
+        }
     }
 
     #[test]

@@ -182,11 +182,7 @@ impl LinkWork for AmqpPublisher {
     fn pause(&mut self, until: Instant, stop: &StopSignal) -> bool {
         let ttl = self.ttl();
         loop {
-            while self
-                .buffer
-                .front()
-                .is_some_and(|job| job.enqueued.elapsed() >= ttl)
-            {
+            while self.buffer.front().is_some_and(|job| job.expired(ttl)) {
                 if let Some(job) = self.buffer.pop_front() {
                     self.finish_one(job, Err(PublishFailure::Expired));
                 }
@@ -198,7 +194,7 @@ impl LinkWork for AmqpPublisher {
             let wake = self
                 .buffer
                 .front()
-                .map_or(until, |job| (job.enqueued + ttl).min(until));
+                .map_or(until, |job| job.deadline(ttl).min(until));
             select! {
                 recv(self.jobs) -> job => match job {
                     Ok(job) => self.buffer.push_back(job),
@@ -283,7 +279,7 @@ impl AmqpPublisher {
     fn send_buffered(&mut self, channel: &Channel) -> Result<(), AmqpError> {
         let ttl = self.ttl();
         while let Some(job) = self.buffer.front() {
-            let expired = job.enqueued.elapsed() >= ttl;
+            let expired = job.expired(ttl);
             if !expired {
                 self.publish(channel, job)?;
             }
@@ -311,13 +307,18 @@ impl AmqpPublisher {
         if let Some(user) = &job.user {
             headers.insert(amqp::HEADER_USER.into(), AmqpValue::LongString(user.to_string()));
         }
-        let properties = AmqpProperties::default()
+        let mut properties = AmqpProperties::default()
             .with_content_type("application/json".into())
             .with_delivery_mode(2)
             .with_message_id(job.id.clone())
             .with_timestamp(amqp::unix_now())
             .with_app_id(amqp::APP_ID.into())
             .with_headers(headers);
+        if let Some(ttl) = job.ttl {
+            // What is left of it: time spent in the outage buffer counts.
+            let left = ttl.saturating_sub(job.enqueued.elapsed());
+            properties = properties.with_expiration(left.as_millis().to_string());
+        }
         let publish = Publish {
             body: job.body.get().as_bytes(),
             routing_key: job.routing_key.clone(),
@@ -401,6 +402,7 @@ mod tests {
             id: id.into(),
             session: uuid::Uuid::nil(),
             user: None,
+            ttl: None,
             reference: None,
             desk: "A".into(),
             event: "new_example".into(),

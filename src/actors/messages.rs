@@ -58,6 +58,8 @@ pub struct Publish {
     pub session: Uuid,
     /// The token's `sub`, with `auth.mode = "jwt"`: sent as `x-user`.
     pub user: Option<Arc<str>>,
+    /// How long the message stays worth delivering (`ttl_ms`).
+    pub ttl: Option<Duration>,
     /// Desk name.
     pub desk: String,
     /// Event name.
@@ -197,6 +199,9 @@ pub struct PublishJob {
     pub session: Uuid,
     /// The publishing user, sent as `x-user`.
     pub user: Option<Arc<str>>,
+    /// The browser's `ttl_ms`: sent as AMQP `expiration` (what is left of it), and the job
+    /// expires in the outage buffer when it passes.
+    pub ttl: Option<Duration>,
     /// The browser's `ref`.
     pub reference: Option<String>,
     /// Desk, for the web fan-out after the confirm.
@@ -218,6 +223,17 @@ impl PublishJob {
     /// The data as other browsers see it.
     pub fn web_data(&self) -> &RawValue {
         self.web_data.as_deref().unwrap_or(&self.body)
+    }
+
+    /// When it stops being worth sending: after `buffer_ttl` (`amqp.publish_ttl_ms`) or its
+    /// own `ttl`, whichever is shorter.
+    pub fn deadline(&self, buffer_ttl: Duration) -> Instant {
+        self.enqueued + self.ttl.map_or(buffer_ttl, |own| own.min(buffer_ttl))
+    }
+
+    /// True once [`PublishJob::deadline`] has passed.
+    pub fn expired(&self, buffer_ttl: Duration) -> bool {
+        Instant::now() >= self.deadline(buffer_ttl)
     }
 
     /// Memory this job holds, for the publish buffer's byte budget.

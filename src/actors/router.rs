@@ -173,6 +173,7 @@ impl Router {
             id: Uuid::new_v4().to_string(),
             session: msg.session,
             user: msg.user,
+            ttl: msg.ttl,
             reference: msg.reference,
             desk: msg.desk,
             event: msg.event,

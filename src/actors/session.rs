@@ -261,12 +261,14 @@ impl WsSession {
                 event,
                 data,
                 reference,
+                ttl_ms,
             } => {
                 if let Err(refusal) = self.allowed(std::slice::from_ref(&desk), Right::Publish) {
                     return self.refuse(ctx, Refusal { reference, ..refusal });
                 }
                 let publish = Publish {
                     session,
+                    ttl: ttl_ms.map(Duration::from_millis),
                     user: self.user(),
                     desk,
                     event,
