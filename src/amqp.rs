@@ -19,6 +19,10 @@ pub const HEADER_INSTANCE: &str = "x-instance";
 pub const HEADER_SESSION: &str = "x-session";
 /// Header naming the user (the token's `sub`) whose browser published a message.
 pub const HEADER_USER: &str = "x-user";
+/// Header of a desktop message meant for one browser session (its `welcome` session id).
+pub const HEADER_TO_SESSION: &str = "x-to-session";
+/// Header of a desktop message meant for one user's sessions (a token's `sub`).
+pub const HEADER_TO_USER: &str = "x-to-user";
 /// Header saying where a message came from.
 pub const HEADER_ORIGIN: &str = "x-origin";
 /// `app_id` of every message the bridge publishes.

@@ -247,6 +247,7 @@ pub struct Metrics {
     unroutable: Counter,
     own_echo: Counter,
     expired: Counter,
+    undeliverable: Counter,
     transform_panics: Counter,
     rejects: Resolved<RejectReason, RejectLabels>,
     publish_failures: Resolved<PublishFailure, FailureLabels>,
@@ -339,6 +340,7 @@ impl Metrics {
             unroutable: Counter::default(),
             own_echo: Counter::default(),
             expired: Counter::default(),
+            undeliverable: Counter::default(),
             transform_panics: Counter::default(),
             rejects: Resolved::new(RejectReason::ALL, |reason| RejectLabels { reason }),
             publish_failures: Resolved::new(PublishFailure::ALL, |reason| FailureLabels { reason }),
@@ -425,6 +427,11 @@ impl Metrics {
             "deskbridge_publish_unroutable",
             "Confirmed publishes the broker returned: no queue bound for the routing key",
             self.unroutable.clone(),
+        );
+        r.register(
+            "deskbridge_undeliverable",
+            "Targeted desktop messages (x-to-session / x-to-user) no connected session could take",
+            self.undeliverable.clone(),
         );
         r.register(
             "deskbridge_expired",
@@ -541,6 +548,16 @@ impl Metrics {
     /// A delivery carried this instance's `x-instance`: it was acked and not delivered again.
     pub fn own_echo(&self) {
         self.own_echo.inc();
+    }
+
+    /// A targeted desktop message found none of its sessions; acked, not delivered.
+    pub fn undeliverable(&self, desk: &str, to: &crate::actors::messages::Recipients) {
+        self.undeliverable.inc();
+        log::info!(
+            "dropped a message for desk {desk}: no connected session matches x-to-session {:?} / x-to-user {:?}",
+            to.session,
+            to.user
+        );
     }
 
     /// A desktop message arrived after its expiration; acked, not delivered.

@@ -484,3 +484,37 @@ async fn the_token_command_mints_what_the_bridge_accepts() {
     assert!((now() + 100..=now() + 121).contains(&expires_at), "{expires_at}");
     grace.subscribe(&["A"]).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_desktop_message_for_a_user_reaches_their_sessions_that_may_read_the_desk() {
+    let bridge = TestBridge::start_healthy(jwt_config("touser")).await;
+    let exchange = bridge.config.amqp.inbound_exchange.clone();
+    let mut laptop = signed_in(
+        &bridge,
+        &hs256(&claims("heidi", 300, json!({"A": ["subscribe"]}))),
+    )
+    .await;
+    let mut phone = signed_in(
+        &bridge,
+        &hs256(&claims("heidi", 300, json!({"*": ["subscribe"]}))),
+    )
+    .await;
+    let mut kiosk = signed_in(
+        &bridge,
+        &hs256(&claims("heidi", 300, json!({"B": ["subscribe"]}))),
+    )
+    .await;
+    let mut ivan = signed_in(&bridge, &hs256(&claims("ivan", 300, json!({"*": ["subscribe"]})))).await;
+    let mut headers = amiquip::FieldTable::new();
+    headers.insert("x-to-user".into(), amiquip::AmqpValue::LongString("heidi".into()));
+    let properties = amiquip::AmqpProperties::default().with_headers(headers);
+    Desktop::connect().publish_with(&exchange, "A_new_example", br#"{"for":"heidi"}"#, properties);
+    for heidi in [&mut laptop, &mut phone] {
+        assert_eq!(heidi.recv().await["data"], json!({"for": "heidi"}));
+    }
+    bridge
+        .wait_metric("deskbridge_messages_out_total{direction=\"desktop_to_web\"} 2")
+        .await;
+    kiosk.assert_quiet().await; // heidi, but this token may not read desk A
+    ivan.assert_quiet().await;
+}

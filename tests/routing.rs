@@ -471,3 +471,40 @@ async fn messages_carry_their_ttl_and_expired_ones_are_not_delivered() {
     bridge.wait_metric("deskbridge_expired_total 1").await;
     browser.assert_quiet().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_desktop_message_for_one_session_reaches_only_that_session() {
+    let bridge = TestBridge::start_healthy(test_config("tosession")).await;
+    let exchange = bridge.config.amqp.inbound_exchange.clone();
+    let mut subscribed = Browser::connect(&bridge).await;
+    subscribed.subscribe(&["A"]).await;
+    let mut target = Browser::connect(&bridge).await; // not subscribed to A
+    let addressed = |to: &str| {
+        let mut headers = amiquip::FieldTable::new();
+        headers.insert("x-to-session".into(), AmqpValue::LongString(to.into()));
+        AmqpProperties::default().with_headers(headers)
+    };
+    let mut desktop = Desktop::connect();
+    desktop.publish_with(
+        &exchange,
+        "A_new_example",
+        br#"{"cmd":"quote"}"#,
+        addressed(&target.session),
+    );
+    let event = target.recv().await;
+    assert_eq!(
+        (event["desk"].as_str(), event["data"].clone()),
+        (Some("A"), json!({"cmd": "quote"}))
+    );
+    for unknown in [uuid::Uuid::new_v4().to_string(), "not-a-session".to_string()] {
+        desktop.publish_with(
+            &exchange,
+            "A_new_example",
+            br#"{"cmd":"lost"}"#,
+            addressed(&unknown),
+        );
+    }
+    bridge.wait_metric("deskbridge_undeliverable_total 2").await;
+    subscribed.assert_quiet().await; // the desk's subscribers did not get any of them
+    target.assert_quiet().await;
+}

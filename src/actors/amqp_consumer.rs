@@ -14,7 +14,7 @@ use actix::Recipient;
 use amiquip::{Channel, Connection, ConsumerMessage, ConsumerOptions, Delivery};
 use crossbeam_channel::{select, RecvError, Sender};
 
-use crate::actors::messages::{DesktopEvent, Rejection, Verdict};
+use crate::actors::messages::{DesktopEvent, Recipients, Rejection, Verdict};
 use crate::actors::worker::{track_blocked, LinkWork, StopSignal};
 use crate::amqp::{self, AmqpError};
 use crate::broker_url::BrokerUrl;
@@ -175,12 +175,22 @@ impl AmqpConsumer {
                     .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
                 // do_send: the prefetch already bounds what is in flight to the router. If the
                 // router has stopped (shutdown), no verdict comes and the broker keeps the delivery.
+                let headers = delivery.properties.headers().as_ref();
+                let to_session = amqp::header_str(headers, amqp::HEADER_TO_SESSION);
+                let to_user = amqp::header_str(headers, amqp::HEADER_TO_USER);
+                let to = (to_session.is_some() || to_user.is_some()).then(|| {
+                    Box::new(Recipients {
+                        session: to_session.map(str::to_owned),
+                        user: to_user.map(str::to_owned),
+                    })
+                });
                 self.router.do_send(DesktopEvent {
                     delivery_tag: delivery.delivery_tag(),
                     desk,
                     event,
                     id,
                     data,
+                    to,
                     reply: reply.clone(),
                 });
                 delivery.body = Vec::new();

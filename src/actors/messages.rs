@@ -43,8 +43,9 @@ pub enum FromSession {
     Unsubscribe(Uuid, Vec<String>),
     /// A browser's `publish`.
     Publish(Publish),
-    /// The session's rights changed (a refreshed token): leave the desks they no longer allow.
-    Restrict(Uuid, Rights),
+    /// The session's user and rights (its token, at sign-in and at every refresh): leave the
+    /// desks they no longer allow; targeted messages find the session by this user.
+    Identify(Uuid, Arc<str>, Rights),
 }
 
 /// Every session's way to the router: one sender shared by all of them. Sharing it costs a
@@ -163,8 +164,19 @@ pub struct DesktopEvent {
     pub id: String,
     /// Payload in the desktop's field names.
     pub data: Data,
+    /// Only for these browsers (`x-to-session` / `x-to-user`), not the desk's subscribers.
+    pub to: Option<Box<Recipients>>,
     /// Where the verdict goes.
     pub reply: Sender<Verdict>,
+}
+
+/// The browsers a targeted desktop message is for: a session, a user's sessions, or both.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Recipients {
+    /// `x-to-session`: a session id from a `welcome`.
+    pub session: Option<String>,
+    /// `x-to-user`: a token's `sub`.
+    pub user: Option<String>,
 }
 
 /// The router's answer for one delivery.

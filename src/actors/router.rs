@@ -20,7 +20,8 @@ use uuid::Uuid;
 
 use crate::actors::messages::{
     BeginShutdown, CloseAll, DesktopEvent, FromSession, GetStats, Outbox, Publish, PublishJob,
-    PublishOutcome, PublishOutcomes, PublisherHandle, QueueError, Rejection, RouterStats, Verdict,
+    PublishOutcome, PublishOutcomes, PublisherHandle, QueueError, Recipients, Rejection, RouterStats,
+    Verdict,
 };
 use crate::auth::{Right, Rights};
 use crate::catalog::{routing_key, Catalog};
@@ -32,6 +33,8 @@ use crate::transform::{Direction, TransformError, Transforms};
 struct SessionEntry {
     outbox: Outbox,
     desks: HashSet<String>,
+    /// The token's user and rights (`auth.mode = "jwt"`), once the session is signed in.
+    identity: Option<Box<(Arc<str>, Rights)>>,
 }
 
 /// The central actor; see the module docs.
@@ -41,6 +44,8 @@ pub struct Router {
     sessions: HashMap<Uuid, SessionEntry>,
     /// desk → its subscribers' outboxes, so fan-out walks one map and looks nothing up.
     desks: HashMap<String, HashMap<Uuid, Outbox>>,
+    /// user → their signed-in sessions, for `x-to-user`.
+    users: HashMap<Arc<str>, HashSet<Uuid>>,
     transforms: Transforms,
     publisher: PublisherHandle,
     metrics: Arc<Metrics>,
@@ -64,6 +69,7 @@ impl Router {
                 .collect(),
             catalog,
             config,
+            users: HashMap::new(),
             sessions: HashMap::new(),
             transforms,
             publisher,
@@ -115,6 +121,47 @@ impl Router {
                 Err(error) => dropped.push((*id, error)),
             }
         }
+        self.drop_failed(dropped, desk);
+        delivered
+    }
+
+    /// Queues `frame` to the sessions a targeted message names (`x-to-session`, and every
+    /// session of `x-to-user`), subscribed to `desk` or not; with auth, only those whose token
+    /// may read `desk`. Returns how many got it.
+    fn deliver_to(&mut self, to: &Recipients, desk: &str, frame: &ByteString) -> usize {
+        let by_session = to.session.as_deref().and_then(|id| Uuid::parse_str(id).ok());
+        let by_user = to
+            .user
+            .as_deref()
+            .and_then(|user| self.users.get(user))
+            .into_iter()
+            .flatten()
+            .copied();
+        let chosen: HashSet<Uuid> = by_session.into_iter().chain(by_user).collect();
+        let mut delivered = 0;
+        let mut dropped = Vec::new();
+        for id in chosen {
+            let Some(entry) = self.sessions.get(&id) else {
+                continue;
+            };
+            let may_read = entry
+                .identity
+                .as_ref()
+                .is_none_or(|identity| identity.1.allows(desk, Right::Subscribe));
+            if !may_read {
+                continue;
+            }
+            match entry.outbox.try_frame(frame.clone()) {
+                Ok(()) => delivered += 1,
+                Err(error) => dropped.push((id, error)),
+            }
+        }
+        self.drop_failed(dropped, desk);
+        delivered
+    }
+
+    /// Forgets sessions a frame could not reach; those too slow to take it are closed (1013).
+    fn drop_failed(&mut self, dropped: Vec<(Uuid, QueueError)>, desk: &str) {
         for (id, error) in dropped {
             if error == QueueError::Full {
                 self.metrics.session_slow(&id, desk);
@@ -126,7 +173,6 @@ impl Router {
             }
             self.forget(id);
         }
-        delivered
     }
 
     /// Removes a session and all its subscriptions; a no-op for an unknown id.
@@ -135,6 +181,14 @@ impl Router {
             for desk in entry.desks {
                 if let Some(subscribers) = self.desks.get_mut(&desk) {
                     subscribers.remove(&session);
+                }
+            }
+            if let Some(identity) = entry.identity {
+                if let Some(sessions) = self.users.get_mut(&identity.0) {
+                    sessions.remove(&session);
+                    if sessions.is_empty() {
+                        self.users.remove(&identity.0);
+                    }
                 }
             }
         }
@@ -216,6 +270,7 @@ impl Handler<FromSession> for Router {
                 let entry = SessionEntry {
                     outbox,
                     desks: HashSet::new(),
+                    identity: None,
                 };
                 self.sessions.insert(session, entry);
             }
@@ -223,7 +278,7 @@ impl Handler<FromSession> for Router {
             FromSession::Subscribe(session, desks) => self.subscribe(session, desks),
             FromSession::Unsubscribe(session, desks) => self.unsubscribe(session, desks),
             FromSession::Publish(publish) => self.publish(publish),
-            FromSession::Restrict(session, rights) => self.restrict(session, &rights),
+            FromSession::Identify(session, user, rights) => self.identify(session, user, rights),
         }
     }
 }
@@ -267,10 +322,16 @@ impl Router {
         self.reply(session, unsubscribed.to_text());
     }
 
-    fn restrict(&mut self, session: Uuid, rights: &Rights) {
+    /// A session signed in or refreshed: index its user, keep its rights, and leave the desks
+    /// they no longer allow.
+    fn identify(&mut self, session: Uuid, user: Arc<str>, rights: Rights) {
         let Some(entry) = self.sessions.get_mut(&session) else {
             return;
         };
+        // A refresh keeps the user (the session checks it), so the index needs no removal.
+        self.users.entry(Arc::clone(&user)).or_default().insert(session);
+        let identity = entry.identity.insert(Box::new((user, rights)));
+        let rights = &identity.1;
         let mut left: Vec<String> = entry
             .desks
             .iter()
@@ -330,7 +391,16 @@ impl Handler<DesktopEvent> for Router {
                     data: EventData::Object(&msg.data),
                 }
                 .to_text();
-                let receivers = self.fan_out(&msg.desk, &frame, None);
+                let receivers = match msg.to.as_deref() {
+                    None => self.fan_out(&msg.desk, &frame, None),
+                    Some(to) => {
+                        let receivers = self.deliver_to(to, &msg.desk, &frame);
+                        if receivers == 0 {
+                            self.metrics.undeliverable(&msg.desk, to);
+                        }
+                        receivers
+                    }
+                };
                 self.metrics.desktop_event(receivers);
                 Ok(())
             }

@@ -399,6 +399,12 @@ impl WsSession {
     fn sign_in(&mut self, identity: Identity, peer: Peer, ctx: &mut ws::WebsocketContext<Self>) {
         let remaining = life(&identity);
         let expires_at = identity.expires_at;
+        // do_send: the router must know who this is (and what it may read) whatever its
+        // intake holds.
+        let (user, rights) = (Arc::clone(&identity.user), identity.rights.clone());
+        self.env
+            .router
+            .do_send(FromSession::Identify(self.id, user, rights));
         let warn_in = remaining.saturating_sub(Duration::from_secs(60));
         let timers = [
             ctx.run_later(warn_in, move |_, ctx| {
@@ -439,11 +445,9 @@ impl WsSession {
             return self.refuse(ctx, Refusal::new(ErrorCode::Forbidden, error.to_string()));
         }
         let (expires_at, peer) = (identity.expires_at, signed.peer);
-        let rights = identity.rights.clone();
-        self.sign_in(identity, peer, ctx);
         ctx.text(ServerFrame::Refreshed { expires_at }.to_text());
-        // do_send: a narrowing of rights must reach the router even when its intake is full.
-        self.env.router.do_send(FromSession::Restrict(self.id, rights));
+        // Tells the router the new rights too (desks no longer allowed are left).
+        self.sign_in(identity, peer, ctx);
     }
 
     /// `exp` has come: `token_expired`, close 4401, and nothing more for this browser.
