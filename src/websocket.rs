@@ -59,26 +59,78 @@ enum Ended {
 /// Handles one upgrade request from the HTTP/1 dispatcher: answers it, and for a WebSocket
 /// handshake on `/ws` runs the session until either side ends it. Failures are the peer's
 /// business (it went away or sent garbage), so they are logged here, never returned.
-///
-/// This future lives as long as the connection, inside its task, so it is kept small: the
-/// handshake is its own future, finished (and its values dropped) before the session starts.
-pub async fn upgrade(
+pub fn upgrade(req: Request, framed: Framed<TcpStream, Codec>, state: Data<AppState>) -> Upgrade {
+    Upgrade(Phase::Handshake(Box::pin(answer_then_start(req, framed, state))))
+}
+
+/// The session's part of a connection: its pump, and what reports how it ended.
+type Session = (
+    Pin<Box<dyn Future<Output = Result<(), Ended>>>>,
+    Data<AppState>,
+    Option<std::net::SocketAddr>,
+);
+
+/// A connection's future, in two phases that are never stored side by side: the handshake
+/// (request, HTTP framing, the 101 being written), then the session's pump. This future lives
+/// as long as the connection, inside its task; as one `async fn` it would keep the handshake's
+/// request and HTTP framing (an `async fn` stores its arguments for its whole life) in every
+/// idle session.
+pub struct Upgrade(Phase);
+
+enum Phase {
+    /// Answering the request.
+    Handshake(Pin<Box<dyn Future<Output = Option<Session>>>>),
+    /// Running the session.
+    Session(Session),
+    /// Over.
+    Done,
+}
+
+impl Future for Upgrade {
+    type Output = Result<(), Infallible>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let phase = &mut self.0;
+        loop {
+            match phase {
+                Phase::Handshake(handshake) => match ready!(handshake.as_mut().poll(cx)) {
+                    Some(session) => *phase = Phase::Session(session),
+                    None => *phase = Phase::Done,
+                },
+                Phase::Session((pump, state, peer)) => {
+                    match ready!(pump.as_mut().poll(cx)) {
+                        Ok(()) => {}
+                        Err(Ended::Stalled(stall)) => state.metrics.session_stalled(*peer, stall),
+                        Err(Ended::Io(error)) => {
+                            log::debug!("websocket connection from {peer:?} ended: {error}")
+                        }
+                    }
+                    *phase = Phase::Done;
+                }
+                Phase::Done => return Poll::Ready(Ok(())),
+            }
+        }
+    }
+}
+
+/// Answers the request; for an accepted WebSocket handshake, the session to run next.
+async fn answer_then_start(
     req: Request,
     mut framed: Framed<TcpStream, Codec>,
     state: Data<AppState>,
-) -> Result<(), Infallible> {
+) -> Option<Session> {
     let peer = req.peer_addr();
-    let result = match handshake(req, &mut framed, &state).await {
-        Ok(Some((slot, identity))) => run(framed, slot, peer, identity, &state).await,
-        Ok(None) => Ok(()),
-        Err(error) => Err(error.into()),
-    };
-    match result {
-        Ok(()) => {}
-        Err(Ended::Stalled(stall)) => state.metrics.session_stalled(peer, stall),
-        Err(Ended::Io(error)) => log::debug!("websocket connection from {peer:?} ended: {error}"),
+    match handshake(req, &mut framed, &state).await {
+        Ok(Some((slot, identity))) => {
+            let pump = Box::pin(run(framed, slot, peer, identity, &state));
+            Some((pump, state, peer))
+        }
+        Ok(None) => None,
+        Err(error) => {
+            log::debug!("websocket handshake with {peer:?} failed: {error}");
+            None
+        }
     }
-    Ok(())
 }
 
 /// Answers the upgrade request: the 101 and what the session starts with, or a refusal
