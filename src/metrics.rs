@@ -551,12 +551,10 @@ impl Metrics {
     }
 
     /// A targeted desktop message found none of its sessions; acked, not delivered.
-    pub fn undeliverable(&self, desk: &str, to: &crate::actors::messages::Recipients) {
+    pub fn undeliverable(&self, desk: &str, session: Option<&str>, user: Option<&str>) {
         self.undeliverable.inc();
         log::info!(
-            "dropped a message for desk {desk}: no connected session matches x-to-session {:?} / x-to-user {:?}",
-            to.session,
-            to.user
+            "dropped a message for desk {desk}: no connected session matches x-to-session {session:?} / x-to-user {user:?}"
         );
     }
 

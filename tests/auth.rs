@@ -72,6 +72,18 @@ async fn signed_in(bridge: &TestBridge, token: &str) -> Browser {
     Browser::from_stream(ws).await
 }
 
+/// A handshake request for `bridge`'s `/ws` sent by a page from `origin`.
+fn from_origin(
+    bridge: &TestBridge,
+    origin: &str,
+) -> tokio_tungstenite::tungstenite::handshake::client::Request {
+    let mut request = ws_url(bridge.addr).into_client_request().expect("request");
+    request
+        .headers_mut()
+        .insert("Origin", origin.parse().expect("header value"));
+    request
+}
+
 async fn refused(url: impl IntoClientRequest + Unpin) -> (u16, Value) {
     match handshake(url).await {
         Ok(_) => panic!("the handshake was accepted"),
@@ -381,13 +393,7 @@ async fn at_expiry_the_session_closes_with_4401_and_no_event_follows() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cross_site_pages_are_refused_and_listed_origins_allowed() {
     let bridge = TestBridge::start_healthy(test_config("origins")).await;
-    let request = |origin: &str| {
-        let mut request = ws_url(bridge.addr).into_client_request().expect("request");
-        request
-            .headers_mut()
-            .insert("Origin", origin.parse().expect("header value"));
-        request
-    };
+    let request = |origin: &str| from_origin(&bridge, origin);
     let (status, body) = refused(request("https://evil.example")).await;
     assert_eq!(
         (status, body["error"].as_str()),
@@ -407,13 +413,7 @@ async fn cross_site_pages_are_refused_and_listed_origins_allowed() {
     let mut config = test_config("origins-listed");
     config.ws.allowed_origins = vec!["https://desk.example.com".into()];
     let listed = TestBridge::start_healthy(config).await;
-    let request = |origin: &str| {
-        let mut request = ws_url(listed.addr).into_client_request().expect("request");
-        request
-            .headers_mut()
-            .insert("Origin", origin.parse().expect("header value"));
-        request
-    };
+    let request = |origin: &str| from_origin(&listed, origin);
     assert!(handshake(request("https://desk.example.com")).await.is_ok());
     assert_eq!(refused(request(&format!("http://{}", listed.addr))).await.0, 403);
 }

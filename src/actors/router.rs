@@ -396,7 +396,8 @@ impl Handler<DesktopEvent> for Router {
                     Some(to) => {
                         let receivers = self.deliver_to(to, &msg.desk, &frame);
                         if receivers == 0 {
-                            self.metrics.undeliverable(&msg.desk, to);
+                            let (session, user) = (to.session.as_deref(), to.user.as_deref());
+                            self.metrics.undeliverable(&msg.desk, session, user);
                         }
                         receivers
                     }
