@@ -25,6 +25,10 @@ pub const HEADER_TO_SESSION: &str = "x-to-session";
 pub const HEADER_TO_USER: &str = "x-to-user";
 /// Header saying where a message came from.
 pub const HEADER_ORIGIN: &str = "x-origin";
+/// `x-origin` of a browser's publish or reply.
+pub const ORIGIN_WEB: &str = "web";
+/// `x-origin` of a browser's request (kept out of the desk streams).
+pub const ORIGIN_REQUEST: &str = "request";
 /// `app_id` of every message the bridge publishes.
 pub const APP_ID: &str = "deskbridge";
 
@@ -321,6 +325,43 @@ pub fn declare_inbound(channel: &Channel, config: &AmqpConfig, catalog: &Catalog
     Ok(())
 }
 
+/// Declares both exchanges and nothing else (history mode: the desk streams take the place of
+/// the inbound queue, which must not exist there to fill up unread).
+pub fn declare_exchanges(channel: &Channel, config: &AmqpConfig) -> Result<(), AmqpError> {
+    let exchange = &config.inbound_exchange;
+    topology(
+        format!("exchange `{exchange}`"),
+        channel.exchange_declare(ExchangeType::Direct, exchange, durable()),
+    )?;
+    declare_outbound(channel, config)
+}
+
+/// How long an instance's reply queue outlives its last consumer: long enough for a reconnect
+/// (replies wait in it), short enough that a crashed instance's queue goes away by itself.
+pub const REPLY_QUEUE_EXPIRES_MS: i32 = 120_000;
+
+/// The queue this instance's request replies come to (`reply_to` of its requests).
+pub fn reply_queue_name(instance: &str) -> String {
+    format!("deskbridge.reply.{instance}")
+}
+
+/// Declares this instance's reply queue (not durable, expiring once unused).
+pub fn declare_reply_queue(channel: &Channel, name: &str) -> Result<(), AmqpError> {
+    let mut arguments = FieldTable::new();
+    arguments.insert("x-expires".into(), AmqpValue::LongInt(REPLY_QUEUE_EXPIRES_MS));
+    topology(
+        format!("reply queue `{name}`"),
+        channel.queue_declare(
+            name,
+            QueueDeclareOptions {
+                arguments,
+                ..QueueDeclareOptions::default()
+            },
+        ),
+    )?;
+    Ok(())
+}
+
 /// Declares the web → desktop exchange.
 pub fn declare_outbound(channel: &Channel, config: &AmqpConfig) -> Result<(), AmqpError> {
     let exchange = &config.outbound_exchange;
@@ -329,6 +370,32 @@ pub fn declare_outbound(channel: &Channel, config: &AmqpConfig) -> Result<(), Am
         channel.exchange_declare(ExchangeType::Direct, exchange, durable()),
     )?;
     Ok(())
+}
+
+/// The delivery in a consumer message, or why the link is gone. Every variant is named: only
+/// `Delivery` is data.
+pub fn delivered(
+    message: Result<amiquip::ConsumerMessage, crossbeam_channel::RecvError>,
+) -> Result<amiquip::Delivery, AmqpError> {
+    let lost = |why: String| Err(AmqpError::Lost(why));
+    match message {
+        Ok(amiquip::ConsumerMessage::Delivery(delivery)) => Ok(delivery),
+        Ok(amiquip::ConsumerMessage::ServerCancelled) => {
+            lost("the broker cancelled the consumer (was its queue or stream deleted?)".into())
+        }
+        Ok(amiquip::ConsumerMessage::ServerClosedChannel(error)) => {
+            lost(format!("the broker closed the channel: {error}"))
+        }
+        Ok(amiquip::ConsumerMessage::ServerClosedConnection(error)) => {
+            lost(format!("the broker closed the connection: {error}"))
+        }
+        Ok(amiquip::ConsumerMessage::ClientCancelled)
+        | Ok(amiquip::ConsumerMessage::ClientClosedChannel)
+        | Ok(amiquip::ConsumerMessage::ClientClosedConnection) => {
+            lost("the consumer was closed locally".into())
+        }
+        Err(_) => lost("the connection's I/O thread ended".into()),
+    }
 }
 
 /// Seconds since the Unix epoch, for the AMQP `timestamp` property.

@@ -34,6 +34,88 @@ pub struct Config {
     pub auth: AuthConfig,
     /// Per-desk data transforms, applied in order.
     pub transforms: Vec<TransformRule>,
+    /// Retained, offset-addressed history on RabbitMQ streams; off: v1 queue mode.
+    pub history: HistoryConfig,
+    /// What happens to a browser too slow for a desk's events, per desk.
+    pub desk_policy: Vec<DeskPolicy>,
+}
+
+/// `[history]`: per-desk RabbitMQ streams that every instance reads, for resume, snapshots and
+/// many instances.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HistoryConfig {
+    /// On: each desk's events go through the stream `<stream_prefix>.<desk>`; `listener` is
+    /// not used.
+    pub enabled: bool,
+    /// Stream retention by age (`x-max-age`, e.g. `"1h"`, `"7D"`).
+    pub max_age: String,
+    /// Stream retention by size (`x-max-length-bytes`).
+    pub max_bytes: u64,
+    /// Streams are named `<stream_prefix>.<desk>`.
+    pub stream_prefix: String,
+    /// Each desk's latest events kept in memory, framed, for resumes and slow readers; older
+    /// ones are read back from the stream.
+    pub memory_bytes: usize,
+    /// Events read from a stream per replay step; one step runs at a time per instance.
+    pub replay_batch: usize,
+    /// Largest `since: {last: K}`.
+    pub max_snapshot: usize,
+    /// `x-initial-cluster-size` of new streams (replicas on a cluster); none: the broker's default.
+    pub initial_cluster_size: Option<u32>,
+}
+
+impl Default for HistoryConfig {
+    fn default() -> Self {
+        HistoryConfig {
+            enabled: false,
+            max_age: "1h".into(),
+            max_bytes: 1_073_741_824,
+            stream_prefix: "deskbridge.history".into(),
+            memory_bytes: 16 * 1024 * 1024,
+            replay_batch: 2_000,
+            max_snapshot: 10_000,
+            initial_cluster_size: None,
+        }
+    }
+}
+
+/// `[[desk_policy]]`: the slow-reader policy of one desk.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeskPolicy {
+    /// A configured desk.
+    pub desk: String,
+    /// What to do with a browser whose outbound queue is full.
+    pub slow: SlowPolicy,
+    /// With `slow = "latest"`: the field of `data` (as browsers get it, after `to_web`
+    /// transforms) whose value identifies a key.
+    #[serde(default)]
+    pub conflate_key: Option<String>,
+}
+
+/// What happens to a browser that cannot take a desk's events as fast as they come.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SlowPolicy {
+    /// Close it with 1013 (v1 behaviour; the default without history).
+    Close,
+    /// Feed it from the history until it is current again; never closed for slowness (the
+    /// default with history).
+    CatchUp,
+    /// Keep only the newest event per `conflate_key` value while it is behind, then one `gap`.
+    Latest,
+}
+
+impl Config {
+    /// The slow-reader policy of `desk`, and its conflation key.
+    pub fn slow_policy(&self, desk: &str) -> (SlowPolicy, Option<&str>) {
+        match self.desk_policy.iter().find(|policy| policy.desk == desk) {
+            Some(policy) => (policy.slow, policy.conflate_key.as_deref()),
+            None if self.history.enabled => (SlowPolicy::CatchUp, None),
+            None => (SlowPolicy::Close, None),
+        }
+    }
 }
 
 /// RabbitMQ connection, topology and buffering settings.
@@ -231,6 +313,8 @@ impl Default for Config {
             ws: WsConfig::default(),
             auth: AuthConfig::default(),
             transforms: Vec::new(),
+            history: HistoryConfig::default(),
+            desk_policy: Vec::new(),
         }
     }
 }
@@ -401,7 +485,76 @@ impl Config {
         self.check_amqp()?;
         self.check_limits()?;
         self.check_access()?;
+        self.check_history()?;
         self.check_transforms()
+    }
+
+    /// Stream settings make sense, and each desk policy names a desk and can be carried out.
+    fn check_history(&self) -> Result<(), ConfigError> {
+        let history = &self.history;
+        if history.stream_prefix.is_empty() {
+            return invalid("history.stream_prefix", "must not be empty");
+        }
+        if !valid_max_age(&history.max_age) {
+            return invalid(
+                "history.max_age",
+                format!(
+                    "`{}` is not a RabbitMQ age: a number and one of Y M D h m s, like \"1h\" or \"7D\"",
+                    history.max_age
+                ),
+            );
+        }
+        for (key, value) in [
+            ("history.max_bytes", history.max_bytes),
+            ("history.memory_bytes", history.memory_bytes as u64),
+            ("history.replay_batch", history.replay_batch as u64),
+            ("history.max_snapshot", history.max_snapshot as u64),
+        ] {
+            if value == 0 {
+                return invalid(key, "must be greater than 0");
+            }
+        }
+        for (i, policy) in self.desk_policy.iter().enumerate() {
+            let key = format!("desk_policy[{i}]");
+            if !self.desks.contains(&policy.desk) {
+                return invalid(
+                    &format!("{key}.desk"),
+                    format!("`{}` is not a configured desk", policy.desk),
+                );
+            }
+            if self.desk_policy[..i]
+                .iter()
+                .any(|other| other.desk == policy.desk)
+            {
+                return invalid(
+                    &format!("{key}.desk"),
+                    format!("desk `{}` has two policies", policy.desk),
+                );
+            }
+            if policy.slow != SlowPolicy::Close && !history.enabled {
+                return invalid(
+                    &format!("{key}.slow"),
+                    "catch_up and latest need history.enabled = true: a browser that fell behind is fed \
+                     from the desk's history",
+                );
+            }
+            match (policy.slow, &policy.conflate_key) {
+                (SlowPolicy::Latest, None) => {
+                    return invalid(
+                        &format!("{key}.conflate_key"),
+                        "is required with slow = \"latest\": the field of data that identifies a key",
+                    )
+                }
+                (SlowPolicy::Close | SlowPolicy::CatchUp, Some(_)) => {
+                    return invalid(
+                        &format!("{key}.conflate_key"),
+                        "is only used with slow = \"latest\"",
+                    )
+                }
+                _ => {}
+            }
+        }
+        Ok(())
     }
 
     /// Who may connect: an open bridge only on loopback unless explicitly allowed; origins that
@@ -566,6 +719,15 @@ impl Config {
     }
 }
 
+/// True for an age RabbitMQ accepts as `x-max-age`: digits then one unit of `YMDhms`.
+fn valid_max_age(age: &str) -> bool {
+    let Some(unit) = age.chars().last() else {
+        return false;
+    };
+    let digits = &age[..age.len() - unit.len_utf8()];
+    "YMDhms".contains(unit) && !digits.is_empty() && digits.chars().all(|c| c.is_ascii_digit())
+}
+
 /// True for a key whose value is probably a secret (`hs256_secret`, `password`, `token`...).
 fn looks_secret(key: &str) -> bool {
     let key = key.to_ascii_lowercase();
@@ -663,6 +825,25 @@ mod tests {
             (
                 "[amqp]\nurls = [\"amqps://h\"]\n[amqp.tls]\nca_file = \"/no/such/ca.pem\"",
                 "amqp.tls.ca_file",
+            ),
+            ("[history]\nmax_age = \"60\"", "history.max_age"),
+            ("[history]\nstream_prefix = \"\"", "history.stream_prefix"),
+            (
+                "[[desk_policy]]\ndesk = \"Z\"\nslow = \"close\"",
+                "desk_policy[0].desk",
+            ),
+            (
+                "[[desk_policy]]\ndesk = \"A\"\nslow = \"catch_up\"",
+                "desk_policy[0].slow",
+            ),
+            (
+                "[history]\nenabled = true\n[[desk_policy]]\ndesk = \"A\"\nslow = \"latest\"",
+                "desk_policy[0].conflate_key",
+            ),
+            (
+                "[history]\nenabled = true\n[[desk_policy]]\ndesk = \"A\"\nslow = \"close\"\n\
+                 [[desk_policy]]\ndesk = \"A\"\nslow = \"close\"",
+                "desk_policy[1].desk",
             ),
         ];
         for (text, key) in cases {

@@ -1,5 +1,5 @@
-//! The HTTP server and its routes: the console page, health and metrics; WebSocket upgrades
-//! go to [`crate::websocket`].
+//! The HTTP server and its routes: the console page, the browser client, health and metrics;
+//! WebSocket upgrades go to [`crate::websocket`].
 
 use std::collections::BTreeMap;
 use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
@@ -95,6 +95,8 @@ pub fn server(
 /// Mounts every route; tests mount the same app.
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.route("/", web::get().to(console))
+        .route("/deskbridge.js", web::get().to(client))
+        .route("/deskbridge.d.ts", web::get().to(client_types))
         .route(websocket::PATH, web::get().to(not_upgraded))
         .route("/health", web::get().to(health))
         .route("/health/live", web::get().to(live))
@@ -108,6 +110,23 @@ async fn console() -> HttpResponse {
     HttpResponse::Ok()
         .content_type("text/html; charset=utf-8")
         .body(CONSOLE)
+}
+
+/// The browser client (an ES module) and its TypeScript types, served by the bridge so a page
+/// imports the client of the protocol version it talks to.
+const CLIENT: &str = include_str!("../static/deskbridge.js");
+const CLIENT_TYPES: &str = include_str!("../static/deskbridge.d.ts");
+
+async fn client() -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("text/javascript; charset=utf-8")
+        .body(CLIENT)
+}
+
+async fn client_types() -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("application/typescript; charset=utf-8")
+        .body(CLIENT_TYPES)
 }
 
 /// `/ws` without the upgrade headers: the upgrade hook sees every real handshake first.

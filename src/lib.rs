@@ -23,7 +23,10 @@ pub mod backoff;
 pub mod broker_url;
 pub mod catalog;
 pub mod config;
+pub mod delivery;
+pub mod desk_log;
 pub mod fd_limit;
+pub mod history;
 pub mod http;
 pub mod link;
 pub mod metrics;
@@ -45,9 +48,10 @@ use actix_web::{dev::ServerHandle, web};
 
 use crate::actors::amqp_consumer::AmqpConsumer;
 use crate::actors::amqp_publisher::AmqpPublisher;
-use crate::actors::messages::{BeginShutdown, CloseAll, PublishJob, PublisherHandle};
+use crate::actors::messages::{BeginShutdown, CloseAll, PublishJob, PublisherHandle, ReplayRequest};
 use crate::actors::router::Router;
 use crate::actors::session::SessionEnv;
+use crate::actors::stream_reader::StreamReader;
 use crate::actors::worker::{Worker, WorkerContext};
 use crate::admission::Admission;
 use crate::auth::{KeyError, Verifier};
@@ -107,12 +111,14 @@ pub async fn start(config: Config, mut transforms: Transforms) -> Result<Bridge,
     let consumer_link = Arc::new(LinkState::new(Link::Consumer, &metrics, Arc::clone(&errors)));
     let publisher_link = Arc::new(LinkState::new(Link::Publisher, &metrics, errors));
     let (handle, jobs) = PublisherHandle::new(&config.amqp);
+    let (replays, replay_requests) = crossbeam_channel::unbounded();
     let router = Router::new(
         Arc::clone(&config),
         Arc::clone(&catalog),
         transforms,
         handle.clone(),
         Arc::clone(&metrics),
+        config.history.enabled.then_some(replays),
     )
     .start();
     let state = web::Data::new(AppState {
@@ -142,6 +148,7 @@ pub async fn start(config: Config, mut transforms: Transforms) -> Result<Bridge,
         catalog,
         &router,
         (handle, jobs),
+        replay_requests,
         &metrics,
         [&consumer_link, &publisher_link],
     )?;
@@ -157,12 +164,14 @@ pub async fn start(config: Config, mut transforms: Transforms) -> Result<Bridge,
     })
 }
 
-/// Starts the publisher and the consumer threads; returns (publisher, consumer).
+/// Starts the publisher and the consumer threads (the stream reader in place of the queue
+/// consumer with history on); returns (publisher, consumer).
 fn spawn_workers(
     config: &Arc<Config>,
     catalog: Arc<Catalog>,
     router: &Addr<Router>,
     (handle, jobs): (PublisherHandle, crossbeam_channel::Receiver<PublishJob>),
+    replays: crossbeam_channel::Receiver<ReplayRequest>,
     metrics: &Arc<Metrics>,
     [consumer_link, publisher_link]: [&Arc<LinkState>; 2],
 ) -> Result<(Worker, Worker), StartError> {
@@ -176,18 +185,30 @@ fn spawn_workers(
         Arc::clone(config),
         handle,
         jobs,
-        router.clone().recipient(),
+        (router.clone().recipient(), router.clone().recipient()),
         instance.clone(),
     );
     let publisher = Worker::spawn(publisher, context(publisher_link)).map_err(StartError::Thread)?;
-    let consumer = AmqpConsumer::new(
-        Arc::clone(config),
-        catalog,
-        router.clone().recipient(),
-        Arc::clone(metrics),
-        instance,
-    );
-    let consumer = Worker::spawn(consumer, context(consumer_link)).map_err(StartError::Thread)?;
+    let consumer = if config.history.enabled {
+        let reader = StreamReader::new(
+            Arc::clone(config),
+            catalog,
+            router.clone().recipient(),
+            Arc::clone(metrics),
+            replays,
+        );
+        Worker::spawn(reader, context(consumer_link))
+    } else {
+        let consumer = AmqpConsumer::new(
+            Arc::clone(config),
+            catalog,
+            router.clone().recipient(),
+            Arc::clone(metrics),
+            instance,
+        );
+        Worker::spawn(consumer, context(consumer_link))
+    };
+    let consumer = consumer.map_err(StartError::Thread)?;
     Ok((publisher, consumer))
 }
 

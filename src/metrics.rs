@@ -199,6 +199,17 @@ struct ReasonLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    outcome: &'static str,
+}
+
+/// How a browser's `request` ended (`deskbridge_requests_total{outcome}`).
+pub const REQUEST_OUTCOMES: [&str; 5] = ["answered", "timeout", "no_responder", "bad_reply", "failed"];
+
+/// How a desktop app's request to browsers ended (`deskbridge_desktop_requests_total{outcome}`).
+pub const DESKTOP_REQUEST_OUTCOMES: [&str; 3] = ["answered", "expired", "unknown"];
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct CodeLabels {
     code: ErrorCode,
 }
@@ -248,7 +259,14 @@ pub struct Metrics {
     own_echo: Counter,
     expired: Counter,
     undeliverable: Counter,
+    requests: Resolved<&'static str, OutcomeLabels>,
+    desktop_requests: Resolved<&'static str, OutcomeLabels>,
+    late_replies: Counter,
     transform_panics: Counter,
+    history_skipped: Resolved<RejectReason, RejectLabels>,
+    history_replayed: Counter,
+    history_caught_up: Counter,
+    history_gaps: Counter,
     rejects: Resolved<RejectReason, RejectLabels>,
     publish_failures: Resolved<PublishFailure, FailureLabels>,
     frames_dropped: Resolved<Dropped, DroppedLabels>,
@@ -341,7 +359,14 @@ impl Metrics {
             own_echo: Counter::default(),
             expired: Counter::default(),
             undeliverable: Counter::default(),
+            requests: Resolved::new(REQUEST_OUTCOMES, |outcome| OutcomeLabels { outcome }),
+            desktop_requests: Resolved::new(DESKTOP_REQUEST_OUTCOMES, |outcome| OutcomeLabels { outcome }),
+            late_replies: Counter::default(),
             transform_panics: Counter::default(),
+            history_skipped: Resolved::new(RejectReason::ALL, |reason| RejectLabels { reason }),
+            history_replayed: Counter::default(),
+            history_caught_up: Counter::default(),
+            history_gaps: Counter::default(),
             rejects: Resolved::new(RejectReason::ALL, |reason| RejectLabels { reason }),
             publish_failures: Resolved::new(PublishFailure::ALL, |reason| FailureLabels { reason }),
             frames_dropped: Resolved::new(Dropped::ALL, |reason| DroppedLabels { reason }),
@@ -434,6 +459,21 @@ impl Metrics {
             self.undeliverable.clone(),
         );
         r.register(
+            "deskbridge_requests",
+            "Browser requests to desktop apps, by how they ended",
+            self.requests.family.clone(),
+        );
+        r.register(
+            "deskbridge_desktop_requests",
+            "Desktop requests to browsers (targeted messages with reply_to), by how they ended",
+            self.desktop_requests.family.clone(),
+        );
+        r.register(
+            "deskbridge_late_replies",
+            "Replies on the reply queue that matched no waiting request (timed out or answered already); dropped",
+            self.late_replies.clone(),
+        );
+        r.register(
             "deskbridge_expired",
             "Desktop messages not delivered because their timestamp + expiration had passed",
             self.expired.clone(),
@@ -452,6 +492,26 @@ impl Metrics {
             "deskbridge_rejects",
             "Deliveries rejected to the dead-letter queue, by reason",
             self.rejects.family.clone(),
+        );
+        r.register(
+            "deskbridge_history_skipped",
+            "Stream messages skipped (streams cannot dead-letter): not a configured desk or event, or not a JSON object",
+            self.history_skipped.family.clone(),
+        );
+        r.register(
+            "deskbridge_history_replayed",
+            "Events read back from desk streams for resumes, snapshots and slow readers",
+            self.history_replayed.clone(),
+        );
+        r.register(
+            "deskbridge_history_caught_up",
+            "Times a session that fell behind (or resumed) reached live delivery again",
+            self.history_caught_up.clone(),
+        );
+        r.register(
+            "deskbridge_history_conflated",
+            "Events a `latest` desk replaced by a newer value of the same key for a session behind",
+            self.history_gaps.clone(),
         );
         r.register(
             "deskbridge_publish_failures",
@@ -536,6 +596,12 @@ impl Metrics {
         self.desktop_out.inc_by(receivers as u64);
     }
 
+    /// A browser's publish read back from its desk's stream was queued to `receivers` other
+    /// browsers (history on: web events reach every instance through the stream).
+    pub fn web_event(&self, receivers: usize) {
+        self.web_to_web_out.inc_by(receivers as u64);
+    }
+
     /// A delivery from RabbitMQ was rejected.
     pub fn rejected(&self, reason: RejectReason, routing_key: &str, detail: &str) {
         self.rejects.inc(reason);
@@ -558,10 +624,52 @@ impl Metrics {
         );
     }
 
+    /// A browser's request ended (`outcome` from [`REQUEST_OUTCOMES`]).
+    pub fn request(&self, outcome: &'static str) {
+        self.requests.inc(outcome);
+    }
+
+    /// A desktop app's request to browsers ended (`outcome` from [`DESKTOP_REQUEST_OUTCOMES`]).
+    pub fn desktop_request(&self, outcome: &'static str) {
+        self.desktop_requests.inc(outcome);
+    }
+
+    /// A reply matched no waiting request; dropped.
+    pub fn late_reply(&self, correlation_id: Option<&str>) {
+        self.late_replies.inc();
+        log::info!(
+            "dropped a reply for no waiting request (late or repeated): correlation_id {correlation_id:?}"
+        );
+    }
+
     /// A desktop message arrived after its expiration; acked, not delivered.
     pub fn expired(&self, routing_key: &str) {
         self.expired.inc();
         log::debug!("dropped an expired message with routing key `{routing_key}`");
+    }
+
+    /// A stream message could not be delivered; it is skipped (a stream keeps it, unread).
+    pub fn history_skipped(&self, reason: RejectReason, stream: &str, offset: u64, detail: &str) {
+        self.history_skipped.inc(reason);
+        log::warn!(
+            "skipped message at offset {offset} of stream `{stream}` ({}): {detail}",
+            reason.as_str()
+        );
+    }
+
+    /// `events` were read back from a stream for a session.
+    pub fn history_replayed(&self, events: usize) {
+        self.history_replayed.inc_by(events as u64);
+    }
+
+    /// A session behind on a desk is live again.
+    pub fn history_caught_up(&self) {
+        self.history_caught_up.inc();
+    }
+
+    /// A `latest` desk dropped an older value for a session behind.
+    pub fn history_conflated(&self) {
+        self.history_gaps.inc();
     }
 
     /// A code-registered transform panicked.

@@ -4,6 +4,9 @@
 //! once, here, at the session edge; the router only ever sees typed values. Parsing takes the
 //! fast typed path first and diagnoses (to pick the right [`ErrorCode`]) only on failure.
 
+use std::collections::BTreeMap;
+use std::time::Duration;
+
 use bytestring::ByteString;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
@@ -19,6 +22,9 @@ pub enum ClientFrame {
     Subscribe {
         /// Desk names.
         desks: Vec<String>,
+        /// Where to start, per desk (with history on): after an offset, or the last K events.
+        #[serde(default)]
+        since: Option<BTreeMap<String, Since>>,
     },
     /// Stop receiving the events of these desks.
     Unsubscribe {
@@ -40,6 +46,34 @@ pub enum ClientFrame {
         #[serde(default)]
         ttl_ms: Option<u64>,
     },
+    /// Ask the desktop apps of a desk something; the first answer comes back as `reply`.
+    Request {
+        /// Desk name.
+        desk: String,
+        /// Event name; the request goes out with the key `{desk}_{event}`.
+        event: String,
+        /// Request payload; must be a JSON object.
+        data: Data,
+        /// Client's correlation id, echoed in the `reply` or `error`.
+        #[serde(rename = "ref", default)]
+        reference: Option<String>,
+        /// How long to wait for the answer (default 10 000, at most 60 000).
+        #[serde(default)]
+        timeout_ms: Option<u64>,
+        /// Milliseconds the request stays worth answering (AMQP `expiration`).
+        #[serde(default)]
+        ttl_ms: Option<u64>,
+    },
+    /// Answer a desktop app's request (an `event` that carried `reply_id`).
+    Reply {
+        /// The `reply_id` of that event.
+        reply_id: String,
+        /// Answer payload; must be a JSON object.
+        data: Data,
+        /// Client's correlation id, echoed in the `ack` or `error`.
+        #[serde(rename = "ref", default)]
+        reference: Option<String>,
+    },
     /// Liveness probe; answered with `pong`.
     Ping,
     /// The session's token, when it did not come on `?token=` (`auth.mode = "jwt"`).
@@ -51,6 +85,24 @@ pub enum ClientFrame {
     Refresh {
         /// The JWT.
         token: Token,
+    },
+}
+
+/// Where a resumed subscription starts.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(untagged, deny_unknown_fields)]
+pub enum Since {
+    /// After the event at `offset` of the stream life `epoch` (the last one the browser got).
+    After {
+        /// The last offset the browser received.
+        offset: u64,
+        /// The `epoch` that came with it.
+        epoch: String,
+    },
+    /// The last `last` retained events.
+    Last {
+        /// How many.
+        last: usize,
     },
 }
 
@@ -66,7 +118,21 @@ impl std::fmt::Debug for Token {
 }
 
 /// The `op`s a browser may send, for telling `unknown_op` from `bad_request`.
-const CLIENT_OPS: [&str; 6] = ["subscribe", "unsubscribe", "publish", "ping", "auth", "refresh"];
+const CLIENT_OPS: [&str; 8] = [
+    "subscribe",
+    "unsubscribe",
+    "publish",
+    "request",
+    "reply",
+    "ping",
+    "auth",
+    "refresh",
+];
+
+/// A request's timeout when it names none.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(10_000);
+/// The longest timeout a request may ask for.
+pub const MAX_TIMEOUT: Duration = Duration::from_millis(60_000);
 
 /// Close code for a session whose token is missing, invalid or expired.
 pub const CLOSE_UNAUTHORIZED: u16 = 4401;
@@ -111,11 +177,19 @@ pub enum ErrorCode {
     TokenExpired,
     /// The token does not grant this on this desk (or a refresh names another user).
     Forbidden,
+    /// No queue is bound for a request's key: nobody could answer it.
+    NoResponder,
+    /// No answer came within the request's `timeout_ms`.
+    Timeout,
+    /// A `reply` to a `reply_id` that is unknown, expired or already answered.
+    UnknownRequest,
+    /// The desktop's answer to a request is not a JSON object.
+    BadReply,
 }
 
 impl ErrorCode {
     /// Every code, in declaration order (metrics iterate over it).
-    pub const ALL: [ErrorCode; 13] = [
+    pub const ALL: [ErrorCode; 17] = [
         ErrorCode::BadJson,
         ErrorCode::BadRequest,
         ErrorCode::UnknownOp,
@@ -129,6 +203,10 @@ impl ErrorCode {
         ErrorCode::Unauthorized,
         ErrorCode::TokenExpired,
         ErrorCode::Forbidden,
+        ErrorCode::NoResponder,
+        ErrorCode::Timeout,
+        ErrorCode::UnknownRequest,
+        ErrorCode::BadReply,
     ];
 
     /// The wire name, e.g. `bad_json`.
@@ -147,6 +225,10 @@ impl ErrorCode {
             ErrorCode::Unauthorized => "unauthorized",
             ErrorCode::TokenExpired => "token_expired",
             ErrorCode::Forbidden => "forbidden",
+            ErrorCode::NoResponder => "no_responder",
+            ErrorCode::Timeout => "timeout",
+            ErrorCode::UnknownRequest => "unknown_request",
+            ErrorCode::BadReply => "bad_reply",
         }
     }
 }
@@ -206,6 +288,19 @@ pub enum ServerFrame<'a> {
     Subscribed {
         /// Desk names.
         desks: &'a [String],
+        /// Per desk resumed with `since {offset, epoch}`: whether every event after it follows.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        recovered: Option<&'a BTreeMap<String, bool>>,
+        /// Per desk not recovered: the offset delivery starts at (the gap ends before it).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        first_offset: Option<&'a BTreeMap<String, u64>>,
+    },
+    /// A `latest` desk's session is current again; `dropped` older values were skipped.
+    Gap {
+        /// Desk name.
+        desk: &'a str,
+        /// Events replaced by a newer one of the same key while the session was behind.
+        dropped: u64,
     },
     /// Reply to `unsubscribe`: the desks of that request; or, with a `reason`, desks the
     /// bridge left for the session.
@@ -246,6 +341,16 @@ pub enum ServerFrame<'a> {
         /// Human-readable explanation.
         message: &'a str,
     },
+    /// The answer to a browser's `request`.
+    Reply {
+        /// The request's `ref`, if it had one.
+        #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
+        reference: Option<&'a str>,
+        /// The request's id (its AMQP `message_id` and `correlation_id`).
+        id: &'a str,
+        /// The desktop's answer.
+        data: &'a RawValue,
+    },
     /// Reply to `ping`.
     Pong,
     /// An event for a subscribed desk.
@@ -260,6 +365,15 @@ pub enum ServerFrame<'a> {
         origin: Origin,
         /// Event payload.
         data: EventData<'a>,
+        /// Position in the desk's stream (with history on).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        offset: Option<u64>,
+        /// The stream life `offset` belongs to (with history on).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        epoch: Option<&'a str>,
+        /// A desktop app asks this browser: answer with `reply` and this id.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        reply_id: Option<&'a str>,
     },
 }
 
@@ -342,6 +456,26 @@ mod tests {
                 r#"{"op":"subscribe","desks":["A","B"]}"#,
                 ClientFrame::Subscribe {
                     desks: vec!["A".into(), "B".into()],
+                    since: None,
+                },
+            ),
+            (
+                r#"{"op":"subscribe","desks":["A","B"],"since":{"A":{"offset":9,"epoch":"e"},"B":{"last":5}}}"#,
+                ClientFrame::Subscribe {
+                    desks: vec!["A".into(), "B".into()],
+                    since: Some(
+                        [
+                            (
+                                "A".to_string(),
+                                Since::After {
+                                    offset: 9,
+                                    epoch: "e".into(),
+                                },
+                            ),
+                            ("B".to_string(), Since::Last { last: 5 }),
+                        ]
+                        .into(),
+                    ),
                 },
             ),
             (
@@ -393,6 +527,16 @@ mod tests {
             (r#"{"op":"auth","token":7}"#, ErrorCode::BadRequest, None),
             (r#"{"op":"subscribe","desks":"A"}"#, ErrorCode::BadRequest, None),
             (
+                r#"{"op":"subscribe","desks":["A"],"since":{"A":{"offset":-1,"epoch":"e"}}}"#,
+                ErrorCode::BadRequest,
+                None,
+            ),
+            (
+                r#"{"op":"subscribe","desks":["A"],"since":{"A":{"offset":1}}}"#,
+                ErrorCode::BadRequest,
+                None,
+            ),
+            (
                 r#"{"op":"publish","desk":"A","event":"e","ref":"c2"}"#,
                 ErrorCode::BadRequest,
                 Some("c2"),
@@ -428,7 +572,11 @@ mod tests {
         let cases = [
             (ServerFrame::Pong, json!({"op": "pong"})),
             (
-                ServerFrame::Subscribed { desks: &desks },
+                ServerFrame::Subscribed {
+                    desks: &desks,
+                    recovered: None,
+                    first_offset: None,
+                },
                 json!({"op": "subscribed", "desks": ["A"]}),
             ),
             (
@@ -497,8 +645,39 @@ mod tests {
                     id: "m2",
                     origin: Origin::Desktop,
                     data: EventData::Object(&data),
+                    offset: None,
+                    epoch: None,
+                    reply_id: None,
                 },
                 json!({"op": "event", "desk": "A", "event": "new_example", "id": "m2", "origin": "desktop", "data": {"px": 1.5}}),
+            ),
+            (
+                ServerFrame::Event {
+                    desk: "A",
+                    event: "new_example",
+                    id: "m3",
+                    origin: Origin::Web,
+                    data: EventData::Object(&data),
+                    offset: Some(42),
+                    epoch: Some("e1"),
+                    reply_id: None,
+                },
+                json!({"op": "event", "desk": "A", "event": "new_example", "id": "m3", "origin": "web", "data": {"px": 1.5}, "offset": 42, "epoch": "e1"}),
+            ),
+            (
+                ServerFrame::Subscribed {
+                    desks: &desks,
+                    recovered: Some(&[("A".to_string(), false)].into()),
+                    first_offset: Some(&[("A".to_string(), 7)].into()),
+                },
+                json!({"op": "subscribed", "desks": ["A"], "recovered": {"A": false}, "first_offset": {"A": 7}}),
+            ),
+            (
+                ServerFrame::Gap {
+                    desk: "A",
+                    dropped: 3,
+                },
+                json!({"op": "gap", "desk": "A", "dropped": 3}),
             ),
         ];
         for (frame, expected) in cases {

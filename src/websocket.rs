@@ -268,10 +268,7 @@ fn run(
     let codec = actix_http::ws::Codec::new().max_size(state.config.ws.max_frame_bytes);
     let frames = WebsocketContext::with_codec(session, reader, codec);
     let stall = Duration::from_millis(state.config.ws.client_timeout_ms);
-    eprintln!("FRAMES {}", std::mem::size_of_val(&frames));
-    let p = pump(frames, socket, stall);
-    eprintln!("PUMP {}", std::mem::size_of_val(&p));
-    p
+    pump(frames, socket, stall)
 }
 
 /// Leaves HTTP/1: the socket, and what the browser sent after its request head (its first

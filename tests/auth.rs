@@ -4,11 +4,11 @@
 
 mod common;
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use common::browser::{handshake, ws_url};
 use common::*;
-use deskbridge::config::{AuthMode, Secret};
+use deskbridge::config::AuthMode;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -18,18 +18,11 @@ use tokio_tungstenite::tungstenite::Message;
 const SECRET: &str = "test-secret-for-deskbridge";
 const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
 
-fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
+use common::bridge::unix_now as now;
 
 /// A bridge that verifies HS256 tokens signed with [`SECRET`].
 fn jwt_config(test: &str) -> deskbridge::Config {
-    let mut config = test_config(test);
-    config.auth.mode = AuthMode::Jwt;
-    config.auth.jwt.hs256_secret = Some(Secret::new(SECRET.into()));
-    config
+    common::bridge::jwt_test_config(test, SECRET)
 }
 
 /// Claims for `sub` expiring in `ttl` seconds, with these desk rights.

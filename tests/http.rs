@@ -70,7 +70,16 @@ async fn the_console_page_is_served() {
     let (status, body) = http_get(bridge.addr, "/").await;
     assert_eq!(status, 200);
     assert!(body.contains("<title>deskbridge console</title>"), "{body}");
-    assert!(body.contains("new WebSocket("), "the page opens the WebSocket");
+    assert!(
+        body.contains("/deskbridge.js"),
+        "the page is built on the browser client"
+    );
+    let (status, client) = http_get(bridge.addr, "/deskbridge.js").await;
+    assert_eq!(status, 200);
+    assert!(
+        client.contains("new WebSocket("),
+        "the client opens the WebSocket"
+    );
 }
 
 #[test]

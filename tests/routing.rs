@@ -384,14 +384,17 @@ async fn fifty_subscribers_each_get_all_two_hundred_messages() {
         .map(|seq| (key("A", "new_example"), json!({"seq": seq})))
         .collect();
     Desktop::connect().publish_many(&bridge.config.amqp.inbound_exchange, &messages);
-    let readers = browsers.into_iter().map(|mut browser| {
-        tokio::spawn(async move {
-            for seq in 0..200 {
-                assert_eq!(browser.recv().await["data"]["seq"], seq);
-            }
-            browser.assert_quiet().await;
+    let readers: Vec<_> = browsers
+        .into_iter()
+        .map(|mut browser| {
+            tokio::spawn(async move {
+                for seq in 0..200 {
+                    assert_eq!(browser.recv().await["data"]["seq"], seq);
+                }
+                browser.assert_quiet().await;
+            })
         })
-    });
+        .collect();
     for reader in readers {
         reader.await.expect("every subscriber got all 200 in order");
     }
@@ -420,13 +423,18 @@ async fn a_burst_does_not_close_browsers_that_read_it() {
     tokio::task::spawn_blocking(move || Desktop::connect().publish_many(&exchange, &messages))
         .await
         .expect("desktop publisher");
-    let readers = subscribed.into_iter().map(|mut browser| {
-        tokio::spawn(async move {
-            for seq in 0..events {
-                assert_eq!(browser.recv().await["data"]["seq"], seq);
-            }
+    // All read at once (collected: a lazy iterator would start each reader only after the
+    // one before it finished, leaving the last sockets unread for the whole run).
+    let readers: Vec<_> = subscribed
+        .into_iter()
+        .map(|mut browser| {
+            tokio::spawn(async move {
+                for seq in 0..events {
+                    assert_eq!(browser.recv().await["data"]["seq"], seq);
+                }
+            })
         })
-    });
+        .collect();
     for reader in readers {
         reader.await.expect("every browser got the whole burst, in order");
     }

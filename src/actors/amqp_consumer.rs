@@ -11,19 +11,19 @@
 use std::sync::Arc;
 
 use actix::Recipient;
-use amiquip::{Channel, Connection, ConsumerMessage, ConsumerOptions, Delivery};
-use crossbeam_channel::{select, RecvError, Sender};
+use amiquip::{Channel, Connection, ConsumerOptions, Delivery};
+use crossbeam_channel::{select, Sender};
 
-use crate::actors::messages::{DesktopEvent, Recipients, Rejection, Verdict};
+use crate::actors::messages::{DesktopEvent, Rejection, Verdict};
 use crate::actors::worker::{track_blocked, LinkWork, StopSignal};
 use crate::amqp::{self, AmqpError};
 use crate::broker_url::BrokerUrl;
-use crate::catalog::{Catalog, NameError};
+use crate::catalog::Catalog;
 use crate::config::Config;
+use crate::delivery::{decode, expired, message_id, recipients};
 use crate::link::LinkLife;
-use crate::metrics::{Link, Metrics, RejectReason};
+use crate::metrics::{Link, Metrics};
 use crate::tag_queue::{OutOfStep, TagQueue};
-use crate::transform::Data;
 
 /// How often the inbound queue is checked for other consumers: a second instance started
 /// after this one is noticed here too, not only by the newcomer.
@@ -86,7 +86,7 @@ impl LinkWork for AmqpConsumer {
         loop {
             select! {
                 recv(consumer.receiver()) -> message => {
-                    let delivery = delivered(message)?;
+                    let delivery = amqp::delivered(message)?;
                     self.deliver(&channel, delivery, &reply, &mut awaiting)?;
                 }
                 recv(verdicts) -> verdict => {
@@ -104,28 +104,6 @@ impl LinkWork for AmqpConsumer {
                 recv(stop) -> _ => return Ok(()),
             }
         }
-    }
-}
-
-/// The delivery in a consumer message, or why the link is gone. Every variant is named: only
-/// `Delivery` is data.
-fn delivered(message: Result<ConsumerMessage, RecvError>) -> Result<Delivery, AmqpError> {
-    let lost = |why: String| Err(AmqpError::Lost(why));
-    match message {
-        Ok(ConsumerMessage::Delivery(delivery)) => Ok(delivery),
-        Ok(ConsumerMessage::ServerCancelled) => {
-            lost("the broker cancelled the consumer (was the queue deleted?)".into())
-        }
-        Ok(ConsumerMessage::ServerClosedChannel(error)) => {
-            lost(format!("the broker closed the channel: {error}"))
-        }
-        Ok(ConsumerMessage::ServerClosedConnection(error)) => {
-            lost(format!("the broker closed the connection: {error}"))
-        }
-        Ok(ConsumerMessage::ClientCancelled)
-        | Ok(ConsumerMessage::ClientClosedChannel)
-        | Ok(ConsumerMessage::ClientClosedConnection) => lost("the consumer was closed locally".into()),
-        Err(_) => lost("the connection's I/O thread ended".into()),
     }
 }
 
@@ -168,22 +146,10 @@ impl AmqpConsumer {
         }
         match decode(&delivery, &self.catalog) {
             Ok((desk, event, data)) => {
-                let id = delivery
-                    .properties
-                    .message_id()
-                    .clone()
-                    .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+                let id = message_id(&delivery.properties);
                 // do_send: the prefetch already bounds what is in flight to the router. If the
                 // router has stopped (shutdown), no verdict comes and the broker keeps the delivery.
-                let headers = delivery.properties.headers().as_ref();
-                let to_session = amqp::header_str(headers, amqp::HEADER_TO_SESSION);
-                let to_user = amqp::header_str(headers, amqp::HEADER_TO_USER);
-                let to = (to_session.is_some() || to_user.is_some()).then(|| {
-                    Box::new(Recipients {
-                        session: to_session.map(str::to_owned),
-                        user: to_user.map(str::to_owned),
-                    })
-                });
+                let to = recipients(&delivery.properties, &id);
                 self.router.do_send(DesktopEvent {
                     delivery_tag: delivery.delivery_tag(),
                     desk,
@@ -252,45 +218,10 @@ fn plan<T>(
     Ok(steps)
 }
 
-/// True when the message's `timestamp` (seconds) + `expiration` (milliseconds) lies before
-/// `now_ms`: the desktop app said it is worthless by now. Without either, it never expires here.
-fn expired(properties: &amiquip::AmqpProperties, now_ms: u64) -> bool {
-    let Some(published) = properties.timestamp() else {
-        return false;
-    };
-    let Some(ttl) = properties
-        .expiration()
-        .as_deref()
-        .and_then(|ms| ms.parse::<u64>().ok())
-    else {
-        return false;
-    };
-    published.saturating_mul(1000).saturating_add(ttl) < now_ms
-}
-
-/// Routing key → (desk, event) and body → JSON object, or why not.
-fn decode(delivery: &Delivery, catalog: &Catalog) -> Result<(String, String, Data), (RejectReason, String)> {
-    let (desk, event) = catalog
-        .parse_routing_key(&delivery.routing_key)
-        .map_err(|error| {
-            let reason = match error {
-                NameError::UnknownEvent { .. } => RejectReason::UnknownEvent,
-                NameError::UnknownDesk { .. } | NameError::NoSeparator(_) => RejectReason::UnknownDesk,
-            };
-            (reason, error.to_string())
-        })?;
-    let data: Data = serde_json::from_slice(&delivery.body).map_err(|error| {
-        (
-            RejectReason::BadBody,
-            format!("body is not a JSON object: {error}"),
-        )
-    })?;
-    Ok((desk.to_owned(), event.to_owned(), data))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::metrics::RejectReason;
 
     fn verdict(tag: u64, accepted: bool) -> Verdict {
         Verdict {
@@ -313,31 +244,6 @@ mod tests {
             queue.push(tag, tag);
         }
         queue
-    }
-
-    #[test]
-    fn a_message_expires_at_its_timestamp_plus_expiration() {
-        let at = |timestamp: Option<u64>, expiration: Option<&str>| {
-            let mut properties = amiquip::AmqpProperties::default();
-            if let Some(timestamp) = timestamp {
-                properties = properties.with_timestamp(timestamp);
-            }
-            if let Some(expiration) = expiration {
-                properties = properties.with_expiration(expiration.into());
-            }
-            properties
-        };
-        let now_ms = 100_000;
-        let cases = [
-            (at(Some(90), Some("5000")), true),
-            (at(Some(90), Some("20000")), false),
-            (at(Some(90), None), false),
-            (at(None, Some("1")), false),
-            (at(Some(90), Some("soon")), false),
-        ];
-        for (properties, expired_now) in cases {
-            assert_eq!(expired(&properties, now_ms), expired_now, "{properties:?}");
-        }
     }
 
     #[test]

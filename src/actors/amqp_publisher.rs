@@ -16,11 +16,14 @@ use std::time::{Duration, Instant};
 
 use actix::Recipient;
 use amiquip::{
-    AmqpProperties, AmqpValue, Channel, Confirm, ConfirmSmoother, Connection, FieldTable, Publish, Return,
+    AmqpProperties, AmqpValue, Channel, Confirm, ConfirmSmoother, Connection, ConsumerOptions, FieldTable,
+    Publish, QueueDeleteOptions, Return,
 };
 use crossbeam_channel::{select, Receiver};
 
-use crate::actors::messages::{Confirmed, PublishJob, PublishOutcome, PublishOutcomes, PublisherHandle};
+use crate::actors::messages::{
+    Confirmed, DesktopReply, JobKind, PublishJob, PublishOutcome, PublishOutcomes, PublisherHandle,
+};
 use crate::actors::worker::{track_blocked, LinkWork, StopSignal};
 use crate::amqp::{self, AmqpError};
 use crate::broker_url::BrokerUrl;
@@ -36,8 +39,12 @@ pub struct AmqpPublisher {
     /// The handle the jobs came through, for its budget.
     handle: PublisherHandle,
     outcomes: Recipient<PublishOutcomes>,
+    /// Where answers from the reply queue go.
+    replies: Recipient<DesktopReply>,
     /// This bridge process's id, sent as `x-instance`.
     instance: String,
+    /// This instance's reply queue: `reply_to` of its requests.
+    reply_queue: String,
     /// Jobs waiting for a connection, oldest first. Kept here, not per connection, so that a
     /// lost link or a panic loses none of them.
     buffer: VecDeque<PublishJob>,
@@ -51,7 +58,7 @@ impl AmqpPublisher {
         config: Arc<Config>,
         handle: PublisherHandle,
         jobs: Receiver<PublishJob>,
-        outcomes: Recipient<PublishOutcomes>,
+        (outcomes, replies): (Recipient<PublishOutcomes>, Recipient<DesktopReply>),
         instance: String,
     ) -> Self {
         AmqpPublisher {
@@ -59,12 +66,18 @@ impl AmqpPublisher {
             jobs,
             handle,
             outcomes,
+            replies,
+            reply_queue: amqp::reply_queue_name(&instance),
             instance,
             buffer: VecDeque::new(),
             pipeline: Pipeline::default(),
         }
     }
 }
+
+/// Answers taken from the reply queue before the first is acked: enough to keep up with a
+/// responder, bounded so that a flood waits in the broker, not here.
+const REPLY_PREFETCH: u16 = 256;
 
 /// A job published on the current channel and not yet confirmed.
 #[derive(Debug)]
@@ -243,6 +256,11 @@ impl AmqpPublisher {
         let returns = channel.listen_for_returns()?;
         channel.enable_publisher_confirms()?;
         amqp::declare_outbound(&channel, &self.config.amqp)?;
+        // Answers to this instance's requests: on a channel of their own, acked once handed on.
+        let reply_channel = connection.open_channel(None)?;
+        amqp::declare_reply_queue(&reply_channel, &self.reply_queue)?;
+        reply_channel.qos(0, REPLY_PREFETCH, false)?;
+        let replies = reply_channel.basic_consume(self.reply_queue.as_str(), ConsumerOptions::default())?;
         let exchange = &self.config.amqp.outbound_exchange;
         life.up(&format!("({url}, exchange `{exchange}`)"));
 
@@ -255,8 +273,16 @@ impl AmqpPublisher {
                         self.send_buffered(&channel)?;
                     }
                     // The router is gone: nothing more will come.
-                    Err(_) => return self.drain(&confirms, &returns, Instant::now()),
+                    Err(_) => return self.stop(&reply_channel, &confirms, &returns, Instant::now()),
                 },
+                recv(replies.receiver()) -> message => {
+                    let delivery = amqp::delivered(message)?;
+                    self.replies.do_send(DesktopReply {
+                        correlation_id: delivery.properties.correlation_id().clone(),
+                        body: delivery.body.clone(),
+                    });
+                    delivery.ack(&reply_channel)?;
+                }
                 recv(confirms) -> confirm => match confirm {
                     Ok(confirm) => self.confirm(confirm, &confirms, &returns)?,
                     Err(_) => return Err(lost("the channel closed (confirm stream ended)")),
@@ -267,10 +293,32 @@ impl AmqpPublisher {
                 },
                 recv(blocked) -> notification => track_blocked(life.state(), notification)?,
                 recv(stop) -> deadline => {
-                    return self.drain(&confirms, &returns, deadline.unwrap_or_else(|_| Instant::now()));
+                    let deadline = deadline.unwrap_or_else(|_| Instant::now());
+                    return self.stop(&reply_channel, &confirms, &returns, deadline);
                 }
             }
         }
+    }
+
+    /// Shutdown: settles what is in flight, then deletes the reply queue (a stopped instance
+    /// gets no more answers; a crashed one's queue expires by itself).
+    fn stop(
+        &mut self,
+        reply_channel: &Channel,
+        confirms: &Receiver<Confirm>,
+        returns: &Receiver<Return>,
+        deadline: Instant,
+    ) -> Result<(), AmqpError> {
+        let drained = self.drain(confirms, returns, deadline);
+        if let Err(error) =
+            reply_channel.queue_delete(self.reply_queue.as_str(), QueueDeleteOptions::default())
+        {
+            log::warn!(
+                "amqp publisher: could not delete reply queue `{}`: {error}",
+                self.reply_queue
+            );
+        }
+        drained
     }
 
     /// Publishes the buffered jobs in order, each tracked until its confirm; expired ones end
@@ -294,8 +342,13 @@ impl AmqpPublisher {
     }
 
     fn publish(&self, channel: &Channel, job: &PublishJob) -> Result<(), amiquip::Error> {
+        // Requests say so: a desk stream (history) keeps browser events, not questions.
+        let origin = match job.kind {
+            JobKind::Request => amqp::ORIGIN_REQUEST,
+            JobKind::Event | JobKind::Reply { .. } => amqp::ORIGIN_WEB,
+        };
         let mut headers = FieldTable::new();
-        headers.insert(amqp::HEADER_ORIGIN.into(), AmqpValue::LongString("web".into()));
+        headers.insert(amqp::HEADER_ORIGIN.into(), AmqpValue::LongString(origin.into()));
         headers.insert(
             amqp::HEADER_SESSION.into(),
             AmqpValue::LongString(job.session.to_string()),
@@ -314,6 +367,20 @@ impl AmqpPublisher {
             .with_timestamp(amqp::unix_now())
             .with_app_id(amqp::APP_ID.into())
             .with_headers(headers);
+        let exchange = match &job.kind {
+            JobKind::Event => self.config.amqp.outbound_exchange.as_str(),
+            JobKind::Request => {
+                properties = properties
+                    .with_reply_to(self.reply_queue.clone())
+                    .with_correlation_id(job.id.clone());
+                self.config.amqp.outbound_exchange.as_str()
+            }
+            // `routing_key` is the asker's reply queue, reached through the default exchange.
+            JobKind::Reply { correlation_id } => {
+                properties = properties.with_correlation_id(correlation_id.clone());
+                ""
+            }
+        };
         if let Some(ttl) = job.ttl {
             // What is left of it: time spent in the outage buffer counts.
             let left = ttl.saturating_sub(job.enqueued.elapsed());
@@ -326,7 +393,7 @@ impl AmqpPublisher {
             immediate: false,
             properties,
         };
-        channel.basic_publish(self.config.amqp.outbound_exchange.as_str(), publish)
+        channel.basic_publish(exchange, publish)
     }
 
     /// Settles what `first` and any confirms already waiting cover, and reports them to the
@@ -399,6 +466,7 @@ mod tests {
 
     fn job(id: &str) -> PublishJob {
         PublishJob {
+            kind: JobKind::Event,
             id: id.into(),
             session: uuid::Uuid::nil(),
             user: None,

@@ -22,7 +22,10 @@ use uuid::Uuid;
 
 use crate::auth::Rights;
 use crate::config::AmqpConfig;
+pub use crate::delivery::Recipients;
+use crate::history::Start;
 use crate::metrics::{PublishFailure, RejectReason};
+use crate::protocol::Since;
 use crate::transform::Data;
 
 // ---------------------------------------------------------------------------------------------
@@ -37,12 +40,18 @@ pub enum FromSession {
     Connect(Uuid, Outbox),
     /// The session ended; safe to receive twice.
     Disconnect(Uuid),
-    /// A browser's `subscribe`.
-    Subscribe(Uuid, Vec<String>),
+    /// A browser's `subscribe`, with where to start per desk (history on).
+    Subscribe(Uuid, Vec<String>, Option<Box<BTreeMap<String, Since>>>),
+    /// A session that fell behind has room again (see [`Outbox::mark_behind`]).
+    Drained(Uuid),
     /// A browser's `unsubscribe`.
     Unsubscribe(Uuid, Vec<String>),
     /// A browser's `publish`.
     Publish(Publish),
+    /// A browser's `request`, answered within the timeout or refused.
+    Request(Publish, Duration),
+    /// A browser's `reply` to a desktop request.
+    Reply(ReplyFromWeb),
     /// The session's user and rights (its token, at sign-in and at every refresh): leave the
     /// desks they no longer allow; targeted messages find the session by this user.
     Identify(Uuid, Arc<str>, Rights),
@@ -71,6 +80,21 @@ pub struct Publish {
     pub reference: Option<String>,
 }
 
+/// A browser's answer to a desktop app's request.
+#[derive(Debug)]
+pub struct ReplyFromWeb {
+    /// Session id.
+    pub session: Uuid,
+    /// The token's `sub`, sent as `x-user`.
+    pub user: Option<Arc<str>>,
+    /// The `reply_id` the browser answers.
+    pub reply_id: String,
+    /// The answer.
+    pub data: Data,
+    /// Client's correlation id.
+    pub reference: Option<String>,
+}
+
 // ---------------------------------------------------------------------------------------------
 // router → session
 
@@ -87,8 +111,10 @@ pub enum ToSession {
 /// Why a frame could not be queued for a session.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum QueueError {
-    /// Its outbound queue (frames or bytes) is full: the browser reads too slowly.
+    /// Its outbound byte budget is used up: the browser reads too slowly.
     Full,
+    /// Its outbound frame limit (`ws.outbound_queue_frames`) is reached.
+    FrameLimit,
     /// The session has ended.
     Gone,
 }
@@ -96,6 +122,11 @@ pub enum QueueError {
 /// What one queued frame costs beyond its text (the mailbox's envelope and node), so that the
 /// byte budget bounds memory even for a flood of tiny frames.
 pub const FRAME_OVERHEAD: usize = 96;
+
+/// The bit of a session's queued-byte count that says "the router waits for room": set by
+/// [`Outbox::mark_behind`], cleared by the session (which then sends [`FromSession::Drained`])
+/// once half the budget is free. One shared word, so that idle sessions pay nothing for it.
+pub const BEHIND: usize = 1 << (usize::BITS - 1);
 
 /// The router's handle to a session: its mailbox plus the byte count queued in it.
 #[derive(Clone)]
@@ -118,14 +149,14 @@ impl Outbox {
     /// Queues a fan-out frame without waiting; `Full` means the session is too slow.
     pub fn try_frame(&self, frame: ByteString) -> Result<(), QueueError> {
         let len = frame.len() + FRAME_OVERHEAD;
-        if self.queued_bytes.fetch_add(len, Ordering::Relaxed) + len > self.max_bytes {
+        if (self.queued_bytes.fetch_add(len, Ordering::Relaxed) & !BEHIND) + len > self.max_bytes {
             self.queued_bytes.fetch_sub(len, Ordering::Relaxed);
             return Err(QueueError::Full);
         }
         self.recipient.try_send(ToSession::Frame(frame)).map_err(|error| {
             self.queued_bytes.fetch_sub(len, Ordering::Relaxed);
             match error {
-                SendError::Full(_) => QueueError::Full,
+                SendError::Full(_) => QueueError::FrameLimit,
                 SendError::Closed(_) => QueueError::Gone,
             }
         })
@@ -138,6 +169,23 @@ impl Outbox {
             .fetch_add(frame.len() + FRAME_OVERHEAD, Ordering::Relaxed);
         // A closed mailbox means the session is ending; its Disconnect is on its way.
         self.recipient.do_send(ToSession::Frame(frame));
+    }
+
+    /// Asks the session to say [`FromSession::Drained`] once half its byte budget is free.
+    /// True when that is already so: then nothing will be said, and the caller goes on now.
+    pub fn mark_behind(&self) -> bool {
+        let queued = self.queued_bytes.fetch_or(BEHIND, Ordering::AcqRel) & !BEHIND;
+        if queued <= self.max_bytes / 2 {
+            // The session may have drained before it could see the mark.
+            self.queued_bytes.fetch_and(!BEHIND, Ordering::AcqRel);
+            return true;
+        }
+        false
+    }
+
+    /// Bytes queued and not yet written.
+    pub fn queued(&self) -> usize {
+        self.queued_bytes.load(Ordering::Relaxed) & !BEHIND
     }
 
     /// Asks the session to close.
@@ -170,15 +218,6 @@ pub struct DesktopEvent {
     pub reply: Sender<Verdict>,
 }
 
-/// The browsers a targeted desktop message is for: a session, a user's sessions, or both.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct Recipients {
-    /// `x-to-session`: a session id from a `welcome`.
-    pub session: Option<String>,
-    /// `x-to-user`: a token's `sub`.
-    pub user: Option<String>,
-}
-
 /// The router's answer for one delivery.
 #[derive(Debug)]
 pub struct Verdict {
@@ -199,12 +238,139 @@ pub struct Rejection {
     pub detail: String,
 }
 
+/// An answer to a browser's request, read from this instance's reply queue.
+#[derive(Message, Debug)]
+#[rtype(result = "()")]
+pub struct DesktopReply {
+    /// Its `correlation_id`: the request's id.
+    pub correlation_id: Option<String>,
+    /// The answer, as the desktop app sent it.
+    pub body: Vec<u8>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// stream reader ⇄ router (history on)
+
+/// What the stream reader tells the router.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub enum FromStream {
+    /// Live stream items, in stream order per desk; the router answers on `done` once they
+    /// are handled, which is what lets the reader take more (a bounded number in flight).
+    Batch(Vec<StreamItem>, Sender<()>),
+    /// What a [`ReplayRequest`] read.
+    Replayed(Replayed),
+}
+
+/// One live item of a desk's stream.
+pub enum StreamItem {
+    /// An event to deliver.
+    Event(StreamEvent),
+    /// The reader is attached to a desk's stream and everything after `base` comes live.
+    Opened(DeskOpened),
+}
+
+/// A desk's stream is read live from after `base`.
+#[derive(Debug, Clone)]
+pub struct DeskOpened {
+    /// Desk name.
+    pub desk: String,
+    /// The stream's life.
+    pub epoch: Arc<str>,
+    /// Every event after this offset comes live; those up to it are in the stream.
+    pub base: u64,
+    /// The first retained offset when the stream was opened.
+    pub first_offset: Option<u64>,
+    /// The same life as before a reconnect, read on from the last offset: nothing was missed,
+    /// and what the router holds stays valid.
+    pub continued: bool,
+}
+
+/// An event read from a desk's stream.
+#[derive(Debug)]
+pub struct StreamEvent {
+    /// Desk name.
+    pub desk: String,
+    /// Event name.
+    pub event: String,
+    /// Position in the stream.
+    pub offset: u64,
+    /// AMQP message_id, or one the bridge made.
+    pub id: String,
+    /// Payload in the desktop's field names.
+    pub data: Data,
+    /// The browser session that published it (a web event), which must not get it back.
+    pub from_session: Option<Uuid>,
+    /// Only for these browsers (`x-to-session` / `x-to-user`).
+    pub to: Option<Box<Recipients>>,
+}
+
+/// Read part of a desk's stream for one session (a resume, a snapshot, or a slow reader).
+#[derive(Debug, Clone)]
+pub struct ReplayRequest {
+    /// For whom.
+    pub session: Uuid,
+    /// Desk name.
+    pub desk: String,
+    /// Where to start reading.
+    pub from: Start,
+    /// The last offset to read (one known to exist).
+    pub until: u64,
+    /// Stop after this many events (the rest is asked for again); with `keep_last`, read the
+    /// whole range and keep only the last ones.
+    pub max_events: usize,
+    /// Keep only the last this many events (a snapshot).
+    pub keep_last: Option<usize>,
+}
+
+/// The answer to a [`ReplayRequest`].
+#[derive(Debug)]
+pub struct Replayed {
+    /// The request.
+    pub request: ReplayRequest,
+    /// What was read, or why nothing could be.
+    pub result: Result<ReplayedEvents, String>,
+}
+
+/// Events a replay read.
+#[derive(Debug, Default)]
+pub struct ReplayedEvents {
+    /// Events in stream order (markers, garbage and targeted messages left out).
+    pub events: Vec<StreamEvent>,
+    /// The offset of the first message read: the start offset if it is still retained.
+    pub first_seen: Option<u64>,
+    /// The last offset read.
+    pub reached: Option<u64>,
+    /// True when `until` was reached.
+    pub complete: bool,
+}
+
+/// How the router asks the stream reader for replays.
+pub type ReplayHandle = Sender<ReplayRequest>;
+
 // ---------------------------------------------------------------------------------------------
 // router ⇄ publisher
+
+/// What a [`PublishJob`] carries, which decides where it goes and what its confirm means.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JobKind {
+    /// A `publish`: an event for the desk's desktop apps, and its other browsers once confirmed.
+    Event,
+    /// A `request`: goes out with this instance's reply queue as `reply_to` and its id as
+    /// `correlation_id`; unrouted means nobody can answer.
+    Request,
+    /// A `reply` to a desktop request: to the queue `routing_key` names (default exchange).
+    Reply {
+        /// The desktop request's `correlation_id` (or `message_id`).
+        correlation_id: String,
+    },
+}
 
 /// One browser publish on its way to RabbitMQ.
 #[derive(Debug)]
 pub struct PublishJob {
+    /// A publish, a request or a reply.
+    pub kind: JobKind,
     /// AMQP message_id; also the `id` of the browser's ack and of the web event.
     pub id: String,
     /// Publishing session.

@@ -20,4 +20,5 @@ pub mod amqp_publisher;
 pub mod messages;
 pub mod router;
 pub mod session;
+pub mod stream_reader;
 pub mod worker;

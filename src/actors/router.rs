@@ -18,10 +18,13 @@ use bytestring::ByteString;
 use serde_json::value::to_raw_value;
 use uuid::Uuid;
 
+mod history;
+mod requests;
+
 use crate::actors::messages::{
-    BeginShutdown, CloseAll, DesktopEvent, FromSession, GetStats, Outbox, Publish, PublishJob,
-    PublishOutcome, PublishOutcomes, PublisherHandle, QueueError, Recipients, Rejection, RouterStats,
-    Verdict,
+    BeginShutdown, CloseAll, DesktopEvent, DesktopReply, FromSession, FromStream, GetStats, JobKind, Outbox,
+    Publish, PublishJob, PublishOutcome, PublishOutcomes, PublisherHandle, QueueError, Recipients, Rejection,
+    ReplayHandle, RouterStats, Verdict,
 };
 use crate::auth::{Right, Rights};
 use crate::catalog::{routing_key, Catalog};
@@ -50,6 +53,10 @@ pub struct Router {
     publisher: PublisherHandle,
     metrics: Arc<Metrics>,
     shutting_down: bool,
+    /// `[history]` on: desk logs and sessions behind.
+    history: Option<history::History>,
+    /// Requests waiting for their answer, both ways.
+    requests: requests::Requests,
 }
 
 impl Router {
@@ -60,8 +67,11 @@ impl Router {
         transforms: Transforms,
         publisher: PublisherHandle,
         metrics: Arc<Metrics>,
+        replays: Option<ReplayHandle>,
     ) -> Self {
         Router {
+            history: replays.map(|replays| history::History::new(&config, catalog.desks(), replays)),
+            requests: requests::Requests::default(),
             desks: catalog
                 .desks()
                 .iter()
@@ -107,28 +117,40 @@ impl Router {
     /// Queues `frame` to every subscriber of `desk` but `except`; closes the ones too slow to
     /// take it. Returns how many got it.
     fn fan_out(&mut self, desk: &str, frame: &ByteString, except: Option<Uuid>) -> usize {
+        let (delivered, failed) = self.offer(desk, frame, except);
+        self.drop_failed(failed, desk);
+        delivered
+    }
+
+    /// Queues `frame` to every live subscriber of `desk` but `except`, never waiting: how many
+    /// took it, and the ones that could not (for the caller's slow-reader policy).
+    fn offer(
+        &self,
+        desk: &str,
+        frame: &ByteString,
+        except: Option<Uuid>,
+    ) -> (usize, Vec<(Uuid, QueueError)>) {
         let Some(subscribers) = self.desks.get(desk) else {
-            return 0;
+            return (0, Vec::new());
         };
         let mut delivered = 0;
-        let mut dropped: Vec<(Uuid, QueueError)> = Vec::new();
+        let mut failed = Vec::new();
         for (id, outbox) in subscribers {
             if Some(*id) == except {
                 continue;
             }
             match outbox.try_frame(frame.clone()) {
                 Ok(()) => delivered += 1,
-                Err(error) => dropped.push((*id, error)),
+                Err(error) => failed.push((*id, error)),
             }
         }
-        self.drop_failed(dropped, desk);
-        delivered
+        (delivered, failed)
     }
 
     /// Queues `frame` to the sessions a targeted message names (`x-to-session`, and every
     /// session of `x-to-user`), subscribed to `desk` or not; with auth, only those whose token
     /// may read `desk`. Returns how many got it.
-    fn deliver_to(&mut self, to: &Recipients, desk: &str, frame: &ByteString) -> usize {
+    fn deliver_to(&mut self, to: &Recipients, desk: &str, frame: &ByteString) -> Vec<Uuid> {
         let by_session = to.session.as_deref().and_then(|id| Uuid::parse_str(id).ok());
         let by_user = to
             .user
@@ -138,7 +160,7 @@ impl Router {
             .flatten()
             .copied();
         let chosen: HashSet<Uuid> = by_session.into_iter().chain(by_user).collect();
-        let mut delivered = 0;
+        let mut delivered = Vec::new();
         let mut dropped = Vec::new();
         for id in chosen {
             let Some(entry) = self.sessions.get(&id) else {
@@ -152,7 +174,7 @@ impl Router {
                 continue;
             }
             match entry.outbox.try_frame(frame.clone()) {
-                Ok(()) => delivered += 1,
+                Ok(()) => delivered.push(id),
                 Err(error) => dropped.push((id, error)),
             }
         }
@@ -160,10 +182,31 @@ impl Router {
         delivered
     }
 
+    /// Delivers a targeted message (`desk`, `event`, `id`) to the sessions it names; when it
+    /// is a request, they may answer it. Returns how many got it; none is counted.
+    fn deliver_targeted(
+        &mut self,
+        to: &Recipients,
+        (desk, event, id): (&str, &str, &str),
+        frame: &ByteString,
+    ) -> usize {
+        let reached = self.deliver_to(to, desk, frame);
+        if reached.is_empty() {
+            self.metrics
+                .undeliverable(desk, to.session.as_deref(), to.user.as_deref());
+            return 0;
+        }
+        let count = reached.len();
+        if let Some(reply_to) = &to.reply {
+            self.asked(id, desk, event, reply_to, reached);
+        }
+        count
+    }
+
     /// Forgets sessions a frame could not reach; those too slow to take it are closed (1013).
     fn drop_failed(&mut self, dropped: Vec<(Uuid, QueueError)>, desk: &str) {
         for (id, error) in dropped {
-            if error == QueueError::Full {
+            if matches!(error, QueueError::Full | QueueError::FrameLimit) {
                 self.metrics.session_slow(&id, desk);
                 if let Some(entry) = self.sessions.get(&id) {
                     entry
@@ -177,6 +220,9 @@ impl Router {
 
     /// Removes a session and all its subscriptions; a no-op for an unknown id.
     fn forget(&mut self, session: Uuid) {
+        if let Some(history) = self.history.as_mut() {
+            history.forget(session);
+        }
         if let Some(entry) = self.sessions.remove(&session) {
             for desk in entry.desks {
                 if let Some(subscribers) = self.desks.get_mut(&desk) {
@@ -223,6 +269,7 @@ impl Router {
         let internal =
             |e: serde_json::Error| Refusal::new(ErrorCode::Internal, format!("cannot encode data: {e}"));
         Ok(PublishJob {
+            kind: JobKind::Event,
             routing_key: routing_key(&msg.desk, &msg.event),
             id: Uuid::new_v4().to_string(),
             session: msg.session,
@@ -264,7 +311,7 @@ impl Actor for Router {
 impl Handler<FromSession> for Router {
     type Result = ();
 
-    fn handle(&mut self, msg: FromSession, _: &mut Context<Self>) {
+    fn handle(&mut self, msg: FromSession, ctx: &mut Context<Self>) {
         match msg {
             FromSession::Connect(session, outbox) => {
                 let entry = SessionEntry {
@@ -275,9 +322,18 @@ impl Handler<FromSession> for Router {
                 self.sessions.insert(session, entry);
             }
             FromSession::Disconnect(session) => self.forget(session),
-            FromSession::Subscribe(session, desks) => self.subscribe(session, desks),
+            FromSession::Subscribe(session, desks, None) => self.subscribe(session, desks),
+            FromSession::Subscribe(session, desks, Some(since)) => {
+                if let Some(refusal) = self.check_desks(&desks) {
+                    return self.refuse(session, refusal);
+                }
+                self.subscribe_since(session, desks, *since)
+            }
+            FromSession::Drained(session) => self.drained(session),
             FromSession::Unsubscribe(session, desks) => self.unsubscribe(session, desks),
             FromSession::Publish(publish) => self.publish(publish),
+            FromSession::Request(request, timeout) => self.request(request, timeout, ctx),
+            FromSession::Reply(reply) => self.web_reply(reply),
             FromSession::Identify(session, user, rights) => self.identify(session, user, rights),
         }
     }
@@ -288,17 +344,37 @@ impl Router {
         if let Some(refusal) = self.check_desks(&desks) {
             return self.refuse(session, refusal);
         }
+        for desk in &desks {
+            self.join_live(session, desk);
+        }
+        let subscribed = ServerFrame::Subscribed {
+            desks: &desks,
+            recovered: None,
+            first_offset: None,
+        };
+        self.reply(session, subscribed.to_text());
+    }
+
+    /// Adds `session` to the live subscribers of `desk` unless it is subscribed already.
+    fn join_live(&mut self, session: Uuid, desk: &str) {
         let Some(entry) = self.sessions.get_mut(&session) else {
             return;
         };
-        for desk in &desks {
-            if entry.desks.insert(desk.clone()) {
-                if let Some(subscribers) = self.desks.get_mut(desk) {
-                    subscribers.insert(session, entry.outbox.clone());
-                }
+        if entry.desks.insert(desk.to_owned()) {
+            if let Some(subscribers) = self.desks.get_mut(desk) {
+                subscribers.insert(session, entry.outbox.clone());
             }
         }
-        self.reply(session, ServerFrame::Subscribed { desks: &desks }.to_text());
+    }
+
+    /// Removes `session` from `desk`, live or behind.
+    fn leave(&mut self, session: Uuid, desk: &str) {
+        if let Some(subscribers) = self.desks.get_mut(desk) {
+            subscribers.remove(&session);
+        }
+        if let Some(history) = self.history.as_mut() {
+            history.leave(session, desk);
+        }
     }
 
     fn unsubscribe(&mut self, session: Uuid, desks: Vec<String>) {
@@ -308,12 +384,9 @@ impl Router {
         let Some(entry) = self.sessions.get_mut(&session) else {
             return;
         };
-        for desk in &desks {
-            if entry.desks.remove(desk) {
-                if let Some(subscribers) = self.desks.get_mut(desk) {
-                    subscribers.remove(&session);
-                }
-            }
+        let left: Vec<&String> = desks.iter().filter(|desk| entry.desks.remove(*desk)).collect();
+        for desk in left {
+            self.leave(session, desk);
         }
         let unsubscribed = ServerFrame::Unsubscribed {
             desks: &desks,
@@ -344,9 +417,9 @@ impl Router {
         left.sort();
         for desk in &left {
             entry.desks.remove(desk);
-            if let Some(subscribers) = self.desks.get_mut(desk) {
-                subscribers.remove(&session);
-            }
+        }
+        for desk in &left {
+            self.leave(session, desk);
         }
         let unsubscribed = ServerFrame::Unsubscribed {
             desks: &left,
@@ -358,10 +431,14 @@ impl Router {
     fn publish(&mut self, msg: Publish) {
         self.metrics.web_publish();
         let (session, reference) = (msg.session, msg.reference.clone());
-        let job = match self.prepare(msg) {
-            Ok(job) => job,
-            Err(refusal) => return self.refuse(session, Refusal { reference, ..refusal }),
-        };
+        match self.prepare(msg) {
+            Ok(job) => self.submit(job),
+            Err(refusal) => self.refuse(session, Refusal { reference, ..refusal }),
+        }
+    }
+
+    /// Hands a job to the publisher; a full outage buffer refuses it at once.
+    fn submit(&mut self, job: PublishJob) {
         if let Err(job) = self.publisher.submit(job) {
             self.metrics.publish_failed(PublishFailure::BufferFull);
             let refusal = Refusal::new(ErrorCode::BrokerUnavailable, PublishFailure::BufferFull.message());
@@ -389,18 +466,18 @@ impl Handler<DesktopEvent> for Router {
                     id: &msg.id,
                     origin: Origin::Desktop,
                     data: EventData::Object(&msg.data),
+                    offset: None,
+                    epoch: None,
+                    reply_id: msg
+                        .to
+                        .as_ref()
+                        .and_then(|to| to.reply.as_ref())
+                        .map(|_| msg.id.as_str()),
                 }
                 .to_text();
                 let receivers = match msg.to.as_deref() {
                     None => self.fan_out(&msg.desk, &frame, None),
-                    Some(to) => {
-                        let receivers = self.deliver_to(to, &msg.desk, &frame);
-                        if receivers == 0 {
-                            let (session, user) = (to.session.as_deref(), to.user.as_deref());
-                            self.metrics.undeliverable(&msg.desk, session, user);
-                        }
-                        receivers
-                    }
+                    Some(to) => self.deliver_targeted(to, (&msg.desk, &msg.event, &msg.id), &frame),
                 };
                 self.metrics.desktop_event(receivers);
                 Ok(())
@@ -434,17 +511,36 @@ impl Router {
     /// browsers (serialized only if there is one).
     fn settle(&mut self, outcome: PublishOutcome) {
         let job = outcome.job;
-        match outcome.result {
-            Ok(confirmed) => {
+        match (&job.kind, outcome.result) {
+            (JobKind::Request, Ok(confirmed)) => {
+                self.metrics.web_confirmed(confirmed.latency, confirmed.routed, 0);
+                self.request_confirmed(&job, confirmed.routed);
+            }
+            (JobKind::Request, Err(failure)) => self.request_failed(&job, failure),
+            (JobKind::Reply { .. }, Ok(confirmed)) => {
+                self.metrics.web_confirmed(confirmed.latency, confirmed.routed, 0);
                 let ack = ServerFrame::Ack {
                     reference: job.reference.as_deref(),
                     id: &job.id,
                     routed: confirmed.routed,
                 };
                 self.reply(job.session, ack.to_text());
-                let others = self.desks.get(&job.desk).map_or(0, |subscribers| {
-                    subscribers.len() - usize::from(subscribers.contains_key(&job.session))
-                });
+            }
+            (JobKind::Event, Ok(confirmed)) => {
+                let ack = ServerFrame::Ack {
+                    reference: job.reference.as_deref(),
+                    id: &job.id,
+                    routed: confirmed.routed,
+                };
+                self.reply(job.session, ack.to_text());
+                // With history, web events reach every instance's browsers through the stream.
+                let others = self
+                    .desks
+                    .get(&job.desk)
+                    .filter(|_| self.history.is_none())
+                    .map_or(0, |subscribers| {
+                        subscribers.len() - usize::from(subscribers.contains_key(&job.session))
+                    });
                 let receivers = if others == 0 {
                     0
                 } else {
@@ -454,6 +550,9 @@ impl Router {
                         id: &job.id,
                         origin: Origin::Web,
                         data: EventData::Json(job.web_data()),
+                        offset: None,
+                        epoch: None,
+                        reply_id: None,
                     }
                     .to_text();
                     self.fan_out(&job.desk, &frame, Some(job.session))
@@ -461,7 +560,7 @@ impl Router {
                 self.metrics
                     .web_confirmed(confirmed.latency, confirmed.routed, receivers);
             }
-            Err(failure) => {
+            (JobKind::Event | JobKind::Reply { .. }, Err(failure)) => {
                 self.metrics.publish_failed(failure);
                 let refusal = Refusal {
                     reference: job.reference,
@@ -482,7 +581,13 @@ impl Handler<GetStats> for Router {
             desks: self
                 .desks
                 .iter()
-                .map(|(desk, subscribers)| (desk.clone(), subscribers.len()))
+                .map(|(desk, subscribers)| {
+                    let behind = self
+                        .history
+                        .as_ref()
+                        .map_or(0, |history| history.behind_count(desk));
+                    (desk.clone(), subscribers.len() + behind)
+                })
                 .collect(),
         })
     }
@@ -506,6 +611,39 @@ impl Handler<CloseAll> for Router {
         self.sessions.clear();
         for subscribers in self.desks.values_mut() {
             subscribers.clear();
+        }
+        if let Some(history) = self.history.as_mut() {
+            history.clear();
+        }
+    }
+}
+
+impl Handler<DesktopReply> for Router {
+    type Result = ();
+
+    fn handle(&mut self, msg: DesktopReply, _: &mut Context<Self>) {
+        self.desktop_reply(msg);
+    }
+}
+
+impl Handler<FromStream> for Router {
+    type Result = ();
+
+    fn handle(&mut self, msg: FromStream, _: &mut Context<Self>) {
+        match msg {
+            FromStream::Batch(items, done) => {
+                if self.history.is_some() {
+                    self.stream_items(items);
+                }
+                // The reader is gone only when its connection dropped; it reads on from its
+                // last offset then.
+                let _ = done.send(());
+            }
+            FromStream::Replayed(replayed) => {
+                if self.history.is_some() {
+                    self.replayed(replayed);
+                }
+            }
         }
     }
 }

@@ -24,13 +24,16 @@ use actix::prelude::*;
 use actix_web_actors::ws::{self, CloseCode, CloseReason, ProtocolError};
 use uuid::Uuid;
 
-use crate::actors::messages::{FromSession, Outbox, Publish, RouterIntake, ToSession, FRAME_OVERHEAD};
+use crate::actors::messages::{
+    FromSession, Outbox, Publish, ReplyFromWeb, RouterIntake, ToSession, BEHIND, FRAME_OVERHEAD,
+};
 use crate::admission::SessionSlot;
 use crate::auth::{AuthError, Identity, Right, Verifier};
 use crate::config::Config;
 use crate::metrics::{Dropped, Metrics};
 use crate::protocol::{
     parse_client_frame, ClientFrame, ErrorCode, Refusal, ServerFrame, Token, CLOSE_UNAUTHORIZED,
+    DEFAULT_TIMEOUT, MAX_TIMEOUT,
 };
 
 /// Longest close reason RFC 6455 allows (125 bytes of payload less the 2-byte code).
@@ -239,7 +242,7 @@ impl WsSession {
     fn request(&mut self, frame: ClientFrame, ctx: &mut ws::WebsocketContext<Self>) {
         let session = self.id;
         match frame {
-            ClientFrame::Subscribe { desks } | ClientFrame::Unsubscribe { desks }
+            ClientFrame::Subscribe { desks, .. } | ClientFrame::Unsubscribe { desks }
                 if desks.len() > self.env.config.ws.max_desks_per_subscribe =>
             {
                 let message = format!(
@@ -248,10 +251,10 @@ impl WsSession {
                 );
                 self.refuse(ctx, Refusal::new(ErrorCode::BadRequest, message));
             }
-            ClientFrame::Subscribe { desks } => match self.allowed(&desks, Right::Subscribe) {
+            ClientFrame::Subscribe { desks, since } => match self.allowed(&desks, Right::Subscribe) {
                 // All or nothing: one forbidden desk refuses the whole request.
                 Err(refusal) => self.refuse(ctx, refusal),
-                Ok(()) => self.ask_router(FromSession::Subscribe(session, desks), ctx),
+                Ok(()) => self.ask_router(FromSession::Subscribe(session, desks, since.map(Box::new)), ctx),
             },
             ClientFrame::Unsubscribe { desks } => {
                 self.ask_router(FromSession::Unsubscribe(session, desks), ctx)
@@ -262,23 +265,72 @@ impl WsSession {
                 data,
                 reference,
                 ttl_ms,
+            } => match self.outgoing(desk, event, data, reference, ttl_ms) {
+                Ok(publish) => self.ask_router(FromSession::Publish(publish), ctx),
+                Err(refusal) => self.refuse(ctx, refusal),
+            },
+            ClientFrame::Request {
+                desk,
+                event,
+                data,
+                reference,
+                timeout_ms,
+                ttl_ms,
             } => {
-                if let Err(refusal) = self.allowed(std::slice::from_ref(&desk), Right::Publish) {
+                let timeout = timeout_ms.map_or(DEFAULT_TIMEOUT, Duration::from_millis);
+                if timeout.is_zero() || timeout > MAX_TIMEOUT {
+                    let message = format!(
+                        "`timeout_ms` must be between 1 and {} (default {})",
+                        MAX_TIMEOUT.as_millis(),
+                        DEFAULT_TIMEOUT.as_millis()
+                    );
+                    let refusal = Refusal::new(ErrorCode::BadRequest, message);
                     return self.refuse(ctx, Refusal { reference, ..refusal });
                 }
-                let publish = Publish {
+                match self.outgoing(desk, event, data, reference, ttl_ms) {
+                    Ok(request) => self.ask_router(FromSession::Request(request, timeout), ctx),
+                    Err(refusal) => self.refuse(ctx, refusal),
+                }
+            }
+            ClientFrame::Reply {
+                reply_id,
+                data,
+                reference,
+            } => {
+                let reply = ReplyFromWeb {
                     session,
-                    ttl: ttl_ms.map(Duration::from_millis),
                     user: self.user(),
-                    desk,
-                    event,
+                    reply_id,
                     data,
                     reference,
                 };
-                self.ask_router(FromSession::Publish(publish), ctx);
+                self.ask_router(FromSession::Reply(reply), ctx);
             }
             ClientFrame::Ping | ClientFrame::Auth { .. } | ClientFrame::Refresh { .. } => {}
         }
+    }
+
+    /// A `publish` or `request` for the router, if the token may publish on `desk`.
+    fn outgoing(
+        &self,
+        desk: String,
+        event: String,
+        data: crate::transform::Data,
+        reference: Option<String>,
+        ttl_ms: Option<u64>,
+    ) -> Result<Publish, Refusal> {
+        if let Err(refusal) = self.allowed(std::slice::from_ref(&desk), Right::Publish) {
+            return Err(Refusal { reference, ..refusal });
+        }
+        Ok(Publish {
+            session: self.id,
+            ttl: ttl_ms.map(Duration::from_millis),
+            user: self.user(),
+            desk,
+            event,
+            data,
+            reference,
+        })
     }
 
     /// `forbidden` for the first desk the token does not grant `right` on.
@@ -497,6 +549,22 @@ impl WsSession {
     }
 }
 
+impl WsSession {
+    /// A queued frame of `len` bytes is on its way out; a router waiting for room (the
+    /// session fell behind on a desk) is told once half the budget is free.
+    fn written(&self, len: usize) {
+        let before = self.queued_bytes.fetch_sub(len, Ordering::AcqRel);
+        if before & BEHIND == 0
+            || (before & !BEHIND).saturating_sub(len) > self.env.config.ws.outbound_queue_bytes / 2
+        {
+            return;
+        }
+        if self.queued_bytes.fetch_and(!BEHIND, Ordering::AcqRel) & BEHIND != 0 {
+            self.env.router.do_send(FromSession::Drained(self.id));
+        }
+    }
+}
+
 fn unauthenticated() -> Refusal {
     Refusal::new(
         ErrorCode::Unauthenticated,
@@ -565,8 +633,7 @@ impl Handler<ToSession> for WsSession {
     fn handle(&mut self, msg: ToSession, ctx: &mut Self::Context) {
         match msg {
             ToSession::Frame(frame) => {
-                self.queued_bytes
-                    .fetch_sub(frame.len() + FRAME_OVERHEAD, Ordering::Relaxed);
+                self.written(frame.len() + FRAME_OVERHEAD);
                 if self.still_valid(ctx) {
                     ctx.text(frame);
                 }

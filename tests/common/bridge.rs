@@ -30,6 +30,27 @@ pub fn test_config(test: &str) -> Config {
     config
 }
 
+/// [`test_config`] for a bridge that verifies HS256 tokens signed with `secret`.
+pub fn jwt_test_config(test: &str, secret: &str) -> Config {
+    let mut config = test_config(test);
+    config.auth.mode = deskbridge::config::AuthMode::Jwt;
+    config.auth.jwt.hs256_secret = Some(deskbridge::config::Secret::new(secret.into()));
+    config
+}
+
+/// An HS256 token over `claims`, as a token service signs it.
+pub fn hs256_token(secret: &str, claims: &Value) -> String {
+    let key = jsonwebtoken::EncodingKey::from_secret(secret.as_bytes());
+    jsonwebtoken::encode(&jsonwebtoken::Header::default(), claims, &key).expect("sign test token")
+}
+
+/// Seconds since the Unix epoch, for `exp` claims.
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
 /// A bridge running on its own thread and actix system, as in production.
 pub struct TestBridge {
     pub addr: SocketAddr,

@@ -77,6 +77,8 @@ impl Desktop {
 
 /// A desktop app listening on an exchange: an exclusive queue consumed on its own thread.
 pub struct Listener {
+    /// The queue's name (broker-named unless `existing`): a desktop app's `reply_to`.
+    pub queue: String,
     deliveries: crossbeam_channel::Receiver<Delivery>,
     stop: Option<crossbeam_channel::Sender<()>>,
     thread: Option<JoinHandle<()>>,
@@ -119,7 +121,7 @@ impl Listener {
                 }
             };
             let consumer = consume_unacked(&queue);
-            ready_tx.send(()).expect("test waits");
+            ready_tx.send(queue.name().to_string()).expect("test waits");
             loop {
                 crossbeam_channel::select! {
                     recv(consumer.receiver()) -> message => match message {
@@ -131,10 +133,11 @@ impl Listener {
             }
             let _ = connection.close();
         });
-        ready_rx
+        let queue = ready_rx
             .recv_timeout(DEADLINE)
             .expect("listener starts consuming");
         Listener {
+            queue,
             deliveries,
             stop: Some(stop),
             thread: Some(thread),
@@ -154,6 +157,71 @@ impl Listener {
 }
 
 impl Drop for Listener {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// A desktop service answering requests: each delivery on `keys` of `exchange` that has a
+/// `reply_to` is answered there with `answer(request)` and the request's `correlation_id`,
+/// as a responder written with amiquip would.
+pub struct Responder {
+    stop: Option<crossbeam_channel::Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Responder {
+    pub fn start(
+        exchange: &str,
+        keys: &[&str],
+        answer: impl Fn(&Delivery) -> Vec<u8> + Send + 'static,
+    ) -> Responder {
+        let (ready_tx, ready_rx) = crossbeam_channel::bounded(1);
+        let (stop, stop_rx) = crossbeam_channel::bounded::<()>(1);
+        let exchange = exchange.to_string();
+        let keys: Vec<String> = keys.iter().map(|k| k.to_string()).collect();
+        let thread = std::thread::spawn(move || {
+            let mut connection = broker();
+            let channel = connection.open_channel(None).expect("channel");
+            let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+            let queue = private_queue(&channel, &exchange, &keys);
+            let consumer = consume_unacked(&queue);
+            ready_tx.send(()).expect("test waits");
+            loop {
+                crossbeam_channel::select! {
+                    recv(consumer.receiver()) -> message => match message {
+                        Ok(ConsumerMessage::Delivery(request)) => {
+                            let Some(reply_to) = request.properties.reply_to().clone() else { continue };
+                            let mut properties = AmqpProperties::default();
+                            if let Some(id) = request.properties.correlation_id() {
+                                properties = properties.with_correlation_id(id.clone());
+                            }
+                            let body = answer(&request);
+                            channel
+                                .basic_publish("", Publish::with_properties(&body, reply_to, properties))
+                                .expect("reply");
+                        }
+                        _ => break,
+                    },
+                    recv(stop_rx) -> _ => break,
+                }
+            }
+            let _ = connection.close();
+        });
+        ready_rx
+            .recv_timeout(DEADLINE)
+            .expect("responder starts consuming");
+        Responder {
+            stop: Some(stop),
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Responder {
     fn drop(&mut self) {
         drop(self.stop.take());
         if let Some(thread) = self.thread.take() {

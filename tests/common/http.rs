@@ -22,7 +22,15 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
 /// Sends `request` as is and reads the answer until the server closes: (status, body); fails
 /// the test when the bridge does not answer.
 pub async fn http_request(addr: SocketAddr, request: &str) -> (u16, String) {
-    exchange(addr, request)
+    let (status, _, body) = exchange(addr, request)
+        .await
+        .unwrap_or_else(|error| panic!("{error}"));
+    (status, body)
+}
+
+/// A GET that also returns the answer's header lines: (status, head, body).
+pub async fn http_get_with_head(addr: SocketAddr, path: &str) -> (u16, String, String) {
+    exchange(addr, &get(addr, path))
         .await
         .unwrap_or_else(|error| panic!("{error}"))
 }
@@ -30,11 +38,12 @@ pub async fn http_request(addr: SocketAddr, request: &str) -> (u16, String) {
 /// A GET that tolerates a bridge that is not (yet, or any more) answering: `None` when the
 /// connection fails or the answer is not HTTP.
 pub async fn try_http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
-    exchange(addr, &get(addr, path)).await.ok()
+    let (status, _, body) = exchange(addr, &get(addr, path)).await.ok()?;
+    Some((status, body))
 }
 
-/// One request and its answer: (status, body), or what went wrong.
-async fn exchange(addr: SocketAddr, request: &str) -> Result<(u16, String), String> {
+/// One request and its answer: (status, head, body), or what went wrong.
+async fn exchange(addr: SocketAddr, request: &str) -> Result<(u16, String, String), String> {
     let mut stream = TcpStream::connect(addr)
         .await
         .map_err(|error| format!("connect to bridge at {addr}: {error}"))?;
@@ -53,7 +62,7 @@ async fn exchange(addr: SocketAddr, request: &str) -> Result<(u16, String), Stri
         .nth(1)
         .and_then(|code| code.parse().ok())
         .ok_or_else(|| format!("not an HTTP response: {head}"))?;
-    Ok((status, body.to_string()))
+    Ok((status, head.to_string(), body.to_string()))
 }
 
 /// Waits until the bridge at `addr` answers `/health` with `status`, polling every 20 ms;

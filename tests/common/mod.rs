@@ -11,7 +11,8 @@
 //! - `http`: minimal HTTP/1.0 requests and waiting for `/health`;
 //! - `browser`: `Browser`, a WebSocket client of `/ws`;
 //! - `desktop`: `Desktop` (publishes) and `Listener` (consumes), the desktop app's side;
-//! - `private_broker`: `PrivateBroker`, a RabbitMQ node of the test's own (TLS, free ports).
+//! - `private_broker`: `PrivateBroker`, a RabbitMQ node of the test's own (TLS, free ports);
+//! - `webdriver`: `Chrome`, headless Chromium driven over WebDriver (the console, the browser client).
 #![allow(dead_code)]
 
 pub mod amqp;
@@ -21,6 +22,7 @@ pub mod desktop;
 pub mod http;
 pub mod private_broker;
 pub mod process;
+pub mod webdriver;
 
 use std::future::Future;
 use std::time::{Duration, Instant};
@@ -34,6 +36,7 @@ pub use self::{
     desktop::{Desktop, Listener},
     http::{http_get, http_request, try_http_get},
     process::BridgeProcess,
+    webdriver::Chrome,
 };
 
 /// How long any single condition may take before a test fails.

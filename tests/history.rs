@@ -1,0 +1,493 @@
+//! History on RabbitMQ streams (`[history]`), against the real broker with real WebSocket
+//! clients: many instances, resume, snapshots, epochs, slow readers, garbage in a stream.
+
+mod common;
+
+use std::time::Duration;
+
+use deskbridge::config::{Config, DeskPolicy, SlowPolicy};
+use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::Message;
+
+use common::amqp::delete_quietly;
+use common::browser::{small_receive_buffer, ws_url};
+use common::{key, unique, Browser, Desktop, Listener, TestBridge};
+
+/// A history-mode config with its own exchanges and stream prefix.
+fn history_config(test: &str) -> Config {
+    let mut config = common::bridge::test_config(test);
+    config.history.enabled = true;
+    config.history.stream_prefix = unique(&format!("dbt.{test}.h"));
+    config
+}
+
+/// Deletes the streams and exchanges of `config` (the bridges must be stopped first).
+fn clean_up(config: &Config) {
+    let streams: Vec<String> = config
+        .desks
+        .iter()
+        .map(|desk| format!("{}.{desk}", config.history.stream_prefix))
+        .collect();
+    let webs: Vec<String> = streams.iter().map(|stream| format!("{stream}.web")).collect();
+    let streams: Vec<&str> = streams.iter().map(String::as_str).collect();
+    let mut exchanges = vec![
+        config.amqp.inbound_exchange.as_str(),
+        config.amqp.outbound_exchange.as_str(),
+    ];
+    exchanges.extend(webs.iter().map(String::as_str));
+    delete_quietly(&streams, &exchanges);
+}
+
+/// A bridge that is up and attached to every desk stream (a `since` is served).
+async fn ready_bridge(config: Config) -> TestBridge {
+    let bridge = TestBridge::start_healthy(config).await;
+    // Attached once a resume is answered (before, it is `broker_unavailable`).
+    let mut probe = Browser::connect(&bridge).await;
+    let started = std::time::Instant::now();
+    loop {
+        probe
+            .send(json!({"op": "subscribe", "desks": ["A", "B"], "since": {"A": {"last": 0}, "B": {"last": 0}}}))
+            .await;
+        let reply = probe.recv().await;
+        if reply["op"] == "subscribed" {
+            break;
+        }
+        assert_eq!(reply["code"], "broker_unavailable", "{reply}");
+        assert!(
+            started.elapsed() < common::DEADLINE,
+            "desk streams never attached: {reply}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    bridge
+}
+
+/// Publishes `count` desktop events `e0..` on desk A with `{"n": i}`.
+fn publish_desktop(config: &Config, from: usize, count: usize) {
+    let messages: Vec<(String, Value)> = (from..from + count)
+        .map(|n| (key("A", "new_example"), json!({"n": n})))
+        .collect();
+    Desktop::connect().publish_many(&config.amqp.inbound_exchange, &messages);
+}
+
+/// The next `count` frames, each an event of desk A; returns (n, offset) pairs.
+async fn events(browser: &mut Browser, count: usize) -> Vec<(u64, u64)> {
+    let mut got = Vec::with_capacity(count);
+    for _ in 0..count {
+        let frame = browser.recv().await;
+        assert_eq!(frame["op"], "event", "expected an event, got {frame}");
+        let n = frame["data"]["n"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no data.n in {frame}"));
+        let offset = frame["offset"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no offset in {frame}"));
+        assert!(frame["epoch"].is_string(), "no epoch in {frame}");
+        got.push((n, offset));
+    }
+    got
+}
+
+/// Reads events until the one with `data.n == n` (a subscriber that joined mid-burst).
+async fn wait_for_n(browser: &mut Browser, n: u64) {
+    while browser.recv().await["data"]["n"] != n {}
+}
+
+fn numbers(events: &[(u64, u64)]) -> Vec<u64> {
+    events.iter().map(|(n, _)| *n).collect()
+}
+
+#[actix_web::test]
+async fn two_instances_deliver_every_event_once_with_the_same_offsets_and_web_events_cross() {
+    let config = history_config("two");
+    let first = ready_bridge(config.clone()).await;
+    let second = ready_bridge(config.clone()).await;
+    let mut one = Browser::connect(&first).await;
+    let mut two = Browser::connect(&second).await;
+    one.subscribe(&["A"]).await;
+    two.subscribe(&["A"]).await;
+
+    publish_desktop(&config, 0, 100);
+    let on_one = events(&mut one, 100).await;
+    let on_two = events(&mut two, 100).await;
+    assert_eq!(
+        numbers(&on_one),
+        (0..100).collect::<Vec<_>>(),
+        "every event, in order, once"
+    );
+    assert_eq!(
+        on_one, on_two,
+        "both instances deliver the same events at the same offsets"
+    );
+
+    // A web event through instance 1 reaches instance 2's browser once; its publisher gets
+    // the ack and not the event.
+    let ack = one.publish("A", "update_example", json!({"n": 1000}), "r1").await;
+    assert_eq!(ack["op"], "ack", "{ack}");
+    let event = two.recv().await;
+    assert_eq!(event["origin"], "web", "{event}");
+    assert_eq!(event["id"], ack["id"]);
+    assert_eq!(event["data"]["n"], 1000);
+    one.assert_quiet().await;
+    two.assert_quiet().await;
+
+    drop((one, two));
+    first.shut_down().await;
+    second.shut_down().await;
+    clean_up(&config);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_stay_out_of_history_and_desktop_requests_reach_the_other_instance() {
+    let config = history_config("requests");
+    let first = ready_bridge(config.clone()).await;
+    let second = ready_bridge(config.clone()).await;
+    let mut watcher = Browser::connect(&first).await;
+    watcher.subscribe(&["A"]).await;
+    let mut asker = Browser::connect(&second).await;
+
+    // The desk stream is bound to the outbound exchange, yet a request nobody listens for is
+    // still returned: requests do not go into the history.
+    asker
+        .send(json!({"op": "request", "desk": "A", "event": "update_example", "data": {}, "ref": "q1"}))
+        .await;
+    let error = asker.recv().await;
+    assert_eq!(
+        (error["code"].as_str(), error["ref"].as_str()),
+        (Some("no_responder"), Some("q1")),
+        "{error}"
+    );
+    let outbound = config.amqp.outbound_exchange.clone();
+    let _pricing =
+        common::desktop::Responder::start(&outbound, &["A_update_example"], |request| request.body.clone());
+    asker
+        .send(
+            json!({"op": "request", "desk": "A", "event": "update_example", "data": {"px": 7}, "ref": "q2"}),
+        )
+        .await;
+    let reply = asker.recv().await;
+    assert_eq!(
+        (reply["op"].as_str(), reply["data"].clone()),
+        (Some("reply"), json!({"px": 7})),
+        "{reply}"
+    );
+    watcher.assert_quiet().await; // no request reached the desk's subscribers as an event
+
+    // A desktop request to a session of the second instance, read from the stream by both.
+    let answers = Listener::bind(&outbound, &[]);
+    let mut headers = amiquip::FieldTable::new();
+    headers.insert(
+        "x-to-session".into(),
+        amiquip::AmqpValue::LongString(asker.session.clone()),
+    );
+    let ask = amiquip::AmqpProperties::default()
+        .with_headers(headers)
+        .with_reply_to(answers.queue.clone())
+        .with_correlation_id("c-9".into());
+    Desktop::connect().publish_with(&config.amqp.inbound_exchange, "A_new_example", br#"{"q":9}"#, ask);
+    let event = asker.recv().await;
+    let reply_id = event["reply_id"].as_str().expect("reply_id").to_owned();
+    asker
+        .send(json!({"op": "reply", "reply_id": reply_id, "data": {"yes": true}, "ref": "a9"}))
+        .await;
+    assert_eq!(asker.recv().await["op"], "ack");
+    let answer = answers.next();
+    assert_eq!(answer.properties.correlation_id().as_deref(), Some("c-9"));
+    assert_eq!(
+        serde_json::from_slice::<Value>(&answer.body).ok(),
+        Some(json!({"yes": true}))
+    );
+    watcher.assert_quiet().await;
+
+    drop((watcher, asker, answers));
+    first.shut_down().await;
+    second.shut_down().await;
+    clean_up(&config);
+}
+
+#[actix_web::test]
+async fn a_browser_resumes_with_since_and_gets_exactly_what_it_missed_then_live() {
+    let config = history_config("resume");
+    let bridge = ready_bridge(config.clone()).await;
+    let mut browser = Browser::connect(&bridge).await;
+    browser.subscribe(&["A"]).await;
+    publish_desktop(&config, 0, 10);
+    let seen = events(&mut browser, 10).await;
+    let epoch = {
+        publish_desktop(&config, 10, 1);
+        let frame = browser.recv().await;
+        frame["epoch"].as_str().expect("epoch").to_owned()
+    };
+    drop(browser);
+
+    publish_desktop(&config, 11, 25);
+    let last = seen[9].1;
+    let mut back = Browser::connect(&bridge).await;
+    back.send(json!({"op": "subscribe", "desks": ["A"], "since": {"A": {"offset": last, "epoch": epoch}}}))
+        .await;
+    assert_eq!(
+        back.recv().await,
+        json!({"op": "subscribed", "desks": ["A"], "recovered": {"A": true}})
+    );
+    let missed = events(&mut back, 26).await;
+    assert_eq!(
+        numbers(&missed),
+        (10..36).collect::<Vec<_>>(),
+        "no gap, no duplicate"
+    );
+    publish_desktop(&config, 36, 1);
+    assert_eq!(numbers(&events(&mut back, 1).await), [36], "then live");
+    back.assert_quiet().await;
+
+    drop(back);
+    bridge.shut_down().await;
+    clean_up(&config);
+}
+
+#[actix_web::test]
+async fn a_resume_older_than_memory_is_read_from_the_stream_on_another_instance() {
+    let mut config = history_config("fromstream");
+    // Room for a handful of events only: the rest must come from the stream.
+    config.history.memory_bytes = 2_000;
+    config.history.replay_batch = 7;
+    let first = ready_bridge(config.clone()).await;
+    let mut browser = Browser::connect(&first).await;
+    browser.subscribe(&["A"]).await;
+    publish_desktop(&config, 0, 5);
+    let seen = events(&mut browser, 5).await;
+    let epoch = {
+        publish_desktop(&config, 5, 1);
+        browser.recv().await["epoch"].as_str().expect("epoch").to_owned()
+    };
+    drop(browser);
+    // Kept (stopped) to the end: dropping it would delete the exchanges.
+    let (first, _) = first.shut_down().await;
+
+    publish_desktop(&config, 6, 60);
+    let second = ready_bridge(config.clone()).await;
+    let mut back = Browser::connect(&second).await;
+    let last = seen[4].1;
+    back.send(json!({"op": "subscribe", "desks": ["A"], "since": {"A": {"offset": last, "epoch": epoch}}}))
+        .await;
+    assert_eq!(
+        back.recv().await,
+        json!({"op": "subscribed", "desks": ["A"], "recovered": {"A": true}})
+    );
+    let missed = events(&mut back, 61).await;
+    assert_eq!(numbers(&missed), (5..66).collect::<Vec<_>>());
+    publish_desktop(&config, 66, 1);
+    assert_eq!(numbers(&events(&mut back, 1).await), [66]);
+    second
+        .wait_metric_at_least("deskbridge_history_replayed_total", 1)
+        .await;
+
+    drop(back);
+    second.shut_down().await;
+    drop(first);
+    clean_up(&config);
+}
+
+#[actix_web::test]
+async fn another_epoch_is_not_recovered_and_delivery_starts_at_the_first_retained_event() {
+    let config = history_config("epoch");
+    let bridge = ready_bridge(config.clone()).await;
+    publish_desktop(&config, 0, 4);
+    let mut browser = Browser::connect(&bridge).await;
+    browser
+        .send(json!({"op": "subscribe", "desks": ["A"], "since": {"A": {"offset": 2, "epoch": "another-life"}}}))
+        .await;
+    let reply = browser.recv().await;
+    assert_eq!(reply["recovered"], json!({"A": false}), "{reply}");
+    let first = reply["first_offset"]["A"].as_u64().expect("first_offset");
+    let all = events(&mut browser, 4).await;
+    assert_eq!(numbers(&all), [0, 1, 2, 3], "everything retained, from the start");
+    assert!(
+        all[0].1 > first,
+        "the first retained message is the stream's genesis marker"
+    );
+
+    drop(browser);
+    bridge.shut_down().await;
+    clean_up(&config);
+}
+
+#[actix_web::test]
+async fn a_snapshot_delivers_the_last_k_events_then_live() {
+    let mut config = history_config("snapshot");
+    config.history.memory_bytes = 1_500;
+    let bridge = ready_bridge(config.clone()).await;
+    publish_desktop(&config, 0, 30);
+    // Wait until the bridge has read them all: a live subscriber sees the last one.
+    let mut watcher = Browser::connect(&bridge).await;
+    watcher.subscribe(&["A"]).await;
+    publish_desktop(&config, 30, 1);
+    wait_for_n(&mut watcher, 30).await;
+
+    for k in [3, 20] {
+        let mut browser = Browser::connect(&bridge).await;
+        browser
+            .send(json!({"op": "subscribe", "desks": ["A"], "since": {"A": {"last": k}}}))
+            .await;
+        assert_eq!(browser.recv().await, json!({"op": "subscribed", "desks": ["A"]}));
+        let got = events(&mut browser, k).await;
+        let expected: Vec<u64> = (31 - k as u64..31).collect();
+        assert_eq!(
+            numbers(&got),
+            expected,
+            "the last {k} (memory holds fewer for k = 20)"
+        );
+        browser.assert_quiet().await;
+    }
+
+    drop(watcher);
+    bridge.shut_down().await;
+    clean_up(&config);
+}
+
+/// A browser whose socket takes nothing: its tiny receive buffer fills and the bridge's
+/// outbound queue for it with it.
+async fn stalled_browser(bridge: &TestBridge) -> Browser {
+    let stream = small_receive_buffer(bridge.addr).await;
+    Browser::over(stream, &ws_url(bridge.addr)).await
+}
+
+#[actix_web::test]
+async fn a_catch_up_reader_that_stops_reading_ends_up_with_every_event_and_is_not_closed() {
+    let mut config = history_config("catchup");
+    config.ws.outbound_queue_bytes = 16 * 1024;
+    config.history.memory_bytes = 64 * 1024;
+    let bridge = ready_bridge(config.clone()).await;
+    let mut slow = stalled_browser(&bridge).await;
+    slow.subscribe(&["A"]).await;
+    let padding = "x".repeat(200);
+    let messages: Vec<(String, Value)> = (0..3000)
+        .map(|n| (key("A", "new_example"), json!({"n": n, "pad": padding})))
+        .collect();
+    Desktop::connect().publish_many(&config.amqp.inbound_exchange, &messages);
+    // The bridge has read them all once a fresh live subscriber gets a later one.
+    let mut live = Browser::connect(&bridge).await;
+    live.subscribe(&["A"]).await;
+    publish_desktop(&config, 3000, 1);
+    wait_for_n(&mut live, 3000).await;
+
+    let got = events(&mut slow, 3001).await;
+    assert_eq!(
+        numbers(&got),
+        (0..3001).collect::<Vec<_>>(),
+        "every event, in order, once"
+    );
+    slow.assert_quiet().await;
+    bridge
+        .wait_metric("deskbridge_sessions_slow_closed_total 0")
+        .await;
+
+    drop((slow, live));
+    bridge.shut_down().await;
+    clean_up(&config);
+}
+
+#[actix_web::test]
+async fn a_latest_reader_gets_the_newest_value_per_key_and_one_gap() {
+    let mut config = history_config("latest");
+    config.ws.outbound_queue_bytes = 16 * 1024;
+    config.desk_policy = vec![DeskPolicy {
+        desk: "A".into(),
+        slow: SlowPolicy::Latest,
+        conflate_key: Some("sym".into()),
+    }];
+    let bridge = ready_bridge(config.clone()).await;
+    let mut slow = stalled_browser(&bridge).await;
+    slow.subscribe(&["A"]).await;
+    let padding = "x".repeat(200);
+    let symbols = ["EUR", "USD", "JPY", "GBP", "CHF"];
+    let messages: Vec<(String, Value)> = (0..3000)
+        .map(|n| {
+            let sym = symbols[n % symbols.len()];
+            (
+                key("A", "new_example"),
+                json!({"n": n, "sym": sym, "pad": padding}),
+            )
+        })
+        .collect();
+    Desktop::connect().publish_many(&config.amqp.inbound_exchange, &messages);
+    let mut live = Browser::connect(&bridge).await;
+    live.subscribe(&["A"]).await;
+    let marker = json!({"n": 3000, "sym": "EUR"});
+    Desktop::connect().publish_json(&config.amqp.inbound_exchange, &key("A", "new_example"), &marker);
+    wait_for_n(&mut live, 3000).await;
+
+    // Read everything now: events in order, and gaps (one each time it caught up) whose
+    // counts add up to what it did not get.
+    let (mut seen, mut dropped, mut gaps) = (Vec::new(), 0, 0);
+    while !(seen.last() == Some(&3000) && seen.len() as u64 + dropped == 3001) {
+        let frame = slow.recv().await;
+        match frame["op"].as_str() {
+            Some("event") => seen.push(frame["data"]["n"].as_u64().expect("n")),
+            Some("gap") => {
+                assert_eq!(frame["desk"], "A");
+                dropped += frame["dropped"].as_u64().expect("dropped");
+                gaps += 1;
+            }
+            _ => panic!("unexpected frame {frame}"),
+        }
+    }
+    assert!(seen.windows(2).all(|pair| pair[0] < pair[1]), "in order");
+    assert!(
+        gaps > 0 && dropped > 0,
+        "the reader fell behind, so values were dropped"
+    );
+    let newest: Vec<u64> = seen.iter().rev().take(5).copied().collect();
+    assert!(
+        newest.contains(&3000) && newest.contains(&2999),
+        "the newest values arrive: {newest:?}"
+    );
+    slow.assert_quiet().await;
+
+    drop((slow, live));
+    bridge.shut_down().await;
+    clean_up(&config);
+}
+
+#[actix_web::test]
+async fn a_stream_message_that_is_garbage_is_skipped_counted_and_the_desk_goes_on() {
+    let config = history_config("garbage");
+    let bridge = ready_bridge(config.clone()).await;
+    let mut browser = Browser::connect(&bridge).await;
+    browser.subscribe(&["A"]).await;
+    let mut desktop = Desktop::connect();
+    let routing_key = key("A", "new_example");
+    desktop.publish_with(
+        &config.amqp.inbound_exchange,
+        &routing_key,
+        b"not json",
+        Default::default(),
+    );
+    publish_desktop(&config, 1, 1);
+    assert_eq!(numbers(&events(&mut browser, 1).await), [1]);
+    bridge
+        .wait_metric("deskbridge_history_skipped_total{reason=\"bad_body\"} 1")
+        .await;
+
+    drop(browser);
+    bridge.shut_down().await;
+    clean_up(&config);
+}
+
+#[actix_web::test]
+async fn since_without_history_is_a_clear_error() {
+    let config = common::bridge::test_config("nohistory");
+    let bridge = TestBridge::start_healthy(config.clone()).await;
+    let mut browser = Browser::connect(&bridge).await;
+    browser
+        .send(json!({"op": "subscribe", "desks": ["A"], "since": {"A": {"last": 5}}}))
+        .await;
+    let reply = browser.recv().await;
+    assert_eq!(reply["code"], "bad_request", "{reply}");
+    assert!(reply["message"]
+        .as_str()
+        .unwrap_or_default()
+        .contains("history.enabled"));
+    browser.send_raw(Message::Close(None)).await;
+    bridge.shut_down().await;
+    common::amqp::delete_topology(&config);
+}
