@@ -276,10 +276,10 @@ impl AmqpPublisher {
                     Err(_) => return self.stop(&reply_channel, &confirms, &returns, Instant::now()),
                 },
                 recv(replies.receiver()) -> message => {
-                    let delivery = amqp::delivered(message)?;
+                    let mut delivery = amqp::delivered(message)?;
                     self.replies.do_send(DesktopReply {
                         correlation_id: delivery.properties.correlation_id().clone(),
-                        body: delivery.body.clone(),
+                        body: std::mem::take(&mut delivery.body),
                     });
                     delivery.ack(&reply_channel)?;
                 }

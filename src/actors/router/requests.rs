@@ -189,12 +189,17 @@ impl Router {
     /// A browser's `reply`: published to the asker's `reply_to`, for the first answer only.
     pub(super) fn web_reply(&mut self, msg: ReplyFromWeb) {
         self.requests.expire_asks(Instant::now(), &self.metrics);
-        let known = self
-            .requests
-            .asks
+        let asks = &mut self.requests.asks;
+        let may_answer = asks
             .get(&msg.reply_id)
             .is_some_and(|ask| ask.sessions.contains(&msg.session));
-        let Some(ask) = known.then(|| self.requests.asks.remove(&msg.reply_id)).flatten() else {
+        // Only a session it reached takes it off the list; anyone else leaves it open.
+        let answered = if may_answer {
+            asks.remove(&msg.reply_id)
+        } else {
+            None
+        };
+        let Some(ask) = answered else {
             self.metrics.desktop_request("unknown");
             let message = format!(
                 "no open request `{}` for this session: it was answered already, expired after {} s, or never asked",
