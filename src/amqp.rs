@@ -362,6 +362,37 @@ pub fn declare_reply_queue(channel: &Channel, name: &str) -> Result<(), AmqpErro
     Ok(())
 }
 
+/// The queue this instance reads other instances' presence messages from.
+pub fn presence_queue_name(instance: &str) -> String {
+    format!("deskbridge.presence.{instance}")
+}
+
+/// Declares the presence exchange (topic, durable) and this instance's queue on it: exclusive,
+/// so that it goes with the connection (a heartbeat rebuilds what a reconnect missed).
+pub fn declare_presence(channel: &Channel, config: &AmqpConfig, queue: &str) -> Result<(), AmqpError> {
+    let exchange = &config.presence_exchange;
+    topology(
+        format!("exchange `{exchange}`"),
+        channel.exchange_declare(ExchangeType::Topic, exchange, durable()),
+    )?;
+    let options = QueueDeclareOptions {
+        exclusive: true,
+        auto_delete: true,
+        ..QueueDeclareOptions::default()
+    };
+    topology(
+        format!("presence queue `{queue}`"),
+        channel.queue_declare(queue, options),
+    )?;
+    for key in [crate::presence::SESSION_KEYS, crate::presence::INSTANCE_KEYS] {
+        topology(
+            format!("binding `{queue}` to `{exchange}` with `{key}`"),
+            channel.queue_bind(queue, exchange, key, FieldTable::new()),
+        )?;
+    }
+    Ok(())
+}
+
 /// Declares the web → desktop exchange.
 pub fn declare_outbound(channel: &Channel, config: &AmqpConfig) -> Result<(), AmqpError> {
     let exchange = &config.outbound_exchange;

@@ -38,6 +38,23 @@ pub struct Config {
     pub history: HistoryConfig,
     /// What happens to a browser too slow for a desk's events, per desk.
     pub desk_policy: Vec<DeskPolicy>,
+    /// Who is connected, across instances.
+    pub presence: PresenceConfig,
+}
+
+/// `[presence]`: how instances tell each other they are alive.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PresenceConfig {
+    /// Each instance publishes its sessions this often; one silent for 3 × this is gone, and
+    /// its sessions leave the presence view.
+    pub heartbeat_ms: u64,
+}
+
+impl Default for PresenceConfig {
+    fn default() -> Self {
+        PresenceConfig { heartbeat_ms: 5_000 }
+    }
 }
 
 /// `[history]`: per-desk RabbitMQ streams that every instance reads, for resume, snapshots and
@@ -133,6 +150,8 @@ pub struct AmqpConfig {
     pub inbound_queue: String,
     /// Direct exchange browsers' events are published to (web → desktop).
     pub outbound_exchange: String,
+    /// Topic exchange session changes and instance heartbeats are published to.
+    pub presence_exchange: String,
     /// First reconnect delay in milliseconds.
     pub reconnect_initial_ms: u64,
     /// Reconnect delay cap in milliseconds.
@@ -315,6 +334,7 @@ impl Default for Config {
             transforms: Vec::new(),
             history: HistoryConfig::default(),
             desk_policy: Vec::new(),
+            presence: PresenceConfig::default(),
         }
     }
 }
@@ -330,6 +350,7 @@ impl Default for AmqpConfig {
             inbound_exchange: "example".into(),
             inbound_queue: "listener".into(),
             outbound_exchange: "bwic".into(),
+            presence_exchange: "deskbridge.presence".into(),
             reconnect_initial_ms: 100,
             reconnect_max_ms: 10_000,
             publish_buffer_messages: 10_000,
@@ -604,10 +625,15 @@ impl Config {
             ("amqp.inbound_exchange", &self.amqp.inbound_exchange),
             ("amqp.inbound_queue", &self.amqp.inbound_queue),
             ("amqp.outbound_exchange", &self.amqp.outbound_exchange),
+            ("amqp.presence_exchange", &self.amqp.presence_exchange),
         ] {
             if value.is_empty() {
                 return invalid(key, "must not be empty");
             }
+        }
+        // Below 100 ms heartbeats would be most of the presence traffic.
+        if self.presence.heartbeat_ms < 100 {
+            return invalid("presence.heartbeat_ms", "must be at least 100");
         }
         if self.amqp.reconnect_max_ms < self.amqp.reconnect_initial_ms {
             return invalid(

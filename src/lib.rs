@@ -32,6 +32,7 @@ pub mod link;
 pub mod metrics;
 pub mod panics;
 pub mod port_watch;
+pub mod presence;
 pub mod protocol;
 pub mod state;
 pub mod tag_queue;
@@ -112,7 +113,10 @@ pub async fn start(config: Config, mut transforms: Transforms) -> Result<Bridge,
     let publisher_link = Arc::new(LinkState::new(Link::Publisher, &metrics, errors));
     let (handle, jobs) = PublisherHandle::new(&config.amqp);
     let (replays, replay_requests) = crossbeam_channel::unbounded();
+    // This process among the instances: in `x-instance`, its reply and presence queues.
+    let instance = uuid::Uuid::new_v4().to_string();
     let router = Router::new(
+        &instance,
         Arc::clone(&config),
         Arc::clone(&catalog),
         transforms,
@@ -146,7 +150,7 @@ pub async fn start(config: Config, mut transforms: Transforms) -> Result<Bridge,
     let (publisher, consumer) = spawn_workers(
         &config,
         catalog,
-        &router,
+        (&router, instance),
         (handle, jobs),
         replay_requests,
         &metrics,
@@ -169,13 +173,12 @@ pub async fn start(config: Config, mut transforms: Transforms) -> Result<Bridge,
 fn spawn_workers(
     config: &Arc<Config>,
     catalog: Arc<Catalog>,
-    router: &Addr<Router>,
+    (router, instance): (&Addr<Router>, String),
     (handle, jobs): (PublisherHandle, crossbeam_channel::Receiver<PublishJob>),
     replays: crossbeam_channel::Receiver<ReplayRequest>,
     metrics: &Arc<Metrics>,
     [consumer_link, publisher_link]: [&Arc<LinkState>; 2],
 ) -> Result<(Worker, Worker), StartError> {
-    let instance = uuid::Uuid::new_v4().to_string();
     let context = |link: &Arc<LinkState>| WorkerContext {
         config: Arc::clone(config),
         link: Arc::clone(link),
@@ -185,7 +188,11 @@ fn spawn_workers(
         Arc::clone(config),
         handle,
         jobs,
-        (router.clone().recipient(), router.clone().recipient()),
+        (
+            router.clone().recipient(),
+            router.clone().recipient(),
+            router.clone().recipient(),
+        ),
         instance.clone(),
     );
     let publisher = Worker::spawn(publisher, context(publisher_link)).map_err(StartError::Thread)?;

@@ -209,6 +209,9 @@ pub const REQUEST_OUTCOMES: [&str; 5] = ["answered", "timeout", "no_responder", 
 /// How a desktop app's request to browsers ended (`deskbridge_desktop_requests_total{outcome}`).
 pub const DESKTOP_REQUEST_OUTCOMES: [&str; 3] = ["answered", "expired", "unknown"];
 
+/// What became of presence messages (`deskbridge_presence_messages_total{outcome}`).
+pub const PRESENCE_OUTCOMES: [&str; 4] = ["published", "failed", "received", "garbage"];
+
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct CodeLabels {
     code: ErrorCode,
@@ -262,6 +265,9 @@ pub struct Metrics {
     requests: Resolved<&'static str, OutcomeLabels>,
     desktop_requests: Resolved<&'static str, OutcomeLabels>,
     late_replies: Counter,
+    presence_messages: Resolved<&'static str, OutcomeLabels>,
+    presence_instances: Gauge,
+    presence_instances_lost: Counter,
     transform_panics: Counter,
     history_skipped: Resolved<RejectReason, RejectLabels>,
     history_replayed: Counter,
@@ -362,6 +368,9 @@ impl Metrics {
             requests: Resolved::new(REQUEST_OUTCOMES, |outcome| OutcomeLabels { outcome }),
             desktop_requests: Resolved::new(DESKTOP_REQUEST_OUTCOMES, |outcome| OutcomeLabels { outcome }),
             late_replies: Counter::default(),
+            presence_messages: Resolved::new(PRESENCE_OUTCOMES, |outcome| OutcomeLabels { outcome }),
+            presence_instances: Gauge::default(),
+            presence_instances_lost: Counter::default(),
             transform_panics: Counter::default(),
             history_skipped: Resolved::new(RejectReason::ALL, |reason| RejectLabels { reason }),
             history_replayed: Counter::default(),
@@ -472,6 +481,21 @@ impl Metrics {
             "deskbridge_late_replies",
             "Replies on the reply queue that matched no waiting request (timed out or answered already); dropped",
             self.late_replies.clone(),
+        );
+        r.register(
+            "deskbridge_presence_messages",
+            "Presence messages: published by this instance, failed to publish, received from other instances, or not understood",
+            self.presence_messages.family.clone(),
+        );
+        r.register(
+            "deskbridge_presence_instances",
+            "Other instances whose heartbeats this instance receives",
+            self.presence_instances.clone(),
+        );
+        r.register(
+            "deskbridge_presence_instances_lost",
+            "Other instances dropped from the presence view after 2.5 heartbeats of silence",
+            self.presence_instances_lost.clone(),
         );
         r.register(
             "deskbridge_expired",
@@ -639,6 +663,26 @@ impl Metrics {
         self.late_replies.inc();
         log::info!(
             "dropped a reply for no waiting request (late or repeated): correlation_id {correlation_id:?}"
+        );
+    }
+
+    /// A presence message was published, failed, received or not understood (`outcome` from
+    /// [`PRESENCE_OUTCOMES`]).
+    pub fn presence(&self, outcome: &'static str) {
+        self.presence_messages.inc(outcome);
+    }
+
+    /// How many other instances are alive in the presence view.
+    pub fn presence_instances(&self, count: usize) {
+        self.presence_instances
+            .set(i64::try_from(count).unwrap_or(i64::MAX));
+    }
+
+    /// Another instance went silent and was dropped from the presence view.
+    pub fn presence_instance_lost(&self, instance: &str, silent: Duration, sessions: usize) {
+        self.presence_instances_lost.inc();
+        log::warn!(
+            "instance {instance} sent no presence heartbeat for {silent:?}: its {sessions} session(s) left the presence view"
         );
     }
 

@@ -11,6 +11,7 @@ use bytestring::ByteString;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use serde_json::Value;
+use uuid::Uuid;
 
 use crate::transform::Data;
 
@@ -25,6 +26,9 @@ pub enum ClientFrame {
         /// Where to start, per desk (with history on): after an offset, or the last K events.
         #[serde(default)]
         since: Option<BTreeMap<String, Since>>,
+        /// Also get `join` / `leave` when sessions (on any instance) come and go on these desks.
+        #[serde(default)]
+        presence: bool,
     },
     /// Stop receiving the events of these desks.
     Unsubscribe {
@@ -74,6 +78,14 @@ pub enum ClientFrame {
         #[serde(rename = "ref", default)]
         reference: Option<String>,
     },
+    /// Who is subscribed to a desk, on every instance.
+    Presence {
+        /// Desk name.
+        desk: String,
+        /// Echoed in the answer (the spec's answer has none; clients may match on it).
+        #[serde(rename = "ref", default)]
+        reference: Option<String>,
+    },
     /// Liveness probe; answered with `pong`.
     Ping,
     /// The session's token, when it did not come on `?token=` (`auth.mode = "jwt"`).
@@ -118,12 +130,13 @@ impl std::fmt::Debug for Token {
 }
 
 /// The `op`s a browser may send, for telling `unknown_op` from `bad_request`.
-const CLIENT_OPS: [&str; 8] = [
+const CLIENT_OPS: [&str; 9] = [
     "subscribe",
     "unsubscribe",
     "publish",
     "request",
     "reply",
+    "presence",
     "ping",
     "auth",
     "refresh",
@@ -351,6 +364,36 @@ pub enum ServerFrame<'a> {
         /// The desktop's answer.
         data: &'a RawValue,
     },
+    /// Reply to `presence`: the desk's sessions on every instance.
+    Presence {
+        /// The query's `ref`, if it had one.
+        #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
+        reference: Option<&'a str>,
+        /// Desk name.
+        desk: &'a str,
+        /// Who is subscribed.
+        sessions: &'a [Present<'a>],
+    },
+    /// A session subscribed to a desk the receiver watches (`subscribe` with `presence`).
+    Join {
+        /// Desk name.
+        desk: &'a str,
+        /// Its session id.
+        session: Uuid,
+        /// Its user, with auth.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        user: Option<&'a str>,
+    },
+    /// A session left a watched desk, or ended (also when its instance was lost).
+    Leave {
+        /// Desk name.
+        desk: &'a str,
+        /// Its session id.
+        session: Uuid,
+        /// Its user, with auth.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        user: Option<&'a str>,
+    },
     /// Reply to `ping`.
     Pong,
     /// An event for a subscribed desk.
@@ -375,6 +418,16 @@ pub enum ServerFrame<'a> {
         #[serde(skip_serializing_if = "Option::is_none")]
         reply_id: Option<&'a str>,
     },
+}
+
+/// One session in a `presence` answer.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+pub struct Present<'a> {
+    /// Session id.
+    pub session: Uuid,
+    /// Its user, with auth.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub user: Option<&'a str>,
 }
 
 /// An event's `data`: a parsed object, or JSON text already serialized (a browser's publish,
@@ -457,6 +510,22 @@ mod tests {
                 ClientFrame::Subscribe {
                     desks: vec!["A".into(), "B".into()],
                     since: None,
+                    presence: false,
+                },
+            ),
+            (
+                r#"{"op":"subscribe","desks":["A"],"presence":true}"#,
+                ClientFrame::Subscribe {
+                    desks: vec!["A".into()],
+                    since: None,
+                    presence: true,
+                },
+            ),
+            (
+                r#"{"op":"presence","desk":"A","ref":"q1"}"#,
+                ClientFrame::Presence {
+                    desk: "A".into(),
+                    reference: Some("q1".into()),
                 },
             ),
             (
@@ -476,6 +545,7 @@ mod tests {
                         ]
                         .into(),
                     ),
+                    presence: false,
                 },
             ),
             (

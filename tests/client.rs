@@ -163,12 +163,27 @@ async fn publish_resolves_on_ack_and_rejects_with_the_bridge_error() {
         .run(r#"return t.outcome(t.b.request("A", "update_example", { bond: "XS1" }, { timeoutMs: 1000 }));"#)
         .await;
     assert_eq!(request["error"]["code"], "no_responder", "{request}");
-    // Presence settles too, whatever this bridge makes of it: a bridge without it answers
-    // `unknown_op` to the ref the client sent.
-    let presence = chrome.run(r#"return t.outcome(t.b.presence("A"));"#).await;
-    assert!(
-        presence["ok"].is_array() || presence["error"]["code"] == "unknown_op",
-        "presence answers or is refused: {presence}"
+    // presence() resolves with the desk's sessions; with `presence: true` the client emits
+    // `presence` events as another browser joins and leaves.
+    let present = chrome.run(r#"return t.outcome(t.b.presence("A"));"#).await;
+    let me = chrome.run("return t.b.session;").await;
+    assert_eq!(present["ok"], json!([{"session": me}]), "{present}");
+    chrome
+        .run(r#"t.presence = []; t.b.on("presence", (p) => t.presence.push(p)); return t.outcome(t.b.subscribe("A", { presence: true }));"#)
+        .await;
+    let mut other = Browser::connect(&bridge).await;
+    other.subscribe(&["A"]).await;
+    other.send(json!({"op": "unsubscribe", "desks": ["A"]})).await;
+    assert_eq!(other.recv().await["op"], "unsubscribed");
+    let moves = chrome
+        .wait_for("a join and a leave", "t.presence.length >= 2 && t.presence")
+        .await;
+    assert_eq!(
+        moves,
+        json!([
+            {"op": "join", "desk": "A", "session": other.session},
+            {"op": "leave", "desk": "A", "session": other.session}
+        ])
     );
     let errors = chrome.run("return t.errors;").await;
     assert_eq!(errors, json!([]), "nothing went unanswered: {errors}");

@@ -1,111 +1,107 @@
 //! Broker faults injected with `rabbitmqctl`: connections closed from the broker side, the broker
-//! app stopped and started, a memory alarm (connection.blocked). These disturb the shared broker,
-//! so they run one at a time (a lock), and every disturbance is undone by a guard's `Drop`, also
-//! when the test fails.
+//! app stopped and started, a memory alarm (connection.blocked). Each test disturbs a private
+//! RabbitMQ node of its own (free ports, its own directory, stopped and deleted when the test
+//! ends, also when it fails), never the machine's broker, so they run in parallel with the rest
+//! of the suite.
 
 mod common;
 
-use std::process::Command;
 use std::time::Duration;
 
 use amiquip::QueueDeclareOptions;
-use common::amqp::{declare_bound_queue, delete_quietly};
+use common::amqp::{connect, declare_bound_queue, url};
+use common::private_broker::{NodeOptions, PrivateBroker};
 use common::*;
 use serde_json::{json, Value};
 
-static BROKER: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-/// Exclusive use of the broker for a disruptive test (async: held across awaits; never
-/// poisoned by a failing test).
-async fn exclusive() -> tokio::sync::MutexGuard<'static, ()> {
-    BROKER.lock().await
+/// A private node for one test (booting takes about ten seconds).
+fn private_node() -> PrivateBroker {
+    tokio::task::block_in_place(|| PrivateBroker::start(NodeOptions::default()))
 }
 
-fn rabbitmqctl(args: &[&str]) -> String {
-    let output = Command::new("rabbitmqctl")
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run rabbitmqctl {args:?}: {e} (is RabbitMQ installed?)"));
+/// `rabbitmqctl -n <node> args`, which must succeed; its output.
+fn rabbitmqctl(node: &PrivateBroker, args: &[&str]) -> String {
+    let output = tokio::task::block_in_place(|| node.rabbitmqctl(args));
     assert!(
         output.status.success(),
-        "rabbitmqctl {args:?} failed: {}",
+        "rabbitmqctl -n {} {args:?} failed: {}",
+        node.node(),
         String::from_utf8_lossy(&output.stderr)
     );
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
-/// The broker app is stopped while this lives; dropping it starts the app and waits for it.
-struct AppStopped;
+/// The node's app is stopped while this lives; dropping it starts the app and waits for it.
+struct AppStopped<'a>(&'a PrivateBroker);
 
-impl AppStopped {
-    fn new() -> AppStopped {
-        rabbitmqctl(&["stop_app"]);
-        AppStopped
+impl<'a> AppStopped<'a> {
+    fn new(node: &'a PrivateBroker) -> AppStopped<'a> {
+        rabbitmqctl(node, &["stop_app"]);
+        AppStopped(node)
     }
 }
 
-impl Drop for AppStopped {
+impl Drop for AppStopped<'_> {
     fn drop(&mut self) {
-        rabbitmqctl(&["start_app"]);
-        rabbitmqctl(&["await_startup"]);
+        rabbitmqctl(self.0, &["start_app"]);
+        rabbitmqctl(self.0, &["await_startup"]);
     }
 }
 
-/// A memory alarm is raised while this lives (the broker blocks publishing connections).
-struct MemoryAlarm {
+/// A memory alarm is raised on the node while this lives (it blocks publishing connections).
+struct MemoryAlarm<'a> {
+    node: &'a PrivateBroker,
     watermark: String,
 }
 
-impl MemoryAlarm {
-    fn new() -> MemoryAlarm {
-        let watermark = rabbitmqctl(&["eval", "vm_memory_monitor:get_vm_memory_high_watermark()."])
-            .trim()
-            .to_string();
-        rabbitmqctl(&["set_vm_memory_high_watermark", "0.000001"]);
-        MemoryAlarm { watermark }
+impl<'a> MemoryAlarm<'a> {
+    fn new(node: &'a PrivateBroker) -> MemoryAlarm<'a> {
+        let watermark = rabbitmqctl(
+            node,
+            &["eval", "vm_memory_monitor:get_vm_memory_high_watermark()."],
+        )
+        .trim()
+        .to_string();
+        rabbitmqctl(node, &["set_vm_memory_high_watermark", "0.000001"]);
+        MemoryAlarm { node, watermark }
     }
 }
 
-impl Drop for MemoryAlarm {
+impl Drop for MemoryAlarm<'_> {
     fn drop(&mut self) {
         let restore = if self.watermark.parse::<f64>().is_ok() {
             self.watermark.as_str()
         } else {
             "0.4"
         };
-        rabbitmqctl(&["set_vm_memory_high_watermark", restore]);
+        rabbitmqctl(self.node, &["set_vm_memory_high_watermark", restore]);
     }
 }
 
-/// A durable queue bound to `exchange` with `key`, standing for a desktop app's queue that
-/// survives broker restarts. Deleted on drop.
-struct DurableQueue {
-    name: String,
+/// A durable queue on the node bound to `exchange` with `key`, standing for a desktop app's
+/// queue that survives broker restarts (deleted with the node).
+fn durable_queue(node: &PrivateBroker, exchange: &str, key: &str) -> String {
+    let name = unique("desktop");
+    let mut connection = connect(&node.amqp_url(), "Is the private node still running?");
+    let channel = connection.open_channel(None).expect("channel");
+    let options = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    declare_bound_queue(&channel, exchange, &name, options, &[key]);
+    let _ = connection.close();
+    name
 }
 
-impl DurableQueue {
-    fn bind(exchange: &str, key: &str) -> DurableQueue {
-        let name = unique("desktop");
-        let mut connection = broker();
-        let channel = connection.open_channel(None).expect("channel");
-        let options = QueueDeclareOptions {
-            durable: true,
-            ..Default::default()
-        };
-        declare_bound_queue(&channel, exchange, &name, options, &[key]);
-        let _ = connection.close();
-        DurableQueue { name }
-    }
-}
-
-impl Drop for DurableQueue {
-    fn drop(&mut self) {
-        delete_quietly(&[&self.name], &[]);
-    }
-}
-
-fn fast_reconnect(test: &str) -> deskbridge::Config {
+/// A test config whose bridge uses `node`.
+fn on_node(test: &str, node: &PrivateBroker) -> deskbridge::Config {
     let mut config = test_config(test);
+    config.amqp.urls = vec![url(&node.amqp_url())];
+    config
+}
+
+fn fast_reconnect(test: &str, node: &PrivateBroker) -> deskbridge::Config {
+    let mut config = on_node(test, node);
     config.amqp.reconnect_initial_ms = 50;
     config.amqp.reconnect_max_ms = 300;
     config
@@ -113,12 +109,12 @@ fn fast_reconnect(test: &str) -> deskbridge::Config {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_closed_by_the_broker_are_reopened_and_traffic_resumes() {
-    let _broker = exclusive().await;
-    let bridge = TestBridge::start_healthy(fast_reconnect("closeall")).await;
+    let node = private_node();
+    let bridge = TestBridge::start_healthy(fast_reconnect("closeall", &node)).await;
     let mut browser = Browser::connect(&bridge).await;
     browser.subscribe(&["A"]).await;
 
-    rabbitmqctl(&["close_all_connections", "deskbridge fault test"]);
+    rabbitmqctl(&node, &["close_all_connections", "deskbridge fault test"]);
     bridge
         .wait_metric("deskbridge_amqp_reconnects_total{link=\"consumer\"} 1")
         .await;
@@ -128,7 +124,11 @@ async fn connections_closed_by_the_broker_are_reopened_and_traffic_resumes() {
     bridge.wait_health(200).await;
 
     browser.assert_quiet().await;
-    let listener = Listener::bind(&bridge.config.amqp.outbound_exchange, &["A_new_example"]);
+    let listener = Listener::bind_at(
+        &node.amqp_url(),
+        &bridge.config.amqp.outbound_exchange,
+        &["A_new_example"],
+    );
     let ack = browser
         .publish("A", "new_example", json!({"after": "reconnect"}), "r1")
         .await;
@@ -137,7 +137,7 @@ async fn connections_closed_by_the_broker_are_reopened_and_traffic_resumes() {
         listener.next().properties.message_id().as_deref(),
         ack["id"].as_str()
     );
-    Desktop::connect().publish_json(
+    Desktop::connect_to(&node.amqp_url()).publish_json(
         &bridge.config.amqp.inbound_exchange,
         "A_new_example",
         &json!({"n": 1}),
@@ -147,13 +147,13 @@ async fn connections_closed_by_the_broker_are_reopened_and_traffic_resumes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broker_restart_is_survived_and_publishes_made_during_it_are_delivered_and_acked() {
-    let _broker = exclusive().await;
-    let bridge = TestBridge::start_healthy(fast_reconnect("restart")).await;
-    let desktop_queue = DurableQueue::bind(&bridge.config.amqp.outbound_exchange, "A_new_example");
+    let node = private_node();
+    let bridge = TestBridge::start_healthy(fast_reconnect("restart", &node)).await;
+    let desktop_queue = durable_queue(&node, &bridge.config.amqp.outbound_exchange, "A_new_example");
     let mut browser = Browser::connect(&bridge).await;
     browser.subscribe(&["A"]).await;
 
-    let stopped = AppStopped::new();
+    let stopped = AppStopped::new(&node);
     let health = bridge.wait_health(503).await;
     assert_eq!(health["status"], "degraded");
     assert_eq!(
@@ -180,7 +180,7 @@ async fn a_broker_restart_is_survived_and_publishes_made_during_it_are_delivered
         );
         ids.push(ack["id"].as_str().expect("ack id").to_string());
     }
-    let desktop = Listener::existing(&desktop_queue.name);
+    let desktop = Listener::existing_at(&node.amqp_url(), &desktop_queue);
     for (i, id) in ids.iter().enumerate() {
         let delivery = desktop.next();
         assert_eq!(
@@ -191,7 +191,7 @@ async fn a_broker_restart_is_survived_and_publishes_made_during_it_are_delivered
         let body: Value = serde_json::from_slice(&delivery.body).expect("JSON");
         assert_eq!(body, json!({"i": i}));
     }
-    Desktop::connect().publish_json(
+    Desktop::connect_to(&node.amqp_url()).publish_json(
         &bridge.config.amqp.inbound_exchange,
         "A_new_example",
         &json!({"after": "restart"}),
@@ -201,12 +201,12 @@ async fn a_broker_restart_is_survived_and_publishes_made_during_it_are_delivered
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn flow_control_is_reported_and_does_not_freeze_browsers() {
-    let _broker = exclusive().await;
-    let bridge = TestBridge::start_healthy(test_config("blocked")).await;
-    let desktop_queue = DurableQueue::bind(&bridge.config.amqp.outbound_exchange, "A_new_example");
+    let node = private_node();
+    let bridge = TestBridge::start_healthy(on_node("blocked", &node)).await;
+    let desktop_queue = durable_queue(&node, &bridge.config.amqp.outbound_exchange, "A_new_example");
     let mut browser = Browser::connect(&bridge).await;
 
-    let alarm = MemoryAlarm::new();
+    let alarm = MemoryAlarm::new(&node);
     // The broker blocks a connection when it next publishes: publish to trigger it.
     browser
         .send(json!({"op": "publish", "desk": "A", "event": "new_example", "data": {"during": "alarm"}, "ref": "b1"}))
@@ -239,7 +239,7 @@ async fn flow_control_is_reported_and_does_not_freeze_browsers() {
         "{ack}"
     );
     assert_eq!(
-        Listener::existing(&desktop_queue.name)
+        Listener::existing_at(&node.amqp_url(), &desktop_queue)
             .next()
             .properties
             .message_id()
@@ -253,13 +253,13 @@ async fn flow_control_is_reported_and_does_not_freeze_browsers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_a_long_backoff_the_bridge_is_back_within_a_second_of_the_broker() {
-    let _broker = exclusive().await;
-    let mut config = test_config("portwatch");
+    let node = private_node();
+    let mut config = on_node("portwatch", &node);
     // Long delays: without noticing the broker's return, recovery would take 4–10 s more.
     config.amqp.reconnect_initial_ms = 8_000;
     config.amqp.reconnect_max_ms = 10_000;
     let bridge = TestBridge::start_healthy(config).await;
-    let stopped = AppStopped::new();
+    let stopped = AppStopped::new(&node);
     bridge.wait_health(503).await;
     drop(stopped); // returns once the broker has fully booted
     let back = std::time::Instant::now();
@@ -274,15 +274,15 @@ async fn with_a_long_backoff_the_bridge_is_back_within_a_second_of_the_broker() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_fits_in_shutdown_timeout_with_unconfirmed_publishes_and_silent_browsers() {
-    let _broker = exclusive().await;
-    let mut config = test_config("shutdownbound");
+    let node = private_node();
+    let mut config = on_node("shutdownbound", &node);
     config.shutdown_timeout_ms = 2_000;
     let bridge = TestBridge::start_healthy(config).await;
     let mut browser = Browser::connect(&bridge).await;
     // Never reads again, so it never answers the close handshake.
     let _silent = Browser::connect(&bridge).await;
 
-    let alarm = MemoryAlarm::new();
+    let alarm = MemoryAlarm::new(&node);
     browser
         .send(json!({"op": "publish", "desk": "A", "event": "new_example", "data": {}, "ref": "b1"}))
         .await;

@@ -22,7 +22,8 @@ use amiquip::{
 use crossbeam_channel::{select, Receiver};
 
 use crate::actors::messages::{
-    Confirmed, DesktopReply, JobKind, PublishJob, PublishOutcome, PublishOutcomes, PublisherHandle,
+    Confirmed, DesktopReply, JobKind, PresenceNotice, PublishJob, PublishOutcome, PublishOutcomes,
+    PublisherHandle,
 };
 use crate::actors::worker::{track_blocked, LinkWork, StopSignal};
 use crate::amqp::{self, AmqpError};
@@ -30,6 +31,7 @@ use crate::broker_url::BrokerUrl;
 use crate::config::Config;
 use crate::link::LinkLife;
 use crate::metrics::{Link, PublishFailure};
+use crate::presence;
 use crate::tag_queue::{OutOfStep, TagQueue};
 
 /// The publisher's state; [`super::worker::Worker::spawn`] runs it.
@@ -41,10 +43,14 @@ pub struct AmqpPublisher {
     outcomes: Recipient<PublishOutcomes>,
     /// Where answers from the reply queue go.
     replies: Recipient<DesktopReply>,
+    /// Where other instances' presence messages go.
+    presence: Recipient<PresenceNotice>,
     /// This bridge process's id, sent as `x-instance`.
     instance: String,
     /// This instance's reply queue: `reply_to` of its requests.
     reply_queue: String,
+    /// This instance's queue on the presence exchange.
+    presence_queue: String,
     /// Jobs waiting for a connection, oldest first. Kept here, not per connection, so that a
     /// lost link or a panic loses none of them.
     buffer: VecDeque<PublishJob>,
@@ -58,7 +64,11 @@ impl AmqpPublisher {
         config: Arc<Config>,
         handle: PublisherHandle,
         jobs: Receiver<PublishJob>,
-        (outcomes, replies): (Recipient<PublishOutcomes>, Recipient<DesktopReply>),
+        (outcomes, replies, presence): (
+            Recipient<PublishOutcomes>,
+            Recipient<DesktopReply>,
+            Recipient<PresenceNotice>,
+        ),
         instance: String,
     ) -> Self {
         AmqpPublisher {
@@ -67,7 +77,9 @@ impl AmqpPublisher {
             handle,
             outcomes,
             replies,
+            presence,
             reply_queue: amqp::reply_queue_name(&instance),
+            presence_queue: amqp::presence_queue_name(&instance),
             instance,
             buffer: VecDeque::new(),
             pipeline: Pipeline::default(),
@@ -261,6 +273,10 @@ impl AmqpPublisher {
         amqp::declare_reply_queue(&reply_channel, &self.reply_queue)?;
         reply_channel.qos(0, REPLY_PREFETCH, false)?;
         let replies = reply_channel.basic_consume(self.reply_queue.as_str(), ConsumerOptions::default())?;
+        // Other instances' presence, on the same channel: small, and read as it comes.
+        amqp::declare_presence(&reply_channel, &self.config.amqp, &self.presence_queue)?;
+        let presence =
+            reply_channel.basic_consume(self.presence_queue.as_str(), ConsumerOptions::default())?;
         let exchange = &self.config.amqp.outbound_exchange;
         life.up(&format!("({url}, exchange `{exchange}`)"));
 
@@ -283,6 +299,15 @@ impl AmqpPublisher {
                     });
                     delivery.ack(&reply_channel)?;
                 }
+                recv(presence.receiver()) -> message => {
+                    let delivery = amqp::delivered(message)?;
+                    let notice = presence::parse(&delivery.routing_key, &delivery.body);
+                    // Our own messages: the router applied them when it sent them.
+                    if !notice.as_ref().is_ok_and(|notice| notice.instance() == self.instance) {
+                        self.presence.do_send(PresenceNotice(notice));
+                    }
+                    delivery.ack(&reply_channel)?;
+                }
                 recv(confirms) -> confirm => match confirm {
                     Ok(confirm) => self.confirm(confirm, &confirms, &returns)?,
                     Err(_) => return Err(lost("the channel closed (confirm stream ended)")),
@@ -294,6 +319,10 @@ impl AmqpPublisher {
                 recv(blocked) -> notification => track_blocked(life.state(), notification)?,
                 recv(stop) -> deadline => {
                     let deadline = deadline.unwrap_or_else(|_| Instant::now());
+                    // What the router accepted before it stopped taking publishes (the last
+                    // presence messages among them) still goes out.
+                    self.buffer.extend(self.jobs.try_iter());
+                    self.send_buffered(&channel)?;
                     return self.stop(&reply_channel, &confirms, &returns, deadline);
                 }
             }
@@ -342,21 +371,24 @@ impl AmqpPublisher {
     }
 
     fn publish(&self, channel: &Channel, job: &PublishJob) -> Result<(), amiquip::Error> {
-        // Requests say so: a desk stream (history) keeps browser events, not questions.
-        let origin = match job.kind {
-            JobKind::Request => amqp::ORIGIN_REQUEST,
-            JobKind::Event | JobKind::Reply { .. } => amqp::ORIGIN_WEB,
-        };
         let mut headers = FieldTable::new();
-        headers.insert(amqp::HEADER_ORIGIN.into(), AmqpValue::LongString(origin.into()));
-        headers.insert(
-            amqp::HEADER_SESSION.into(),
-            AmqpValue::LongString(job.session.to_string()),
-        );
         headers.insert(
             amqp::HEADER_INSTANCE.into(),
             AmqpValue::LongString(self.instance.clone()),
         );
+        // Requests say so: a desk stream (history) keeps browser events, not questions.
+        let origin = match job.kind {
+            JobKind::Request => Some(amqp::ORIGIN_REQUEST),
+            JobKind::Event | JobKind::Reply { .. } => Some(amqp::ORIGIN_WEB),
+            JobKind::Presence => None,
+        };
+        if let Some(origin) = origin {
+            headers.insert(amqp::HEADER_ORIGIN.into(), AmqpValue::LongString(origin.into()));
+            headers.insert(
+                amqp::HEADER_SESSION.into(),
+                AmqpValue::LongString(job.session.to_string()),
+            );
+        }
         if let Some(user) = &job.user {
             headers.insert(amqp::HEADER_USER.into(), AmqpValue::LongString(user.to_string()));
         }
@@ -380,6 +412,7 @@ impl AmqpPublisher {
                 properties = properties.with_correlation_id(correlation_id.clone());
                 ""
             }
+            JobKind::Presence => self.config.amqp.presence_exchange.as_str(),
         };
         if let Some(ttl) = job.ttl {
             // What is left of it: time spent in the outage buffer counts.

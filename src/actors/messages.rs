@@ -5,6 +5,7 @@
 //!  session ──FromSession──▶ router ──PublishJob (PublisherHandle)──▶ publisher
 //!  session ◀──ToSession (Outbox)── router ◀──PublishOutcomes── publisher
 //!  consumer ──DesktopEvent──▶ router ──Verdict──▶ consumer
+//!  publisher ──DesktopReply, PresenceNotice──▶ router
 //!  lib / http ──GetStats, BeginShutdown, CloseAll──▶ router
 //! ```
 
@@ -25,6 +26,7 @@ use crate::config::AmqpConfig;
 pub use crate::delivery::Recipients;
 use crate::history::Start;
 use crate::metrics::{PublishFailure, RejectReason};
+use crate::presence::{Notice, PresenceError};
 use crate::protocol::Since;
 use crate::transform::Data;
 
@@ -40,8 +42,17 @@ pub enum FromSession {
     Connect(Uuid, Outbox),
     /// The session ended; safe to receive twice.
     Disconnect(Uuid),
-    /// A browser's `subscribe`, with where to start per desk (history on).
-    Subscribe(Uuid, Vec<String>, Option<Box<BTreeMap<String, Since>>>),
+    /// A browser's `subscribe`.
+    Subscribe {
+        /// Session id.
+        session: Uuid,
+        /// Desk names.
+        desks: Vec<String>,
+        /// Where to start per desk (history on).
+        since: Option<Box<BTreeMap<String, Since>>>,
+        /// Also send `join` / `leave` for these desks.
+        presence: bool,
+    },
     /// A session that fell behind has room again (see [`Outbox::mark_behind`]).
     Drained(Uuid),
     /// A browser's `unsubscribe`.
@@ -52,6 +63,8 @@ pub enum FromSession {
     Request(Publish, Duration),
     /// A browser's `reply` to a desktop request.
     Reply(ReplyFromWeb),
+    /// A browser's `presence` query for a desk, with its `ref`.
+    Presence(Uuid, String, Option<String>),
     /// The session's user and rights (its token, at sign-in and at every refresh): leave the
     /// desks they no longer allow; targeted messages find the session by this user.
     Identify(Uuid, Arc<str>, Rights),
@@ -238,6 +251,12 @@ pub struct Rejection {
     pub detail: String,
 }
 
+/// A message from the presence exchange, read (and parsed) by the publisher's connection;
+/// this instance's own messages are left out.
+#[derive(Message, Debug)]
+#[rtype(result = "()")]
+pub struct PresenceNotice(pub Result<Notice, PresenceError>);
+
 /// An answer to a browser's request, read from this instance's reply queue.
 #[derive(Message, Debug)]
 #[rtype(result = "()")]
@@ -364,9 +383,11 @@ pub enum JobKind {
         /// The desktop request's `correlation_id` (or `message_id`).
         correlation_id: String,
     },
+    /// A presence message: to `amqp.presence_exchange` with `routing_key`; no browser waits.
+    Presence,
 }
 
-/// One browser publish on its way to RabbitMQ.
+/// One message on its way to RabbitMQ: a browser's publish, request or reply, or presence.
 #[derive(Debug)]
 pub struct PublishJob {
     /// A publish, a request or a reply.
@@ -454,43 +475,66 @@ impl Budget {
     }
 }
 
+/// Presence messages held at once (buffered or unconfirmed), apart from browsers' publishes
+/// so that they never take a browser's place; past it they are dropped (the next heartbeat
+/// carries the state again).
+const PRESENCE_BUFFER_MESSAGES: usize = 4_096;
+/// Bytes of presence messages held at once (a heartbeat of 10 000 sessions is about 1 MB).
+const PRESENCE_BUFFER_BYTES: usize = 16 * 1024 * 1024;
+
 /// The router's end of the publisher: submit jobs within the budget
-/// (`amqp.publish_buffer_messages`, `amqp.publish_buffer_bytes`).
+/// (`amqp.publish_buffer_messages`, `amqp.publish_buffer_bytes`; presence has its own).
 #[derive(Clone)]
 pub struct PublisherHandle {
     jobs: Sender<PublishJob>,
     budget: Arc<Budget>,
+    presence_budget: Arc<Budget>,
 }
 
 impl PublisherHandle {
     /// A handle and the publisher's receiving end.
     pub fn new(config: &AmqpConfig) -> (PublisherHandle, Receiver<PublishJob>) {
         let (jobs, receiver) = crossbeam_channel::unbounded();
-        let budget = Arc::new(Budget {
-            messages: AtomicUsize::new(0),
-            bytes: AtomicUsize::new(0),
-            max_messages: config.publish_buffer_messages,
-            max_bytes: config.publish_buffer_bytes,
-        });
-        (PublisherHandle { jobs, budget }, receiver)
+        let budget = |max_messages, max_bytes| {
+            Arc::new(Budget {
+                messages: AtomicUsize::new(0),
+                bytes: AtomicUsize::new(0),
+                max_messages,
+                max_bytes,
+            })
+        };
+        let handle = PublisherHandle {
+            jobs,
+            budget: budget(config.publish_buffer_messages, config.publish_buffer_bytes),
+            presence_budget: budget(PRESENCE_BUFFER_MESSAGES, PRESENCE_BUFFER_BYTES),
+        };
+        (handle, receiver)
+    }
+
+    fn budget_of(&self, job: &PublishJob) -> &Budget {
+        match job.kind {
+            JobKind::Presence => &self.presence_budget,
+            JobKind::Event | JobKind::Request | JobKind::Reply { .. } => &self.budget,
+        }
     }
 
     /// Hands a job to the publisher; gives it back when the buffer is full or the publisher
     /// has stopped.
     pub fn submit(&self, job: PublishJob) -> Result<(), Box<PublishJob>> {
         let bytes = job.held_bytes();
-        if !self.budget.reserve(bytes) {
+        let budget = self.budget_of(&job);
+        if !budget.reserve(bytes) {
             return Err(Box::new(job));
         }
         self.jobs.send(job).map_err(|returned| {
-            self.budget.release(bytes);
+            budget.release(bytes);
             Box::new(returned.0)
         })
     }
 
     /// The publisher let go of `job`: its place in the budget is free again.
     pub fn release(&self, job: &PublishJob) {
-        self.budget.release(job.held_bytes());
+        self.budget_of(job).release(job.held_bytes());
     }
 }
 

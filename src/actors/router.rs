@@ -8,7 +8,7 @@
 //! [`PublishOutcomes`]. Every frame it sends is serialized once and the bytes are shared; a
 //! session whose queue is full is closed (1013), never waited for.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -19,6 +19,7 @@ use serde_json::value::to_raw_value;
 use uuid::Uuid;
 
 mod history;
+mod presence;
 mod requests;
 
 use crate::actors::messages::{
@@ -28,9 +29,10 @@ use crate::actors::messages::{
 };
 use crate::auth::{Right, Rights};
 use crate::catalog::{routing_key, Catalog};
-use crate::config::Config;
+use crate::config::{AuthMode, Config};
 use crate::metrics::{Metrics, PublishFailure, RejectReason};
-use crate::protocol::{ErrorCode, EventData, Origin, Refusal, ServerFrame};
+use crate::presence::{Change, Reason};
+use crate::protocol::{ErrorCode, EventData, Origin, Refusal, ServerFrame, Since};
 use crate::transform::{Direction, TransformError, Transforms};
 
 struct SessionEntry {
@@ -57,11 +59,15 @@ pub struct Router {
     history: Option<history::History>,
     /// Requests waiting for their answer, both ways.
     requests: requests::Requests,
+    /// Who watches which desk, and the other instances' sessions.
+    presence: presence::Presence,
 }
 
 impl Router {
-    /// A router for the configured desks and events.
+    /// A router for the configured desks and events; `instance` names this process among the
+    /// instances (presence).
     pub fn new(
+        instance: &str,
         config: Arc<Config>,
         catalog: Arc<Catalog>,
         transforms: Transforms,
@@ -72,6 +78,10 @@ impl Router {
         Router {
             history: replays.map(|replays| history::History::new(&config, catalog.desks(), replays)),
             requests: requests::Requests::default(),
+            presence: presence::Presence::new(
+                instance,
+                std::time::Duration::from_millis(config.presence.heartbeat_ms),
+            ),
             desks: catalog
                 .desks()
                 .iter()
@@ -206,37 +216,49 @@ impl Router {
     /// Forgets sessions a frame could not reach; those too slow to take it are closed (1013).
     fn drop_failed(&mut self, dropped: Vec<(Uuid, QueueError)>, desk: &str) {
         for (id, error) in dropped {
-            if matches!(error, QueueError::Full | QueueError::FrameLimit) {
+            let reason = if matches!(error, QueueError::Full | QueueError::FrameLimit) {
                 self.metrics.session_slow(&id, desk);
                 if let Some(entry) = self.sessions.get(&id) {
                     entry
                         .outbox
                         .close(CloseCode::Again, "too slow: outbound queue full");
                 }
-            }
-            self.forget(id);
+                Reason::Slow
+            } else {
+                Reason::Closed
+            };
+            self.forget(id, reason);
         }
     }
 
-    /// Removes a session and all its subscriptions; a no-op for an unknown id.
-    fn forget(&mut self, session: Uuid) {
+    /// Removes a session and all its subscriptions, and says so (presence); a no-op for an
+    /// unknown id.
+    fn forget(&mut self, session: Uuid, reason: Reason) {
         if let Some(history) = self.history.as_mut() {
             history.forget(session);
         }
-        if let Some(entry) = self.sessions.remove(&session) {
-            for desk in entry.desks {
-                if let Some(subscribers) = self.desks.get_mut(&desk) {
-                    subscribers.remove(&session);
+        let admitted = self.admitted(session);
+        let Some(entry) = self.sessions.remove(&session) else {
+            return;
+        };
+        for desk in &entry.desks {
+            if let Some(subscribers) = self.desks.get_mut(desk) {
+                subscribers.remove(&session);
+            }
+            self.presence.unwatch(session, desk);
+        }
+        let user = entry.identity.map(|identity| identity.0);
+        if let Some(user) = &user {
+            if let Some(sessions) = self.users.get_mut(user) {
+                sessions.remove(&session);
+                if sessions.is_empty() {
+                    self.users.remove(user);
                 }
             }
-            if let Some(identity) = entry.identity {
-                if let Some(sessions) = self.users.get_mut(&identity.0) {
-                    sessions.remove(&session);
-                    if sessions.is_empty() {
-                        self.users.remove(&identity.0);
-                    }
-                }
-            }
+        }
+        if admitted {
+            let desks = entry.desks.into_iter().collect();
+            self.announce(Change::Disconnected, (session, user), desks, Some(reason));
         }
     }
 
@@ -305,6 +327,7 @@ impl Actor for Router {
 
     fn started(&mut self, ctx: &mut Context<Self>) {
         ctx.set_mailbox_capacity(self.config.ws.max_queued_requests);
+        self.start_presence(ctx);
     }
 }
 
@@ -320,15 +343,19 @@ impl Handler<FromSession> for Router {
                     identity: None,
                 };
                 self.sessions.insert(session, entry);
-            }
-            FromSession::Disconnect(session) => self.forget(session),
-            FromSession::Subscribe(session, desks, None) => self.subscribe(session, desks),
-            FromSession::Subscribe(session, desks, Some(since)) => {
-                if let Some(refusal) = self.check_desks(&desks) {
-                    return self.refuse(session, refusal);
+                // With auth, a session is announced once its token is known.
+                if self.config.auth.mode == AuthMode::None {
+                    self.announce(Change::Connected, (session, None), Vec::new(), None);
                 }
-                self.subscribe_since(session, desks, *since)
             }
+            FromSession::Disconnect(session) => self.forget(session, Reason::Closed),
+            FromSession::Subscribe {
+                session,
+                desks,
+                since,
+                presence,
+            } => self.subscribe_request(session, desks, since.map(|since| *since), presence),
+            FromSession::Presence(session, desk, reference) => self.presence_query(session, desk, reference),
             FromSession::Drained(session) => self.drained(session),
             FromSession::Unsubscribe(session, desks) => self.unsubscribe(session, desks),
             FromSession::Publish(publish) => self.publish(publish),
@@ -340,6 +367,34 @@ impl Handler<FromSession> for Router {
 }
 
 impl Router {
+    /// A `subscribe`, live or resumed; the desks it added are announced (presence).
+    fn subscribe_request(
+        &mut self,
+        session: Uuid,
+        desks: Vec<String>,
+        since: Option<BTreeMap<String, Since>>,
+        presence: bool,
+    ) {
+        let had = |router: &Router, desk: &String| {
+            router
+                .sessions
+                .get(&session)
+                .is_some_and(|entry| entry.desks.contains(desk))
+        };
+        let fresh: Vec<String> = desks.iter().filter(|desk| !had(self, desk)).cloned().collect();
+        match since {
+            None => self.subscribe(session, desks.clone()),
+            Some(since) => match self.check_desks(&desks) {
+                Some(refusal) => self.refuse(session, refusal),
+                None => self.subscribe_since(session, desks.clone(), since),
+            },
+        }
+        let added: Vec<String> = fresh.into_iter().filter(|desk| had(self, desk)).collect();
+        self.watch(session, &desks, presence);
+        let user = self.user_of(session);
+        self.announce(Change::Subscribed, (session, user), added, None);
+    }
+
     fn subscribe(&mut self, session: Uuid, desks: Vec<String>) {
         if let Some(refusal) = self.check_desks(&desks) {
             return self.refuse(session, refusal);
@@ -372,6 +427,7 @@ impl Router {
         if let Some(subscribers) = self.desks.get_mut(desk) {
             subscribers.remove(&session);
         }
+        self.presence.unwatch(session, desk);
         if let Some(history) = self.history.as_mut() {
             history.leave(session, desk);
         }
@@ -384,8 +440,12 @@ impl Router {
         let Some(entry) = self.sessions.get_mut(&session) else {
             return;
         };
-        let left: Vec<&String> = desks.iter().filter(|desk| entry.desks.remove(*desk)).collect();
-        for desk in left {
+        let left: Vec<String> = desks
+            .iter()
+            .filter(|desk| entry.desks.remove(*desk))
+            .cloned()
+            .collect();
+        for desk in &left {
             self.leave(session, desk);
         }
         let unsubscribed = ServerFrame::Unsubscribed {
@@ -393,6 +453,8 @@ impl Router {
             reason: None,
         };
         self.reply(session, unsubscribed.to_text());
+        let user = self.user_of(session);
+        self.announce(Change::Unsubscribed, (session, user), left, None);
     }
 
     /// A session signed in or refreshed: index its user, keep its rights, and leave the desks
@@ -403,7 +465,8 @@ impl Router {
         };
         // A refresh keeps the user (the session checks it), so the index needs no removal.
         self.users.entry(Arc::clone(&user)).or_default().insert(session);
-        let identity = entry.identity.insert(Box::new((user, rights)));
+        let signed_in = entry.identity.is_none();
+        let identity = entry.identity.insert(Box::new((Arc::clone(&user), rights)));
         let rights = &identity.1;
         let mut left: Vec<String> = entry
             .desks
@@ -411,12 +474,22 @@ impl Router {
             .filter(|desk| !rights.allows(desk, Right::Subscribe))
             .cloned()
             .collect();
+        if signed_in {
+            self.announce(
+                Change::Connected,
+                (session, Some(Arc::clone(&user))),
+                Vec::new(),
+                None,
+            );
+        }
         if left.is_empty() {
             return;
         }
         left.sort();
-        for desk in &left {
-            entry.desks.remove(desk);
+        if let Some(entry) = self.sessions.get_mut(&session) {
+            for desk in &left {
+                entry.desks.remove(desk);
+            }
         }
         for desk in &left {
             self.leave(session, desk);
@@ -426,6 +499,8 @@ impl Router {
             reason: Some("permission"),
         };
         self.reply(session, unsubscribed.to_text());
+        let reason = Some(Reason::Permission);
+        self.announce(Change::Unsubscribed, (session, Some(user)), left, reason);
     }
 
     fn publish(&mut self, msg: Publish) {
@@ -517,6 +592,10 @@ impl Router {
                 self.request_confirmed(&job, confirmed.routed);
             }
             (JobKind::Request, Err(failure)) => self.request_failed(&job, failure),
+            (JobKind::Presence, result) => {
+                self.metrics
+                    .presence(if result.is_ok() { "published" } else { "failed" });
+            }
             (JobKind::Reply { .. }, Ok(confirmed)) => {
                 self.metrics.web_confirmed(confirmed.latency, confirmed.routed, 0);
                 let ack = ServerFrame::Ack {
@@ -597,6 +676,7 @@ impl Handler<BeginShutdown> for Router {
     type Result = ();
 
     fn handle(&mut self, _: BeginShutdown, _: &mut Context<Self>) {
+        self.presence_stopped();
         self.shutting_down = true;
     }
 }

@@ -251,11 +251,30 @@ impl WsSession {
                 );
                 self.refuse(ctx, Refusal::new(ErrorCode::BadRequest, message));
             }
-            ClientFrame::Subscribe { desks, since } => match self.allowed(&desks, Right::Subscribe) {
+            ClientFrame::Subscribe {
+                desks,
+                since,
+                presence,
+            } => match self.allowed(&desks, Right::Subscribe) {
                 // All or nothing: one forbidden desk refuses the whole request.
                 Err(refusal) => self.refuse(ctx, refusal),
-                Ok(()) => self.ask_router(FromSession::Subscribe(session, desks, since.map(Box::new)), ctx),
+                Ok(()) => {
+                    let subscribe = FromSession::Subscribe {
+                        session,
+                        desks,
+                        since: since.map(Box::new),
+                        presence,
+                    };
+                    self.ask_router(subscribe, ctx)
+                }
             },
+            // Who reads a desk is as private as the desk.
+            ClientFrame::Presence { desk, reference } => {
+                match self.allowed(std::slice::from_ref(&desk), Right::Subscribe) {
+                    Err(refusal) => self.refuse(ctx, Refusal { reference, ..refusal }),
+                    Ok(()) => self.ask_router(FromSession::Presence(session, desk, reference), ctx),
+                }
+            }
             ClientFrame::Unsubscribe { desks } => {
                 self.ask_router(FromSession::Unsubscribe(session, desks), ctx)
             }

@@ -34,12 +34,17 @@ pub fn broker() -> Connection {
 
 /// A durable direct exchange, as deskbridge declares its own.
 pub fn declare_direct_exchange(channel: &Channel, name: &str) {
+    declare_exchange(channel, ExchangeType::Direct, name);
+}
+
+/// A durable exchange of `kind` (the presence exchange is a topic one).
+pub fn declare_exchange(channel: &Channel, kind: ExchangeType, name: &str) {
     let options = ExchangeDeclareOptions {
         durable: true,
         ..Default::default()
     };
     channel
-        .exchange_declare(ExchangeType::Direct, name, options)
+        .exchange_declare(kind, name, options)
         .expect("declare exchange");
 }
 
@@ -52,7 +57,19 @@ pub fn declare_bound_queue<'a>(
     options: QueueDeclareOptions,
     keys: &[&str],
 ) -> Queue<'a> {
-    declare_direct_exchange(channel, exchange);
+    declare_bound_queue_of(channel, ExchangeType::Direct, exchange, name, options, keys)
+}
+
+/// `declare_bound_queue` on an exchange of `kind`.
+pub fn declare_bound_queue_of<'a>(
+    channel: &'a Channel,
+    kind: ExchangeType,
+    exchange: &str,
+    name: &str,
+    options: QueueDeclareOptions,
+    keys: &[&str],
+) -> Queue<'a> {
+    declare_exchange(channel, kind, exchange);
     let queue = channel.queue_declare(name, options).expect("declare queue");
     for key in keys {
         channel
@@ -65,12 +82,22 @@ pub fn declare_bound_queue<'a>(
 /// A desktop app's private queue on `exchange`: broker-named, exclusive, deleted with its
 /// connection, bound with each key.
 pub fn private_queue<'a>(channel: &'a Channel, exchange: &str, keys: &[&str]) -> Queue<'a> {
+    private_queue_of(channel, ExchangeType::Direct, exchange, keys)
+}
+
+/// `private_queue` on an exchange of `kind`.
+pub fn private_queue_of<'a>(
+    channel: &'a Channel,
+    kind: ExchangeType,
+    exchange: &str,
+    keys: &[&str],
+) -> Queue<'a> {
     let options = QueueDeclareOptions {
         exclusive: true,
         auto_delete: true,
         ..Default::default()
     };
-    declare_bound_queue(channel, exchange, "", options, keys)
+    declare_bound_queue_of(channel, kind, exchange, "", options, keys)
 }
 
 /// A consumer that takes every message off `queue` without acknowledgements.
@@ -113,6 +140,7 @@ pub fn delete_topology(config: &Config) {
         &[
             &amqp.inbound_exchange,
             &amqp.outbound_exchange,
+            &amqp.presence_exchange,
             &dead_letter_exchange,
         ],
     );

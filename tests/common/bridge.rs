@@ -25,6 +25,7 @@ pub fn test_config(test: &str) -> Config {
     config.amqp.inbound_exchange = unique(&format!("{test}.in"));
     config.amqp.inbound_queue = unique(&format!("{test}.q"));
     config.amqp.outbound_exchange = unique(&format!("{test}.out"));
+    config.amqp.presence_exchange = unique(&format!("{test}.presence"));
     config.amqp.reconnect_initial_ms = 50;
     config.amqp.reconnect_max_ms = 500;
     config

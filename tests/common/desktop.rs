@@ -2,10 +2,10 @@
 
 use std::thread::JoinHandle;
 
-use amiquip::{AmqpProperties, Connection, ConsumerMessage, Delivery, FieldTable, Publish};
+use amiquip::{AmqpProperties, Connection, ConsumerMessage, Delivery, ExchangeType, FieldTable, Publish};
 use serde_json::Value;
 
-use super::amqp::{broker, connect, consume_unacked, private_queue};
+use super::amqp::{broker, connect, consume_unacked, private_queue, private_queue_of};
 use super::DEADLINE;
 
 /// A desktop app: publishes with amiquip.
@@ -88,20 +88,45 @@ impl Listener {
     /// Declares `exchange` (direct, durable, as the bridge does), binds an exclusive queue with
     /// each key, and returns once consuming.
     pub fn bind(exchange: &str, keys: &[&str]) -> Listener {
-        Listener::queue(None, exchange, None, keys)
+        Listener::queue(None, (ExchangeType::Direct, exchange), None, keys)
+    }
+
+    /// `bind` to a topic exchange (presence), with binding patterns for keys.
+    pub fn bind_topic(exchange: &str, keys: &[&str]) -> Listener {
+        Listener::queue(None, (ExchangeType::Topic, exchange), None, keys)
     }
 
     /// `bind` on another broker than the tests' (a private node).
     pub fn bind_at(url: &str, exchange: &str, keys: &[&str]) -> Listener {
-        Listener::queue(Some(url.to_string()), exchange, None, keys)
+        Listener::queue(
+            Some(url.to_string()),
+            (ExchangeType::Direct, exchange),
+            None,
+            keys,
+        )
     }
 
     /// Consumes an existing queue (e.g. a dead-letter queue).
     pub fn existing(queue: &str) -> Listener {
-        Listener::queue(None, "", Some(queue.to_string()), &[])
+        Listener::queue(None, (ExchangeType::Direct, ""), Some(queue.to_string()), &[])
     }
 
-    fn queue(url: Option<String>, exchange: &str, existing: Option<String>, keys: &[&str]) -> Listener {
+    /// `existing` on another broker than the tests' (a private node).
+    pub fn existing_at(url: &str, queue: &str) -> Listener {
+        Listener::queue(
+            Some(url.to_string()),
+            (ExchangeType::Direct, ""),
+            Some(queue.to_string()),
+            &[],
+        )
+    }
+
+    fn queue(
+        url: Option<String>,
+        (kind, exchange): (ExchangeType, &str),
+        existing: Option<String>,
+        keys: &[&str],
+    ) -> Listener {
         let (ready_tx, ready_rx) = crossbeam_channel::bounded(1);
         let (tx, deliveries) = crossbeam_channel::unbounded();
         let (stop, stop_rx) = crossbeam_channel::bounded::<()>(1);
@@ -117,7 +142,7 @@ impl Listener {
                 Some(name) => channel.queue_declare_passive(name).expect("queue exists"),
                 None => {
                     let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
-                    private_queue(&channel, &exchange, &keys)
+                    private_queue_of(&channel, kind, &exchange, &keys)
                 }
             };
             let consumer = consume_unacked(&queue);

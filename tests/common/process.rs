@@ -43,7 +43,7 @@ impl Drop for ConfigFile {
 }
 
 /// What a launched bridge takes from `config`, as TOML: `bind`, `workers`,
-/// `shutdown_timeout_ms`, the AMQP URLs, names and `amqp.tls`, `ws.max_sessions_per_ip`, and
+/// `shutdown_timeout_ms`, the AMQP URLs, names and `amqp.tls`, `presence.heartbeat_ms`, `ws.max_sessions_per_ip`, and
 /// `[auth]` with its key files when `auth.mode = "jwt"` (the rest keeps its defaults).
 pub fn config_toml(config: &Config) -> String {
     let number = |n: u64| toml::Value::Integer(i64::try_from(n).expect("fits TOML's i64"));
@@ -54,6 +54,7 @@ pub fn config_toml(config: &Config) -> String {
     amqp_table.insert("inbound_exchange".into(), amqp.inbound_exchange.clone().into());
     amqp_table.insert("inbound_queue".into(), amqp.inbound_queue.clone().into());
     amqp_table.insert("outbound_exchange".into(), amqp.outbound_exchange.clone().into());
+    amqp_table.insert("presence_exchange".into(), amqp.presence_exchange.clone().into());
     let mut tls = toml::Table::new();
     for (key, path) in [
         ("ca_file", &amqp.tls.ca_file),
@@ -73,6 +74,9 @@ pub fn config_toml(config: &Config) -> String {
     table.insert("workers".into(), number(config.workers as u64));
     table.insert("shutdown_timeout_ms".into(), number(config.shutdown_timeout_ms));
     table.insert("amqp".into(), amqp_table.into());
+    let mut presence = toml::Table::new();
+    presence.insert("heartbeat_ms".into(), number(config.presence.heartbeat_ms));
+    table.insert("presence".into(), presence.into());
     let mut ws = toml::Table::new();
     ws.insert(
         "max_sessions_per_ip".into(),
@@ -205,6 +209,12 @@ impl BridgeProcess {
         } else {
             Err(std::io::Error::last_os_error())
         }
+    }
+
+    /// SIGKILL, as a crash: nothing is cleaned up, no goodbye is said.
+    pub fn kill(&mut self) {
+        self.child.kill().expect("kill deskbridge");
+        self.child.wait().expect("reap deskbridge");
     }
 
     /// Waits up to `within` for the process to exit, polling every 20 ms; `None` while it runs.

@@ -27,6 +27,7 @@ use crate::config::{Config, SlowPolicy};
 use crate::desk_log::{DeskLog, Logged};
 use crate::history::Start;
 use crate::metrics::RejectReason;
+use crate::presence::Reason;
 use crate::protocol::{ErrorCode, EventData, Origin, Refusal, ServerFrame, Since};
 use crate::transform::Direction;
 
@@ -310,7 +311,7 @@ impl Router {
                 "history unavailable: reconnect and resume with since",
             );
         }
-        self.forget(session);
+        self.forget(session, Reason::HistoryUnavailable);
     }
 
     /// A session behind on `desk` may take more: serve it from the log, or ask the stream,
@@ -424,7 +425,7 @@ impl Router {
                 "an event is larger than ws.outbound_queue_bytes",
             );
         }
-        self.forget(session);
+        self.forget(session, Reason::Slow);
     }
 
     /// A session behind is current: it joins the live subscribers.
