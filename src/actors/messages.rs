@@ -196,9 +196,9 @@ impl Outbox {
         false
     }
 
-    /// Bytes queued and not yet written.
-    pub fn queued(&self) -> usize {
-        self.queued_bytes.load(Ordering::Relaxed) & !BEHIND
+    /// True when a frame of `len` bytes fits the byte budget at all (into an empty queue).
+    pub fn could_take(&self, len: usize) -> bool {
+        len + FRAME_OVERHEAD <= self.max_bytes
     }
 
     /// Asks the session to close.

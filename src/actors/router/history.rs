@@ -366,7 +366,7 @@ impl Router {
         for logged in state.log.after(after) {
             if logged.except != Some(session) {
                 if let Err(error) = behind.outbox.try_frame(logged.frame.clone()) {
-                    progress = Progress::from_error(error, &behind.outbox);
+                    progress = Progress::from_error(error, &behind.outbox, logged.frame.len());
                     break;
                 }
             }
@@ -534,8 +534,9 @@ impl Router {
                 let Some(behind) = self.behind_mut(session, desk) else {
                     return;
                 };
+                let len = frame.len();
                 if let Err(error) = behind.outbox.try_frame(frame) {
-                    progress = Progress::from_error(error, &behind.outbox);
+                    progress = Progress::from_error(error, &behind.outbox, len);
                     break;
                 }
             }
@@ -851,16 +852,19 @@ enum Progress {
     Done,
     /// The queue is full: wait for room.
     Full,
-    /// The queue is empty and still cannot take the frame.
+    /// The frame is larger than the whole byte budget: no queue could ever take it.
     TooBig,
     /// The session ended, or hit `ws.outbound_queue_frames`: it is closed as in v1.
     Lost(QueueError),
 }
 
 impl Progress {
-    fn from_error(error: QueueError, outbox: &Outbox) -> Progress {
+    /// What a refused frame of `len` bytes means. Decided by its size, not by the queue being
+    /// empty now: the session drains on another thread, so "full" a moment ago can read as
+    /// "empty" here, which once closed a healthy catch-up reader.
+    fn from_error(error: QueueError, outbox: &Outbox, len: usize) -> Progress {
         match error {
-            QueueError::Full if outbox.queued() == 0 => Progress::TooBig,
+            QueueError::Full if !outbox.could_take(len) => Progress::TooBig,
             QueueError::Full => Progress::Full,
             QueueError::FrameLimit | QueueError::Gone => Progress::Lost(error),
         }
@@ -901,7 +905,7 @@ fn drain_conflated(outbox: &Outbox, latest: &mut Conflated) -> Progress {
     while let Some(entry) = latest.by_offset.first_entry() {
         let (_, frame) = entry.get();
         if let Err(error) = outbox.try_frame(frame.clone()) {
-            return Progress::from_error(error, outbox);
+            return Progress::from_error(error, outbox, frame.len());
         }
         let (key, frame) = entry.remove();
         latest.bytes -= frame.len();
