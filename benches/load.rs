@@ -8,6 +8,12 @@
 //! - `ingest`: N browsers each publish K messages with up to W unacknowledged; an AMQP consumer
 //!   counts arrivals.
 //! - `idle`: N idle subscribed sessions; the server's RSS per session.
+//! - `request` (not in the default list): N browsers each keep up to W requests in flight to a
+//!   desktop responder (amiquip) that answers to `reply_to` with the request's `correlation_id`;
+//!   round trips per second and round-trip latency. Web-STOMP sends with
+//!   `reply-to:/temp-queue/r`: RabbitMQ (3.10) gives the AMQP consumer the temp queue's own
+//!   name as `reply_to` (`amq.gen-…`); the responder publishes to it on the default exchange
+//!   (and would strip a `/reply-queue/` prefix, should a broker send one).
 //! - `slow`: (deskbridge only) fast readers plus one browser that never reads, under a stream of
 //!   large events: the bridge's RSS stays bounded and the slow one is closed with 1013.
 //!
@@ -101,6 +107,15 @@ struct Args {
     /// Messages per second of `slow` (the fast readers must keep up).
     #[arg(long, default_value_t = 400)]
     slow_rate: u64,
+    /// Requesting clients for `request`.
+    #[arg(long, default_value_t = 50)]
+    request_clients: usize,
+    /// Requests per client for `request`.
+    #[arg(long, default_value_t = 400)]
+    requests_per_client: usize,
+    /// Requests in flight per client for `request`.
+    #[arg(long, default_value_t = 8)]
+    request_window: usize,
     /// WebSocket handshakes per auth mode for `handshake`.
     #[arg(long, default_value_t = 4000)]
     handshakes: usize,
@@ -120,6 +135,7 @@ enum Scenario {
     Idle,
     Slow,
     Handshake,
+    Request,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, ValueEnum)]
@@ -288,6 +304,11 @@ enum Inbound {
     Event(String),
     /// An ack/RECEIPT for this reference.
     Ack(u64),
+    /// The answer to the request with this reference (deskbridge `reply`, or a STOMP MESSAGE
+    /// carrying `correlation-id`).
+    Reply(u64),
+    /// An error for this reference (deskbridge `error`; a STOMP ERROR has none: `u64::MAX`).
+    Error(u64),
     Other,
 }
 
@@ -359,6 +380,25 @@ impl Client {
         }
     }
 
+    /// Queues a request whose answer comes back as `Inbound::Reply(reference)` (not flushed).
+    async fn feed_request(&mut self, reference: u64, body: &str) {
+        match self {
+            Client::Bridge(ws) => {
+                let frame = format!(
+                    r#"{{"op":"request","desk":"A","event":"new_example","data":{body},"ref":"{reference}","timeout_ms":10000}}"#
+                );
+                ws.feed(Message::Text(frame)).await.expect("feed");
+            }
+            Client::Stomp { ws, .. } => {
+                let frame = format!(
+                    "SEND\ndestination:/exchange/{}/A_new_example\ncontent-type:application/json\nreply-to:/temp-queue/r\ncorrelation-id:{reference}\n\n{body}\0",
+                    STOMP_NAMES.outbound
+                );
+                ws.feed(Message::Text(frame)).await.expect("feed");
+            }
+        }
+    }
+
     async fn flush(&mut self) {
         match self {
             Client::Bridge(ws) | Client::Stomp { ws, .. } => ws.flush().await.expect("flush"),
@@ -375,6 +415,10 @@ impl Client {
                         Inbound::Event(text)
                     } else if text.starts_with(r#"{"op":"ack""#) {
                         Inbound::Ack(field_u64(&text, "\"ref\":\"").unwrap_or(u64::MAX))
+                    } else if text.starts_with(r#"{"op":"reply""#) {
+                        Inbound::Reply(field_u64(&text, "\"ref\":\"").unwrap_or(u64::MAX))
+                    } else if text.starts_with(r#"{"op":"error""#) {
+                        Inbound::Error(field_u64(&text, "\"ref\":\"").unwrap_or(u64::MAX))
                     } else {
                         Inbound::Other
                     });
@@ -388,9 +432,15 @@ impl Client {
                         }
                     };
                     return Some(if text.starts_with("MESSAGE") {
-                        Inbound::Event(text)
+                        let headers = text.split_once("\n\n").map_or(text.as_str(), |(h, _)| h);
+                        match field_u64(headers, "\ncorrelation-id:") {
+                            Some(reference) => Inbound::Reply(reference),
+                            None => Inbound::Event(text),
+                        }
                     } else if text.starts_with("RECEIPT") {
                         Inbound::Ack(field_u64(&text, "receipt-id:").unwrap_or(u64::MAX))
+                    } else if text.starts_with("ERROR") {
+                        Inbound::Error(u64::MAX)
                     } else {
                         Inbound::Other
                     });
@@ -510,6 +560,67 @@ fn desktop_counter(
         count
     });
     (ready_rx, thread, expected)
+}
+
+/// A desktop service for `request`: consumes `A_new_example` on `exchange` and answers every
+/// message that has a `reply_to` with its own body and `correlation_id`, on the default exchange.
+struct BenchResponder {
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<(usize, Option<String>)>,
+}
+
+impl BenchResponder {
+    /// Starts consuming and returns once the queue is bound.
+    fn start(url: &str, exchange: &str) -> BenchResponder {
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = Arc::clone(&stop);
+        let url = url.to_string();
+        let exchange = exchange.to_string();
+        let thread = std::thread::spawn(move || {
+            let mut connection = bench_broker(&url);
+            let channel = connection.open_channel(None).expect("channel");
+            let queue = private_queue(&channel, &exchange, &["A_new_example"]);
+            let consumer = consume_unacked(&queue);
+            let _ = ready_tx.send(());
+            let (mut answered, mut first_reply_to) = (0, None);
+            while !stopped.load(Ordering::Acquire) {
+                let request = match consumer.receiver().recv_timeout(Duration::from_millis(100)) {
+                    Ok(ConsumerMessage::Delivery(request)) => request,
+                    Err(e) if e.is_timeout() => continue,
+                    _ => break,
+                };
+                let Some(reply_to) = request.properties.reply_to().as_deref() else {
+                    continue;
+                };
+                first_reply_to.get_or_insert_with(|| reply_to.to_string());
+                // Web-STOMP's `reply-to:/temp-queue/..` reaches AMQP 0-9-1 as the temp queue's
+                // name (`amq.gen-…` on RabbitMQ 3.10); STOMP writes it `/reply-queue/<queue>`,
+                // so strip that prefix should it ever appear here.
+                let queue = reply_to.strip_prefix("/reply-queue/").unwrap_or(reply_to);
+                let mut properties = AmqpProperties::default().with_content_type("application/json".into());
+                if let Some(id) = request.properties.correlation_id() {
+                    properties = properties.with_correlation_id(id.clone());
+                }
+                channel
+                    .basic_publish("", Publish::with_properties(&request.body, queue, properties))
+                    .expect("reply");
+                answered += 1;
+            }
+            let _ = connection.close();
+            (answered, first_reply_to)
+        });
+        ready_rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("responder ready");
+        BenchResponder { stop, thread }
+    }
+
+    /// Stops consuming; returns how many requests it answered and the first `reply_to` it saw.
+    fn stop(self) -> (usize, Option<String>) {
+        self.stop.store(true, Ordering::Release);
+        self.thread.join().expect("responder")
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -747,6 +858,103 @@ async fn ingest(target: Target, args: &Args) -> serde_json::Value {
         "arrived": arrived,
         "lost": acked.saturating_sub(arrived),
         "unacked": total - acked,
+        "seconds": seconds,
+        "cpu_seconds": {"bridge": bridge_cpu, "broker": broker_cpu},
+    })
+}
+
+/// One `request` client: sends `count` requests with up to `window` unanswered.
+/// Returns (answered, errors, when the last answer came, round-trip latencies).
+async fn request_windowed(
+    mut client: Client,
+    count: usize,
+    window: usize,
+    epoch: Instant,
+) -> (usize, usize, Option<Instant>, Histogram<u64>) {
+    let mut h = histogram();
+    let mut in_flight: VecDeque<(u64, Instant)> = VecDeque::new();
+    let (mut sent, mut answered, mut errors, mut last) = (0usize, 0usize, 0usize, None);
+    while answered + errors < count {
+        while sent < count && in_flight.len() < window {
+            client.feed_request(sent as u64, &body(sent as u64, epoch)).await;
+            in_flight.push_back((sent as u64, Instant::now()));
+            sent += 1;
+        }
+        client.flush().await;
+        let (reference, ok) = match client.next().await {
+            Some(Inbound::Reply(reference)) => (reference, true),
+            Some(Inbound::Error(reference)) => (reference, false),
+            Some(_) => continue,
+            None => break,
+        };
+        // Answers may overtake each other; match them by reference.
+        let Some(pos) = in_flight.iter().position(|(r, _)| *r == reference) else {
+            if !ok {
+                errors += 1; // an error without a reference (STOMP ERROR): the session is over
+                break;
+            }
+            continue;
+        };
+        if let Some((_, at)) = in_flight.remove(pos) {
+            if ok {
+                let _ = h.record((at.elapsed().as_micros() as u64).max(1));
+                answered += 1;
+                last = Some(Instant::now());
+            } else {
+                errors += 1;
+            }
+        }
+    }
+    (answered, errors, last, h)
+}
+
+async fn request(target: Target, args: &Args) -> serde_json::Value {
+    let bridge = start_target(target, args, false).await;
+    let url = args.amqp_url.clone();
+    let exchange = target.names().outbound;
+    let responder = tokio::task::spawn_blocking(move || BenchResponder::start(&url, exchange))
+        .await
+        .expect("responder");
+    let clients = connect_many(target, args, bridge.as_ref(), args.request_clients, false).await;
+    let (count, window) = (args.requests_per_client, args.request_window.max(1));
+    let epoch = Instant::now();
+    let meter = CpuMeter::start(bridge.as_ref().map(BridgeProcess::pid), args.broker_pid);
+    let first = Instant::now();
+    let tasks: Vec<_> = clients
+        .into_iter()
+        .map(|client| tokio::spawn(request_windowed(client, count, window, epoch)))
+        .collect();
+    let mut h = histogram();
+    let (mut answered, mut errors, mut last) = (0, 0, None);
+    for task in tasks {
+        let (a, e, l, one) = task.await.expect("request task");
+        answered += a;
+        errors += e;
+        last = last.max(l);
+        let _ = h.add(&one);
+    }
+    let (bridge_cpu, broker_cpu) = meter.stop();
+    let (responded, reply_to) = tokio::task::spawn_blocking(move || responder.stop())
+        .await
+        .expect("join");
+    if let Some(bridge) = bridge {
+        bridge.stop();
+    }
+    let total = args.request_clients * count;
+    let seconds = last.map_or(f64::NAN, |l: Instant| l.duration_since(first).as_secs_f64());
+    json!({
+        "scenario": "request",
+        "target": target.name(),
+        "clients": args.request_clients,
+        "window": window,
+        "requests": total,
+        "answered": answered,
+        "errors": errors,
+        "unanswered": total - answered - errors,
+        "responder_answered": responded,
+        "responder_reply_to": reply_to,
+        "round_trips_per_s": (answered as f64 / seconds).round(),
+        "latency_ms": latency_ms(&h),
         "seconds": seconds,
         "cpu_seconds": {"bridge": bridge_cpu, "broker": broker_cpu},
     })
@@ -1037,6 +1245,13 @@ fn print_row(result: &serde_json::Value) {
             f(&["ack_latency_ms", "p50"]), f(&["ack_latency_ms", "p99"]), f(&["ack_latency_ms", "max"]),
             result["arrived"], result["unacked"], f(&["cpu_seconds", "bridge"]), f(&["cpu_seconds", "broker"])
         ),
+        Some("request") => eprintln!(
+            "  {:<10} request clients={} window={} requests={} answered={} errors={} round trips/s={} p50={}ms p99={}ms max={}ms cpu bridge={}s broker={}s reply_to={}",
+            result["target"].as_str().unwrap_or(""), result["clients"], result["window"], result["requests"],
+            result["answered"], result["errors"], f(&["round_trips_per_s"]), f(&["latency_ms", "p50"]),
+            f(&["latency_ms", "p99"]), f(&["latency_ms", "max"]), f(&["cpu_seconds", "bridge"]),
+            f(&["cpu_seconds", "broker"]), result["responder_reply_to"]
+        ),
         Some("handshake") => eprintln!(
             "  deskbridge handshake auth={:<5} handshakes={} per_s={} bridge cpu={}s ({} µs each)",
             result["auth"].as_str().unwrap_or(""), result["handshakes"], f(&["handshakes_per_s"]),
@@ -1069,6 +1284,7 @@ async fn run(scenario: Scenario, target: Target, args: &Args) {
         }
         Scenario::Ingest => print_row(&ingest(target, args).await),
         Scenario::Idle => print_row(&idle(target, args).await),
+        Scenario::Request => print_row(&request(target, args).await),
         Scenario::Slow if target == Target::Deskbridge => print_row(&slow(args).await),
         Scenario::Handshake if target == Target::Deskbridge => {
             for auth in [Auth::None, Auth::Hs256, Auth::Rs256] {
