@@ -69,8 +69,6 @@ pub enum Reason {
     HistoryUnavailable,
     /// Its instance shut down.
     Shutdown,
-    /// Its instance stopped sending heartbeats (seen by another instance, never published).
-    InstanceLost,
 }
 
 /// Body of a `session.*` message.
