@@ -12,8 +12,8 @@
 //!   desktop responder (amiquip) that answers to `reply_to` with the request's `correlation_id`;
 //!   round trips per second and round-trip latency. Web-STOMP sends with
 //!   `reply-to:/temp-queue/r`: RabbitMQ (3.10) gives the AMQP consumer the temp queue's own
-//!   name as `reply_to` (`amq.gen-…`); the responder publishes to it on the default exchange
-//!   (and would strip a `/reply-queue/` prefix, should a broker send one).
+//!   name as `reply_to` (`amq.gen-…`); the responder (`common::desktop::Responder`, the one the
+//!   tests use) publishes to it on the default exchange.
 //! - `slow`: (deskbridge only) fast readers plus one browser that never reads, under a stream of
 //!   large events: the bridge's RSS stays bounded and the slow one is closed with 1013.
 //!
@@ -562,67 +562,6 @@ fn desktop_counter(
     (ready_rx, thread, expected)
 }
 
-/// A desktop service for `request`: consumes `A_new_example` on `exchange` and answers every
-/// message that has a `reply_to` with its own body and `correlation_id`, on the default exchange.
-struct BenchResponder {
-    stop: Arc<AtomicBool>,
-    thread: std::thread::JoinHandle<(usize, Option<String>)>,
-}
-
-impl BenchResponder {
-    /// Starts consuming and returns once the queue is bound.
-    fn start(url: &str, exchange: &str) -> BenchResponder {
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let stop = Arc::new(AtomicBool::new(false));
-        let stopped = Arc::clone(&stop);
-        let url = url.to_string();
-        let exchange = exchange.to_string();
-        let thread = std::thread::spawn(move || {
-            let mut connection = bench_broker(&url);
-            let channel = connection.open_channel(None).expect("channel");
-            let queue = private_queue(&channel, &exchange, &["A_new_example"]);
-            let consumer = consume_unacked(&queue);
-            let _ = ready_tx.send(());
-            let (mut answered, mut first_reply_to) = (0, None);
-            while !stopped.load(Ordering::Acquire) {
-                let request = match consumer.receiver().recv_timeout(Duration::from_millis(100)) {
-                    Ok(ConsumerMessage::Delivery(request)) => request,
-                    Err(e) if e.is_timeout() => continue,
-                    _ => break,
-                };
-                let Some(reply_to) = request.properties.reply_to().as_deref() else {
-                    continue;
-                };
-                first_reply_to.get_or_insert_with(|| reply_to.to_string());
-                // Web-STOMP's `reply-to:/temp-queue/..` reaches AMQP 0-9-1 as the temp queue's
-                // name (`amq.gen-…` on RabbitMQ 3.10); STOMP writes it `/reply-queue/<queue>`,
-                // so strip that prefix should it ever appear here.
-                let queue = reply_to.strip_prefix("/reply-queue/").unwrap_or(reply_to);
-                let mut properties = AmqpProperties::default().with_content_type("application/json".into());
-                if let Some(id) = request.properties.correlation_id() {
-                    properties = properties.with_correlation_id(id.clone());
-                }
-                channel
-                    .basic_publish("", Publish::with_properties(&request.body, queue, properties))
-                    .expect("reply");
-                answered += 1;
-            }
-            let _ = connection.close();
-            (answered, first_reply_to)
-        });
-        ready_rx
-            .recv_timeout(Duration::from_secs(20))
-            .expect("responder ready");
-        BenchResponder { stop, thread }
-    }
-
-    /// Stops consuming; returns how many requests it answered and the first `reply_to` it saw.
-    fn stop(self) -> (usize, Option<String>) {
-        self.stop.store(true, Ordering::Release);
-        self.thread.join().expect("responder")
-    }
-}
-
 // ---------------------------------------------------------------------------------------------
 // Scenarios
 
@@ -910,11 +849,24 @@ async fn request_windowed(
 
 async fn request(target: Target, args: &Args) -> serde_json::Value {
     let bridge = start_target(target, args, false).await;
+    // A desktop service echoing each request's body; it counts what it answered and keeps the
+    // first `reply_to` (Web-STOMP's temp queue reaches it as a plain `amq.gen-…` name).
+    let answered_by_responder = Arc::new(AtomicUsize::new(0));
+    let first_reply_to = Arc::new(std::sync::Mutex::new(None::<String>));
+    let (count_it, note_it) = (Arc::clone(&answered_by_responder), Arc::clone(&first_reply_to));
     let url = args.amqp_url.clone();
     let exchange = target.names().outbound;
-    let responder = tokio::task::spawn_blocking(move || BenchResponder::start(&url, exchange))
-        .await
-        .expect("responder");
+    let responder = tokio::task::spawn_blocking(move || {
+        common::desktop::Responder::start_at(&url, exchange, &["A_new_example"], move |request| {
+            count_it.fetch_add(1, Ordering::Relaxed);
+            if let Ok(mut first) = note_it.lock() {
+                first.get_or_insert_with(|| request.properties.reply_to().clone().unwrap_or_default());
+            }
+            request.body.clone()
+        })
+    })
+    .await
+    .expect("responder");
     let clients = connect_many(target, args, bridge.as_ref(), args.request_clients, false).await;
     let (count, window) = (args.requests_per_client, args.request_window.max(1));
     let epoch = Instant::now();
@@ -934,9 +886,11 @@ async fn request(target: Target, args: &Args) -> serde_json::Value {
         let _ = h.add(&one);
     }
     let (bridge_cpu, broker_cpu) = meter.stop();
-    let (responded, reply_to) = tokio::task::spawn_blocking(move || responder.stop())
+    tokio::task::spawn_blocking(move || drop(responder))
         .await
         .expect("join");
+    let responded = answered_by_responder.load(Ordering::Relaxed);
+    let reply_to = first_reply_to.lock().ok().and_then(|first| first.clone());
     if let Some(bridge) = bridge {
         bridge.stop();
     }

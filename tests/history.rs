@@ -147,19 +147,7 @@ async fn requests_stay_out_of_history_and_desktop_requests_reach_the_other_insta
     let mut asker = Browser::connect(&second).await;
 
     // Presence covers both instances with history on, as in queue mode.
-    let started = std::time::Instant::now();
-    loop {
-        asker.send(json!({"op": "presence", "desk": "A"})).await;
-        let answer = asker.recv().await;
-        if answer["sessions"] == json!([{"session": watcher.session}]) {
-            break;
-        }
-        assert!(
-            started.elapsed() < common::DEADLINE,
-            "presence never showed the watcher: {answer}"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    asker.wait_presence("A", &[watcher.session.clone()]).await;
 
     // The desk stream is bound to the outbound exchange, yet a request nobody listens for is
     // still returned: requests do not go into the history.

@@ -53,53 +53,6 @@ fn next_change(listener: &Listener, session: &str) -> (String, Value) {
     }
 }
 
-/// The sessions of a `presence` answer, as (session, user) pairs.
-async fn ask(browser: &mut Browser, desk: &str) -> Vec<(String, Option<String>)> {
-    browser
-        .send(json!({"op": "presence", "desk": desk, "ref": "q"}))
-        .await;
-    let answer = browser.recv().await;
-    assert_eq!(
-        (
-            answer["op"].as_str(),
-            answer["desk"].as_str(),
-            answer["ref"].as_str()
-        ),
-        (Some("presence"), Some(desk), Some("q")),
-        "{answer}"
-    );
-    answer["sessions"]
-        .as_array()
-        .expect("sessions is a list")
-        .iter()
-        .map(|s| {
-            (
-                s["session"].as_str().expect("session id").to_string(),
-                s["user"].as_str().map(String::from),
-            )
-        })
-        .collect()
-}
-
-/// Asks until the answer holds exactly `expected` sessions (other instances' changes arrive
-/// through the broker).
-async fn ask_until(browser: &mut Browser, desk: &str, expected: &[String]) {
-    let mut want = expected.to_vec();
-    want.sort();
-    let started = Instant::now();
-    loop {
-        let got: Vec<String> = ask(browser, desk).await.into_iter().map(|(s, _)| s).collect();
-        if got == want {
-            return;
-        }
-        assert!(
-            started.elapsed() < common::DEADLINE,
-            "presence of {desk} is {got:?}, expected {want:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 async fn subscribe_watching(browser: &mut Browser, desks: &[&str]) {
     browser
         .send(json!({"op": "subscribe", "desks": desks, "presence": true}))
@@ -132,11 +85,11 @@ async fn sessions_on_two_instances_see_each_other_and_desktop_apps_see_every_cha
     let join = watcher.recv().await;
     assert_eq!(join, json!({"op": "join", "desk": "A", "session": other.session}));
     let expected = [watcher.session.clone(), other.session.clone()];
-    ask_until(&mut watcher, "A", &expected).await;
+    watcher.wait_presence("A", &expected).await;
     let expected = [watcher.session.clone(), other.session.clone()];
-    ask_until(&mut other, "A", &expected).await;
+    other.wait_presence("A", &expected).await;
     let expected = [other.session.clone()];
-    ask_until(&mut watcher, "B", &expected).await;
+    watcher.wait_presence("B", &expected).await;
     let (key, subscribed) = next_change(&changes, &other.session);
     assert_eq!(key, "session.connected");
     assert_ne!(subscribed["instance"], first_instance.as_str(), "{subscribed}");
@@ -165,7 +118,7 @@ async fn sessions_on_two_instances_see_each_other_and_desktop_apps_see_every_cha
         (key.as_str(), &gone["desks"], &gone["reason"]),
         ("session.disconnected", &json!(["B"]), &json!("closed"))
     );
-    ask_until(&mut watcher, "B", &[]).await;
+    watcher.wait_presence("B", &[]).await;
     watcher.assert_quiet().await;
 }
 
@@ -181,7 +134,7 @@ async fn a_new_instance_learns_the_others_at_once_and_a_stopped_one_says_goodbye
     let mut late = Browser::connect(&second).await;
     late.subscribe(&["A"]).await;
     let expected = [early.session.clone(), late.session.clone()];
-    ask_until(&mut late, "A", &expected).await;
+    late.wait_presence("A", &expected).await;
     assert_eq!(
         early.recv().await,
         json!({"op": "join", "desk": "A", "session": late.session})
@@ -195,7 +148,7 @@ async fn a_new_instance_learns_the_others_at_once_and_a_stopped_one_says_goodbye
         json!({"op": "leave", "desk": "A", "session": late_session})
     );
     let expected = [early.session.clone()];
-    ask_until(&mut early, "A", &expected).await;
+    early.wait_presence("A", &expected).await;
     let (key, gone) = next_change(&lifecycle, &late_session);
     assert_eq!(key, "session.connected");
     let (key, _) = next_change(&lifecycle, &late_session);
@@ -255,7 +208,7 @@ async fn a_killed_instance_leaves_the_presence_view_within_three_heartbeats() {
     expected.sort();
     assert_eq!(left, expected);
     let expected = [watcher.session.clone()];
-    ask_until(&mut watcher, "A", &expected).await;
+    watcher.wait_presence("A", &expected).await;
     first
         .wait_metric("deskbridge_presence_instances_lost_total 1")
         .await;
@@ -290,7 +243,7 @@ async fn with_auth_presence_shows_users_and_needs_the_right_to_read_the_desk() {
         alice.recv().await,
         json!({"op": "join", "desk": "A", "session": bob.session, "user": "bob"})
     );
-    let mut users: Vec<Option<String>> = ask(&mut alice, "A").await.into_iter().map(|(_, u)| u).collect();
+    let mut users: Vec<Option<String>> = alice.presence("A").await.into_iter().map(|(_, u)| u).collect();
     users.sort();
     assert_eq!(users, [Some("alice".to_string()), Some("bob".to_string())]);
     let (key, connected) = next_change(&changes, &bob.session);
@@ -314,7 +267,7 @@ async fn with_auth_presence_shows_users_and_needs_the_right_to_read_the_desk() {
         .await;
     let refused = alice.recv().await;
     assert_eq!(refused["code"], "forbidden", "{refused}");
-    assert_eq!(ask(&mut bob, "B").await, []);
+    assert_eq!(bob.presence("B").await, []);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -335,7 +288,7 @@ async fn garbage_on_the_presence_exchange_is_counted_and_skipped() {
     let mut browser = Browser::connect(&bridge).await;
     browser.subscribe(&["A"]).await;
     let expected = [browser.session.clone()];
-    ask_until(&mut browser, "A", &expected).await;
+    browser.wait_presence("A", &expected).await;
     let (status, health) = common::http::http_get(bridge.addr, "/health").await;
     assert_eq!(status, 200, "{health}");
 }

@@ -185,6 +185,52 @@ impl Browser {
         assert_eq!(self.recv().await, json!({"op": "pong"}));
     }
 
+    /// Asks `presence` for `desk`; the sessions of the answer, as (session, user) pairs.
+    pub async fn presence(&mut self, desk: &str) -> Vec<(String, Option<String>)> {
+        self.send(json!({"op": "presence", "desk": desk, "ref": "q"}))
+            .await;
+        let answer = self.recv().await;
+        assert_eq!(
+            (
+                answer["op"].as_str(),
+                answer["desk"].as_str(),
+                answer["ref"].as_str()
+            ),
+            (Some("presence"), Some(desk), Some("q")),
+            "{answer}"
+        );
+        answer["sessions"]
+            .as_array()
+            .expect("sessions is a list")
+            .iter()
+            .map(|s| {
+                (
+                    s["session"].as_str().expect("session id").to_string(),
+                    s["user"].as_str().map(String::from),
+                )
+            })
+            .collect()
+    }
+
+    /// Asks `presence` until the answer holds exactly `expected` sessions (other instances'
+    /// changes arrive through the broker); fails after the deadline.
+    pub async fn wait_presence(&mut self, desk: &str, expected: &[String]) {
+        let mut want = expected.to_vec();
+        want.sort();
+        let started = std::time::Instant::now();
+        loop {
+            let got: Vec<String> = self.presence(desk).await.into_iter().map(|(s, _)| s).collect();
+            if got == want {
+                return;
+            }
+            assert!(
+                started.elapsed() < DEADLINE,
+                "presence of {desk} is {got:?}, expected {want:?}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+
     /// Publishes and returns the `ack` or `error` reply.
     pub async fn publish(&mut self, desk: &str, event: &str, data: Value, reference: &str) -> Value {
         self.send(json!({"op": "publish", "desk": desk, "event": event, "data": data, "ref": reference}))

@@ -204,12 +204,34 @@ impl Responder {
         keys: &[&str],
         answer: impl Fn(&Delivery) -> Vec<u8> + Send + 'static,
     ) -> Responder {
+        Responder::spawn(None, exchange, keys, answer)
+    }
+
+    /// `start` on another broker than the tests' (the bench node).
+    pub fn start_at(
+        url: &str,
+        exchange: &str,
+        keys: &[&str],
+        answer: impl Fn(&Delivery) -> Vec<u8> + Send + 'static,
+    ) -> Responder {
+        Responder::spawn(Some(url.to_string()), exchange, keys, answer)
+    }
+
+    fn spawn(
+        url: Option<String>,
+        exchange: &str,
+        keys: &[&str],
+        answer: impl Fn(&Delivery) -> Vec<u8> + Send + 'static,
+    ) -> Responder {
         let (ready_tx, ready_rx) = crossbeam_channel::bounded(1);
         let (stop, stop_rx) = crossbeam_channel::bounded::<()>(1);
         let exchange = exchange.to_string();
         let keys: Vec<String> = keys.iter().map(|k| k.to_string()).collect();
         let thread = std::thread::spawn(move || {
-            let mut connection = broker();
+            let mut connection = match url {
+                Some(url) => connect(&url, "Is that broker running?"),
+                None => broker(),
+            };
             let channel = connection.open_channel(None).expect("channel");
             let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
             let queue = private_queue(&channel, &exchange, &keys);
