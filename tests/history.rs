@@ -9,34 +9,10 @@ use deskbridge::config::{Config, DeskPolicy, SlowPolicy};
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
 
-use common::amqp::delete_quietly;
+use common::amqp::delete_history;
+use common::bridge::history_config;
 use common::browser::{small_receive_buffer, ws_url};
-use common::{key, unique, Browser, Desktop, Listener, TestBridge};
-
-/// A history-mode config with its own exchanges and stream prefix.
-fn history_config(test: &str) -> Config {
-    let mut config = common::bridge::test_config(test);
-    config.history.enabled = true;
-    config.history.stream_prefix = unique(&format!("dbt.{test}.h"));
-    config
-}
-
-/// Deletes the streams and exchanges of `config` (the bridges must be stopped first).
-fn clean_up(config: &Config) {
-    let streams: Vec<String> = config
-        .desks
-        .iter()
-        .map(|desk| format!("{}.{desk}", config.history.stream_prefix))
-        .collect();
-    let webs: Vec<String> = streams.iter().map(|stream| format!("{stream}.web")).collect();
-    let streams: Vec<&str> = streams.iter().map(String::as_str).collect();
-    let mut exchanges = vec![
-        config.amqp.inbound_exchange.as_str(),
-        config.amqp.outbound_exchange.as_str(),
-    ];
-    exchanges.extend(webs.iter().map(String::as_str));
-    delete_quietly(&streams, &exchanges);
-}
+use common::{key, Browser, Desktop, Listener, TestBridge};
 
 /// A bridge that is up and attached to every desk stream (a `since` is served).
 async fn ready_bridge(config: Config) -> TestBridge {
@@ -134,7 +110,7 @@ async fn two_instances_deliver_every_event_once_with_the_same_offsets_and_web_ev
     drop((one, two));
     first.shut_down().await;
     second.shut_down().await;
-    clean_up(&config);
+    delete_history(&config);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -205,7 +181,7 @@ async fn requests_stay_out_of_history_and_desktop_requests_reach_the_other_insta
     drop((watcher, asker, answers));
     first.shut_down().await;
     second.shut_down().await;
-    clean_up(&config);
+    delete_history(&config);
 }
 
 #[actix_web::test]
@@ -244,7 +220,7 @@ async fn a_browser_resumes_with_since_and_gets_exactly_what_it_missed_then_live(
 
     drop(back);
     bridge.shut_down().await;
-    clean_up(&config);
+    delete_history(&config);
 }
 
 #[actix_web::test]
@@ -287,7 +263,7 @@ async fn a_resume_older_than_memory_is_read_from_the_stream_on_another_instance(
     drop(back);
     second.shut_down().await;
     drop(first);
-    clean_up(&config);
+    delete_history(&config);
 }
 
 #[actix_web::test]
@@ -311,7 +287,7 @@ async fn another_epoch_is_not_recovered_and_delivery_starts_at_the_first_retaine
 
     drop(browser);
     bridge.shut_down().await;
-    clean_up(&config);
+    delete_history(&config);
 }
 
 #[actix_web::test]
@@ -344,7 +320,7 @@ async fn a_snapshot_delivers_the_last_k_events_then_live() {
 
     drop(watcher);
     bridge.shut_down().await;
-    clean_up(&config);
+    delete_history(&config);
 }
 
 /// A browser whose socket takes nothing: its tiny receive buffer fills and the bridge's
@@ -386,7 +362,7 @@ async fn a_catch_up_reader_that_stops_reading_ends_up_with_every_event_and_is_no
 
     drop((slow, live));
     bridge.shut_down().await;
-    clean_up(&config);
+    delete_history(&config);
 }
 
 #[actix_web::test]
@@ -448,7 +424,7 @@ async fn a_latest_reader_gets_the_newest_value_per_key_and_one_gap() {
 
     drop((slow, live));
     bridge.shut_down().await;
-    clean_up(&config);
+    delete_history(&config);
 }
 
 #[actix_web::test]
@@ -473,7 +449,7 @@ async fn a_stream_message_that_is_garbage_is_skipped_counted_and_the_desk_goes_o
 
     drop(browser);
     bridge.shut_down().await;
-    clean_up(&config);
+    delete_history(&config);
 }
 
 #[actix_web::test]

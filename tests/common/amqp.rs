@@ -146,6 +146,25 @@ pub fn delete_topology(config: &Config) {
     );
 }
 
+/// Deletes the desk streams of `config` (`[history]`), their `.web` exchanges and the
+/// bridge's exchanges; every instance using them must be stopped first.
+pub fn delete_history(config: &Config) {
+    let streams: Vec<String> = config
+        .desks
+        .iter()
+        .map(|desk| format!("{}.{desk}", config.history.stream_prefix))
+        .collect();
+    let webs: Vec<String> = streams.iter().map(|stream| format!("{stream}.web")).collect();
+    let streams: Vec<&str> = streams.iter().map(String::as_str).collect();
+    let mut exchanges: Vec<&str> = webs.iter().map(String::as_str).collect();
+    exchanges.extend([
+        config.amqp.inbound_exchange.as_str(),
+        config.amqp.outbound_exchange.as_str(),
+        config.amqp.presence_exchange.as_str(),
+    ]);
+    delete_quietly(&streams, &exchanges);
+}
+
 /// Messages ready in `queue` (unacked ones count once their consumer's connection closed).
 pub fn queue_depth(queue: &str) -> u32 {
     let mut connection = broker();

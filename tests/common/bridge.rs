@@ -31,6 +31,14 @@ pub fn test_config(test: &str) -> Config {
     config
 }
 
+/// [`test_config`] with history on and a stream prefix of its own.
+pub fn history_config(test: &str) -> Config {
+    let mut config = test_config(test);
+    config.history.enabled = true;
+    config.history.stream_prefix = unique(&format!("{test}.h"));
+    config
+}
+
 /// [`test_config`] for a bridge that verifies HS256 tokens signed with `secret`.
 pub fn jwt_test_config(test: &str, secret: &str) -> Config {
     let mut config = test_config(test);

@@ -43,10 +43,10 @@ impl Drop for ConfigFile {
 }
 
 /// What a launched bridge takes from `config`, as TOML: `bind`, `workers`,
-/// `shutdown_timeout_ms`, the AMQP URLs, names and `amqp.tls`, `presence.heartbeat_ms`, `ws.max_sessions_per_ip`, and
-/// `[auth]` with its key files when `auth.mode = "jwt"` (the rest keeps its defaults).
+/// `shutdown_timeout_ms`, the AMQP URLs, names and `amqp.tls`, `presence.heartbeat_ms`,
+/// `ws.max_sessions_per_ip`, `[history]` when it is enabled, and `[auth]` with its key files
+/// when `auth.mode = "jwt"` (the rest keeps its defaults).
 pub fn config_toml(config: &Config) -> String {
-    let number = |n: u64| toml::Value::Integer(i64::try_from(n).expect("fits TOML's i64"));
     let amqp = &config.amqp;
     let mut amqp_table = toml::Table::new();
     let urls: Vec<&str> = amqp.urls.iter().map(|url| url.reveal()).collect();
@@ -83,6 +83,9 @@ pub fn config_toml(config: &Config) -> String {
         number(config.ws.max_sessions_per_ip as u64),
     );
     table.insert("ws".into(), ws.into());
+    if config.history.enabled {
+        table.insert("history".into(), history_table(&config.history).into());
+    }
     if config.auth.mode == deskbridge::config::AuthMode::Jwt {
         let jwt = &config.auth.jwt;
         let mut jwt_table = toml::Table::new();
@@ -103,6 +106,27 @@ pub fn config_toml(config: &Config) -> String {
         table.insert("auth".into(), auth.into());
     }
     table.to_string()
+}
+
+/// A count or size as a TOML integer.
+fn number(n: u64) -> toml::Value {
+    toml::Value::Integer(i64::try_from(n).expect("fits TOML's i64"))
+}
+
+/// `[history]` as TOML, every key written.
+fn history_table(history: &deskbridge::config::HistoryConfig) -> toml::Table {
+    let mut table = toml::Table::new();
+    table.insert("enabled".into(), true.into());
+    table.insert("max_age".into(), history.max_age.clone().into());
+    table.insert("max_bytes".into(), number(history.max_bytes));
+    table.insert("stream_prefix".into(), history.stream_prefix.clone().into());
+    table.insert("memory_bytes".into(), number(history.memory_bytes as u64));
+    table.insert("replay_batch".into(), number(history.replay_batch as u64));
+    table.insert("max_snapshot".into(), number(history.max_snapshot as u64));
+    if let Some(size) = history.initial_cluster_size {
+        table.insert("initial_cluster_size".into(), number(size.into()));
+    }
+    table
 }
 
 /// `binary --config <config>` with the environment's overrides (`DESKBRIDGE_BIND`, `AMQP_URL`)
