@@ -30,6 +30,8 @@ const MAX_DESKS_PER_FRAME = 64;
 // again from `initialMs`. A shorter one does not, so a bridge that welcomes and then drops
 // every session is not hammered.
 const STABLE_MS = 5_000;
+// A subscribe refused with `broker_unavailable` is asked again after this pause.
+const RESUBSCRIBE_MS = 500;
 // setTimeout fires at once for delays above 2^31 - 1 ms (a token valid for a month).
 const MAX_TIMER_MS = 2 ** 31 - 1;
 
@@ -554,6 +556,7 @@ export class DeskBridge extends EventTarget {
       done: () => {},
       fail: (error) => {
         if (["disconnected", "closed", "timeout"].includes(error.code)) return; // kept: resubscribed on reconnect
+        if (error.code === "broker_unavailable") return this.#subscribeLater(desks, presence);
         if (desks.length > 1) {
           // Subscribe is all or nothing: find the desks at fault one by one, keep the others.
           for (const desk of [...desks].reverse()) this.#enqueueSubscribe([desk], presence, { front: true });
@@ -563,6 +566,19 @@ export class DeskBridge extends EventTarget {
         this.#emit("error", errorDetail(error));
       },
     }, { front });
+  }
+
+  /**
+   * Asks again for `desks` after a pause, on this same session: `broker_unavailable` means the
+   * bridge cannot serve them yet (it is attaching to the desks' history streams right after its
+   * start, or its broker is away). A reconnect resubscribes everything anyway.
+   */
+  #subscribeLater(desks, presence) {
+    const session = this.#session;
+    setTimeout(() => {
+      const still = desks.filter((desk) => this.#wanted.has(desk));
+      if (this.#session === session && this.#state === "open" && still.length) this.#enqueueSubscribe(still, presence);
+    }, RESUBSCRIBE_MS);
   }
 
   #subscribed(frame) {

@@ -301,6 +301,75 @@ async fn the_client_reconnects_after_a_restart_and_resubscribes() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_history_the_client_resumes_after_a_restart_without_gaps_or_duplicates() {
+    let mut config = common::bridge::history_config("client-resume");
+    config.bind = format!("127.0.0.1:{}", free_port());
+    let first = TestBridge::start_healthy(config.clone()).await;
+    let addr = first.addr;
+    let exchange = config.amqp.inbound_exchange.clone();
+    let mut desktop = Desktop::connect();
+    let mut publish = |numbers: std::ops::Range<u64>| {
+        let messages: Vec<(String, Value)> = numbers
+            .map(|n| (key("A", "new_example"), json!({ "n": n })))
+            .collect();
+        desktop.publish_many(&exchange, &messages);
+    };
+    let chrome = Chrome::start().await;
+    open_client(&chrome, addr, FAST, &["A"]).await;
+    chrome
+        .run("t.gaps = []; t.b.on('gap', (g) => t.gaps.push(g)); return true;")
+        .await;
+    publish(0..50);
+    chrome
+        .wait_for("the first 50 events", "t.events.length >= 50")
+        .await;
+    let before = chrome
+        .run("const e = t.events[t.events.length - 1]; return { offset: e.offset, epoch: e.epoch };")
+        .await;
+
+    // While no bridge runs, the desk's stream keeps what desktop apps publish.
+    let (stopped, _) = first.shut_down().await;
+    chrome
+        .wait_for("the client to notice", "t.states.includes('reconnecting')")
+        .await;
+    publish(50..150);
+    let second = TestBridge::start_healthy(config.clone()).await;
+    assert_eq!(second.addr, addr);
+    chrome
+        .wait_for(
+            "desk A subscribed again",
+            "t.b.state === 'open' && t.b.subscriptions.length === 1 && t.b.subscriptions[0].confirmed",
+        )
+        .await;
+    publish(150..200);
+    chrome.wait_for("all 200 events", "t.events.length >= 200").await;
+
+    let seen = chrome
+        .run(
+            "return { numbers: t.events.map((e) => e.data.n), duplicates: t.duplicates.length, \
+             gaps: t.gaps, subscribes: t.out.filter((f) => f.op === 'subscribe') };",
+        )
+        .await;
+    let expected: Vec<u64> = (0..200).collect();
+    assert_eq!(seen["numbers"], json!(expected), "every event once, in order");
+    assert_eq!(seen["duplicates"], 0, "the bridge resent nothing: {seen}");
+    assert_eq!(seen["gaps"], json!([]), "nothing was reported lost: {seen}");
+    let resubscribe = seen["subscribes"]
+        .as_array()
+        .and_then(|frames| frames.last())
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(
+        resubscribe["since"]["A"], before,
+        "the resubscribe asks for what followed the last event seen: {seen}"
+    );
+    chrome.quit().await;
+    drop(second);
+    drop(stopped);
+    common::amqp::delete_history(&config);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn duplicate_event_ids_are_dropped() {
     let bridge = TestBridge::start_healthy(test_config("client-dupes")).await;
     let exchange = bridge.config.amqp.inbound_exchange.clone();
