@@ -300,48 +300,71 @@ async fn the_client_reconnects_after_a_restart_and_resubscribes() {
     drop(stopped);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn with_history_the_client_resumes_after_a_restart_without_gaps_or_duplicates() {
-    let mut config = common::bridge::history_config("client-resume");
+/// A history-mode bridge on a fixed free port (a restarted one is where the page left it) and
+/// the client subscribed to desk A, with its `gap` events in `t.gaps`.
+async fn history_client(test: &str) -> (deskbridge::Config, TestBridge, Chrome) {
+    let mut config = common::bridge::history_config(test);
     config.bind = format!("127.0.0.1:{}", free_port());
-    let first = TestBridge::start_healthy(config.clone()).await;
-    let addr = first.addr;
-    let exchange = config.amqp.inbound_exchange.clone();
-    let mut desktop = Desktop::connect();
-    let mut publish = |numbers: std::ops::Range<u64>| {
-        let messages: Vec<(String, Value)> = numbers
-            .map(|n| (key("A", "new_example"), json!({ "n": n })))
-            .collect();
-        desktop.publish_many(&exchange, &messages);
-    };
+    let bridge = TestBridge::start_healthy(config.clone()).await;
     let chrome = Chrome::start().await;
-    open_client(&chrome, addr, FAST, &["A"]).await;
+    open_client(&chrome, bridge.addr, FAST, &["A"]).await;
     chrome
         .run("t.gaps = []; t.b.on('gap', (g) => t.gaps.push(g)); return true;")
         .await;
-    publish(0..50);
-    chrome
-        .wait_for("the first 50 events", "t.events.length >= 50")
-        .await;
-    let before = chrome
-        .run("const e = t.events[t.events.length - 1]; return { offset: e.offset, epoch: e.epoch };")
-        .await;
+    (config, bridge, chrome)
+}
 
-    // While no bridge runs, the desk's stream keeps what desktop apps publish.
-    let (stopped, _) = first.shut_down().await;
+/// A desktop app publishes `{"n": n}` on desk A for each of `numbers`.
+fn publish_numbers(config: &deskbridge::Config, numbers: std::ops::Range<u64>) {
+    let messages: Vec<(String, Value)> = numbers
+        .map(|n| (key("A", "new_example"), json!({ "n": n })))
+        .collect();
+    Desktop::connect().publish_many(&config.amqp.inbound_exchange, &messages);
+}
+
+/// Stops `bridge` (its names stay for the next one), runs `meanwhile`, then starts a bridge
+/// on the same port and waits until the client has desk A confirmed again.
+async fn restart_under_client(
+    bridge: TestBridge,
+    chrome: &Chrome,
+    meanwhile: impl FnOnce(),
+) -> (TestBridge, TestBridge) {
+    let config = bridge.config.clone();
+    let (stopped, _) = bridge.shut_down().await;
     chrome
         .wait_for("the client to notice", "t.states.includes('reconnecting')")
         .await;
-    publish(50..150);
-    let second = TestBridge::start_healthy(config.clone()).await;
-    assert_eq!(second.addr, addr);
+    meanwhile();
+    let second = TestBridge::start_healthy(config).await;
+    assert_eq!(second.addr, stopped.addr);
     chrome
         .wait_for(
             "desk A subscribed again",
             "t.b.state === 'open' && t.b.subscriptions.length === 1 && t.b.subscriptions[0].confirmed",
         )
         .await;
-    publish(150..200);
+    (stopped, second)
+}
+
+/// The offset and epoch of the last event the client got.
+async fn last_position(chrome: &Chrome) -> Value {
+    chrome
+        .run("const e = t.events[t.events.length - 1]; return { offset: e.offset, epoch: e.epoch };")
+        .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_history_the_client_resumes_after_a_restart_without_gaps_or_duplicates() {
+    let (config, first, chrome) = history_client("client-resume").await;
+    publish_numbers(&config, 0..50);
+    chrome
+        .wait_for("the first 50 events", "t.events.length >= 50")
+        .await;
+    let before = last_position(&chrome).await;
+
+    // While no bridge runs, the desk's stream keeps what desktop apps publish.
+    let (stopped, second) = restart_under_client(first, &chrome, || publish_numbers(&config, 50..150)).await;
+    publish_numbers(&config, 150..200);
     chrome.wait_for("all 200 events", "t.events.length >= 200").await;
 
     let seen = chrome
@@ -362,6 +385,53 @@ async fn with_history_the_client_resumes_after_a_restart_without_gaps_or_duplica
     assert_eq!(
         resubscribe["since"]["A"], before,
         "the resubscribe asks for what followed the last event seen: {seen}"
+    );
+    chrome.quit().await;
+    drop(second);
+    drop(stopped);
+    common::amqp::delete_history(&config);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resume_into_a_new_history_surfaces_a_gap_with_what_was_missed() {
+    let (config, first, chrome) = history_client("client-epoch").await;
+    publish_numbers(&config, 0..10);
+    chrome
+        .wait_for("the first 10 events", "t.events.length >= 10")
+        .await;
+    let before = last_position(&chrome).await;
+
+    // The desk's stream is deleted while no bridge runs: the next one starts a new epoch.
+    let stream = format!("{}.A", config.history.stream_prefix);
+    let (stopped, second) = restart_under_client(first, &chrome, || {
+        common::amqp::delete_quietly(&[&stream], &[]);
+    })
+    .await;
+    publish_numbers(&config, 10..15);
+    chrome
+        .wait_for("the events of the new history", "t.events.length >= 15")
+        .await;
+
+    let seen = chrome
+        .run("return { numbers: t.events.map((e) => e.data.n), epochs: t.events.map((e) => e.epoch), gaps: t.gaps };")
+        .await;
+    let expected: Vec<u64> = (0..15).collect();
+    assert_eq!(seen["numbers"], json!(expected), "{seen}");
+    let gaps = seen["gaps"].as_array().cloned().unwrap_or_default();
+    assert_eq!(gaps.len(), 1, "one gap for the lost history: {seen}");
+    let gap = &gaps[0];
+    assert_eq!(gap["desk"], "A");
+    assert_eq!(gap["reason"], "not_recovered");
+    assert_eq!(gap["epoch"], before["epoch"], "the gap names the old history");
+    assert_eq!(
+        gap["from"].as_u64(),
+        before["offset"].as_u64().map(|offset| offset + 1),
+        "the gap starts after the last event seen: {seen}"
+    );
+    let new_epoch = &seen["epochs"][10];
+    assert!(
+        new_epoch.is_string() && *new_epoch != before["epoch"],
+        "events after the gap carry the new epoch: {seen}"
     );
     chrome.quit().await;
     drop(second);
