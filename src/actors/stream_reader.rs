@@ -176,130 +176,142 @@ impl StreamReader {
             writer.write(&live.stream, &Marker::Sync(sync.clone()))?;
             live.sync = Some(sync);
         }
-        let replay_channel = connection.open_channel(None)?;
-        replay_channel.qos(0, STREAM_PREFETCH, false)?;
         life.up(&format!("({url}, {} desk streams)", desks.len()));
 
         let (done, handled) = crossbeam_channel::unbounded::<()>();
         let mut in_flight: VecDeque<Vec<(usize, Delivery)>> = VecDeque::new();
-        let mut replay: Option<ActiveReplay<'_>> = None;
         let replays = self.replays.clone();
+        // Each replay reads on a channel of its own, closed when it ends. On a channel that read
+        // the same stream before, RabbitMQ 3.10 can deliver to a new stream consumer before its
+        // consume-ok (a cancelled consumer's pending offset notification is handled first), and
+        // amiquip drops the whole connection on a delivery for a consumer tag it does not know.
         loop {
-            let wake = {
-                let mut select = Select::new();
-                let reading = in_flight.len() < MAX_IN_FLIGHT;
-                let live_ops: Vec<usize> = if reading {
-                    consumers
-                        .iter()
-                        .map(|consumer| select.recv(consumer.receiver()))
-                        .collect()
-                } else {
-                    Vec::new()
-                };
-                let handled_op = select.recv(&handled);
-                let blocked_op = select.recv(&blocked);
-                let stop_op = select.recv(stop);
-                let request_op = replay.is_none().then(|| select.recv(&replays));
-                let replay_op = replay
-                    .as_ref()
-                    .map(|active| select.recv(active.consumer.receiver()));
-                let selected = match &replay {
-                    Some(_) => select.select_timeout(REPLAY_IDLE).ok(),
-                    None => Some(select.select()),
-                };
-                match selected {
-                    None => Wake::ReplayIdle,
-                    Some(op) => {
-                        let index = op.index();
-                        if let Some(desk) = live_ops.iter().position(|&live| live == index) {
-                            Wake::Live(desk, op.recv(consumers[desk].receiver()))
-                        } else if index == handled_op {
-                            // `done` lives in this frame: the channel cannot be disconnected.
-                            let _ = op.recv(&handled);
-                            Wake::Handled
-                        } else if index == blocked_op {
-                            Wake::Blocked(op.recv(&blocked))
-                        } else if index == stop_op {
-                            let _ = op.recv(stop);
-                            return Ok(());
-                        } else if Some(index) == request_op {
-                            Wake::Request(op.recv(&replays).ok())
-                        } else {
-                            let receiver = replay.as_ref().map(|active| active.consumer.receiver());
-                            match (replay_op, receiver) {
-                                (Some(_), Some(receiver)) => Wake::Replay(op.recv(receiver)),
-                                _ => continue,
-                            }
-                        }
-                    }
-                }
-            };
-            match wake {
-                Wake::ReplayIdle => {
-                    if let Some(active) = replay.take() {
-                        self.fail_replay(active, "the stream sent nothing for 10 s (was it deleted?)");
-                    }
-                }
-                Wake::Live(desk, message) => {
-                    let first = amqp::delivered(message)?;
-                    let mut batch = Batch::default();
-                    self.take_live(desk, first, &mut desks, &writer, &mut batch)?;
-                    'drain: while batch.items.len() < MAX_BATCH {
-                        let mut any = false;
-                        for (desk, consumer) in consumers.iter().enumerate() {
-                            if let Ok(message) = consumer.receiver().try_recv() {
-                                let delivery = amqp::delivered(Ok(message))?;
-                                self.take_live(desk, delivery, &mut desks, &writer, &mut batch)?;
-                                any = true;
-                                if batch.items.len() >= MAX_BATCH {
-                                    break 'drain;
+            let replay_channel = connection.open_channel(None)?;
+            replay_channel.qos(0, STREAM_PREFETCH, false)?;
+            let mut replay: Option<ActiveReplay<'_>> = None;
+            loop {
+                let wake = {
+                    let mut select = Select::new();
+                    let reading = in_flight.len() < MAX_IN_FLIGHT;
+                    let live_ops: Vec<usize> = if reading {
+                        consumers
+                            .iter()
+                            .map(|consumer| select.recv(consumer.receiver()))
+                            .collect()
+                    } else {
+                        Vec::new()
+                    };
+                    let handled_op = select.recv(&handled);
+                    let blocked_op = select.recv(&blocked);
+                    let stop_op = select.recv(stop);
+                    let request_op = replay.is_none().then(|| select.recv(&replays));
+                    let replay_op = replay
+                        .as_ref()
+                        .map(|active| select.recv(active.consumer.receiver()));
+                    let selected = match &replay {
+                        Some(_) => select.select_timeout(REPLAY_IDLE).ok(),
+                        None => Some(select.select()),
+                    };
+                    match selected {
+                        None => Wake::ReplayIdle,
+                        Some(op) => {
+                            let index = op.index();
+                            if let Some(desk) = live_ops.iter().position(|&live| live == index) {
+                                Wake::Live(desk, op.recv(consumers[desk].receiver()))
+                            } else if index == handled_op {
+                                // `done` lives in this frame: the channel cannot be disconnected.
+                                let _ = op.recv(&handled);
+                                Wake::Handled
+                            } else if index == blocked_op {
+                                Wake::Blocked(op.recv(&blocked))
+                            } else if index == stop_op {
+                                let _ = op.recv(stop);
+                                return Ok(());
+                            } else if Some(index) == request_op {
+                                Wake::Request(op.recv(&replays).ok())
+                            } else {
+                                let receiver = replay.as_ref().map(|active| active.consumer.receiver());
+                                match (replay_op, receiver) {
+                                    (Some(_), Some(receiver)) => Wake::Replay(op.recv(receiver)),
+                                    _ => continue,
                                 }
                             }
                         }
-                        if !any {
-                            break;
+                    }
+                };
+                match wake {
+                    Wake::ReplayIdle => {
+                        if let Some(active) = replay.take() {
+                            self.fail_replay(active, "the stream sent nothing for 10 s (was it deleted?)");
+                        }
+                        break;
+                    }
+                    Wake::Live(desk, message) => {
+                        let first = amqp::delivered(message)?;
+                        let mut batch = Batch::default();
+                        self.take_live(desk, first, &mut desks, &writer, &mut batch)?;
+                        'drain: while batch.items.len() < MAX_BATCH {
+                            let mut any = false;
+                            for (desk, consumer) in consumers.iter().enumerate() {
+                                if let Ok(message) = consumer.receiver().try_recv() {
+                                    let delivery = amqp::delivered(Ok(message))?;
+                                    self.take_live(desk, delivery, &mut desks, &writer, &mut batch)?;
+                                    any = true;
+                                    if batch.items.len() >= MAX_BATCH {
+                                        break 'drain;
+                                    }
+                                }
+                            }
+                            if !any {
+                                break;
+                            }
+                        }
+                        if batch.items.is_empty() {
+                            ack_all(&channels, batch.acks)?;
+                        } else {
+                            self.router.do_send(FromStream::Batch(batch.items, done.clone()));
+                            in_flight.push_back(batch.acks);
                         }
                     }
-                    if batch.items.is_empty() {
-                        ack_all(&channels, batch.acks)?;
-                    } else {
-                        self.router.do_send(FromStream::Batch(batch.items, done.clone()));
-                        in_flight.push_back(batch.acks);
+                    Wake::Handled => {
+                        if let Some(acks) = in_flight.pop_front() {
+                            ack_all(&channels, acks)?;
+                        }
                     }
-                }
-                Wake::Handled => {
-                    if let Some(acks) = in_flight.pop_front() {
-                        ack_all(&channels, acks)?;
+                    Wake::Blocked(notification) => track_blocked(life.state(), notification)?,
+                    // The router lives as long as the bridge; a closed channel means shutdown.
+                    Wake::Request(None) => {}
+                    Wake::Request(Some(request)) => {
+                        let stream = history::stream_name(&self.config.history, &request.desk);
+                        // Noted first, so that `serve` answers it if the consume fails.
+                        self.replaying = Some(request.clone());
+                        let consumer = replay_channel.basic_consume(stream, consume_from(request.from))?;
+                        replay = Some(ActiveReplay {
+                            request,
+                            consumer,
+                            read: ReplayedEvents::default(),
+                            kept: VecDeque::new(),
+                            unacked: 0,
+                            last: None,
+                        });
                     }
-                }
-                Wake::Blocked(notification) => track_blocked(life.state(), notification)?,
-                // The router lives as long as the bridge; a closed channel means shutdown.
-                Wake::Request(None) => {}
-                Wake::Request(Some(request)) => {
-                    let stream = history::stream_name(&self.config.history, &request.desk);
-                    let consumer = replay_channel.basic_consume(stream, consume_from(request.from))?;
-                    self.replaying = Some(request.clone());
-                    replay = Some(ActiveReplay {
-                        request,
-                        consumer,
-                        read: ReplayedEvents::default(),
-                        kept: VecDeque::new(),
-                        unacked: 0,
-                        last: None,
-                    });
-                }
-                Wake::Replay(message) => {
-                    let Some(mut active) = replay.take() else {
-                        continue;
-                    };
-                    let delivery = amqp::delivered(message)?;
-                    if self.take_replayed(&mut active, delivery, &replay_channel)? {
-                        self.finish_replay(active, &replay_channel)?;
-                    } else {
-                        replay = Some(active);
+                    Wake::Replay(message) => {
+                        let Some(mut active) = replay.take() else {
+                            continue;
+                        };
+                        let delivery = amqp::delivered(message)?;
+                        if self.take_replayed(&mut active, delivery, &replay_channel)? {
+                            self.finish_replay(active, &replay_channel)?;
+                            break;
+                        } else {
+                            replay = Some(active);
+                        }
                     }
                 }
             }
+            // Empty at every `break`; its consumer borrows the channel.
+            drop(replay);
+            replay_channel.close()?;
         }
     }
 

@@ -1,0 +1,666 @@
+//! History with many instances, against the real broker with real WebSocket clients: three
+//! instances agreeing on one log, an instance SIGKILLed under load whose browsers resume on
+//! another, and a resume from before what retention kept.
+
+mod common;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use amiquip::ConsumerMessage;
+use deskbridge::config::Config;
+use deskbridge::history::{consume_from, Marker, Start};
+use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::Message;
+
+use common::amqp::{delete_history, delete_quietly};
+use common::bridge::history_config;
+use common::process::BridgeProcess;
+use common::{key, Browser, Desktop, Listener, TestBridge, DEADLINE};
+
+/// Deletes a test's desk streams and exchanges when dropped: declared first, it goes last, after
+/// the bridges stopped, on success and on failure alike.
+struct HistoryCleanup(Config);
+
+impl Drop for HistoryCleanup {
+    fn drop(&mut self) {
+        delete_history(&self.0);
+    }
+}
+
+/// Deletes a queue when dropped (a SIGKILLed bridge leaves its reply queue behind for 120 s).
+struct QueueCleanup(Option<String>);
+
+impl Drop for QueueCleanup {
+    fn drop(&mut self) {
+        if let Some(queue) = &self.0 {
+            delete_quietly(&[queue], &[]);
+        }
+    }
+}
+
+/// Waits until the bridge at `addr` is attached to every desk stream: before that a `since` is
+/// answered `broker_unavailable`.
+async fn wait_attached(addr: SocketAddr) {
+    let mut probe = Browser::connect_to(addr).await;
+    let started = Instant::now();
+    loop {
+        probe
+            .send(json!({"op": "subscribe", "desks": ["A", "B"], "since": {"A": {"last": 0}, "B": {"last": 0}}}))
+            .await;
+        let reply = probe.recv().await;
+        if reply["op"] == "subscribed" {
+            return;
+        }
+        assert_eq!(reply["code"], "broker_unavailable", "{reply}");
+        assert!(
+            started.elapsed() < DEADLINE,
+            "desk streams never attached: {reply}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// An in-process bridge on `config`, attached to its desk streams.
+async fn ready_bridge(config: Config) -> TestBridge {
+    let bridge = TestBridge::start_healthy(config).await;
+    wait_attached(bridge.addr).await;
+    bridge
+}
+
+/// Publishes desktop events `{"n": from}` … on desk A, each padded with `pad` bytes, and waits
+/// for the broker's confirms.
+fn publish_desktop(config: &Config, from: u64, count: u64, pad: usize) {
+    let padding = "x".repeat(pad);
+    let messages: Vec<(String, Value)> = (from..from + count)
+        .map(|n| (key("A", "new_example"), json!({"n": n, "pad": padding})))
+        .collect();
+    Desktop::connect().publish_many(&config.amqp.inbound_exchange, &messages);
+}
+
+/// A desktop event as a browser saw it.
+#[derive(Debug, Clone, PartialEq)]
+struct Seen {
+    n: u64,
+    offset: u64,
+    epoch: String,
+}
+
+/// `frame` as a desktop event of desk A, or a failure naming it.
+fn desktop_event(frame: &Value) -> Seen {
+    assert_eq!(
+        (frame["op"].as_str(), frame["desk"].as_str()),
+        (Some("event"), Some("A")),
+        "expected an event of desk A, got {frame}"
+    );
+    Seen {
+        n: frame["data"]["n"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no data.n in {frame}")),
+        offset: frame["offset"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no offset in {frame}")),
+        epoch: frame["epoch"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no epoch in {frame}"))
+            .to_owned(),
+    }
+}
+
+/// The next `count` frames, each a desktop event of desk A.
+async fn events(browser: &mut Browser, count: usize) -> Vec<Seen> {
+    let mut got = Vec::with_capacity(count);
+    for _ in 0..count {
+        got.push(desktop_event(&browser.recv().await));
+    }
+    got
+}
+
+/// Desktop events of desk A until the one with `data.n >= n` (included).
+async fn events_through(browser: &mut Browser, n: u64) -> Vec<Seen> {
+    let mut got = Vec::new();
+    loop {
+        let event = desktop_event(&browser.recv().await);
+        let done = event.n >= n;
+        got.push(event);
+        if done {
+            return got;
+        }
+    }
+}
+
+/// Desktop events of desk A until the bridge's socket ends (its process was killed).
+async fn events_until_gone(browser: &mut Browser) -> Vec<Seen> {
+    let mut got = Vec::new();
+    loop {
+        match browser.next_frame().await {
+            Some(Message::Text(text)) => {
+                let frame: Value = serde_json::from_str(&text).expect("server sends JSON");
+                got.push(desktop_event(&frame));
+            }
+            Some(Message::Ping(_) | Message::Pong(_)) => {}
+            Some(Message::Close(_)) | None => return got,
+            Some(other) => panic!("unexpected frame from the killed bridge: {other:?}"),
+        }
+    }
+}
+
+/// Fails unless `events` are `{"n": 0}` … `{"n": count - 1}`, each once, in order, at strictly
+/// growing offsets of one epoch.
+fn assert_every_event_once(who: &str, events: &[Seen], count: u64) {
+    let numbers: Vec<u64> = events.iter().map(|event| event.n).collect();
+    if numbers != (0..count).collect::<Vec<_>>() {
+        let mut seen = HashSet::new();
+        let duplicates: Vec<u64> = numbers.iter().copied().filter(|n| !seen.insert(*n)).collect();
+        let missing: Vec<u64> = (0..count).filter(|n| !seen.contains(n)).collect();
+        let disorder = numbers.windows(2).find(|pair| pair[0] >= pair[1]);
+        panic!(
+            "{who}: not every event 0..{count} once in order: {} events, duplicates {duplicates:?}, \
+             missing {missing:?}, first out of order {disorder:?}",
+            numbers.len()
+        );
+    }
+    let backwards = events.windows(2).find(|pair| pair[0].offset >= pair[1].offset);
+    assert!(backwards.is_none(), "{who}: offsets must grow: {backwards:?}");
+    let epochs: HashSet<&str> = events.iter().map(|event| event.epoch.as_str()).collect();
+    assert_eq!(epochs.len(), 1, "{who}: one epoch throughout: {epochs:?}");
+}
+
+/// An event as a browser saw it, desktop or web, labelled by what the test put in it.
+#[derive(Debug, Clone, PartialEq)]
+struct Labelled {
+    /// `d<n>` for desktop events, the web event's `data.w` for web events.
+    label: String,
+    /// A web event's id (its publisher's `ack.id`). Not kept for desktop events: the test's
+    /// desktop app sets no `message_id`, so each instance makes its own.
+    id: Option<String>,
+    offset: u64,
+    epoch: String,
+}
+
+/// Reads frames until `events` events and `acks` acks of desk A came; fails on anything else.
+async fn events_and_acks(browser: &mut Browser, events: usize, acks: usize) -> (Vec<Labelled>, Vec<Value>) {
+    let (mut got, mut acked) = (Vec::new(), Vec::new());
+    while got.len() < events || acked.len() < acks {
+        let frame = browser.recv().await;
+        match frame["op"].as_str() {
+            Some("ack") => acked.push(frame.clone()),
+            Some("event") => {
+                let id = frame["id"].as_str().expect("event id").to_owned();
+                let (label, id) = match frame["origin"].as_str() {
+                    Some("desktop") => (format!("d{}", frame["data"]["n"]), None),
+                    Some("web") => (
+                        frame["data"]["w"].as_str().unwrap_or_default().to_owned(),
+                        Some(id),
+                    ),
+                    _ => panic!("an event without a known origin: {frame}"),
+                };
+                got.push(Labelled {
+                    label,
+                    id,
+                    offset: frame["offset"].as_u64().expect("event offset"),
+                    epoch: frame["epoch"].as_str().expect("event epoch").to_owned(),
+                });
+            }
+            _ => panic!("expected events and acks only, got {frame}"),
+        }
+        assert!(
+            got.len() <= events && acked.len() <= acks,
+            "more than {events} events or {acks} acks: the last frame was {frame}"
+        );
+    }
+    (got, acked)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_instances_deliver_desktop_and_web_events_once_in_one_order_with_the_same_offsets() {
+    const DESKTOP: u64 = 150;
+    const WEB: usize = 20;
+    let config = history_config("three");
+    let _history = HistoryCleanup(config.clone());
+    let mut bridges = Vec::new();
+    for _ in 0..3 {
+        bridges.push(ready_bridge(config.clone()).await);
+    }
+    let mut browsers = Vec::new();
+    for bridge in &bridges {
+        let mut browser = Browser::connect(bridge).await;
+        browser.subscribe(&["A"]).await;
+        browsers.push(browser);
+    }
+
+    // The desktop app publishes on its own thread while browsers 0 and 1 publish web events,
+    // so that the two kinds interleave in the log.
+    let desktop_config = config.clone();
+    let desktop = std::thread::spawn(move || {
+        for from in (0..DESKTOP).step_by(10) {
+            publish_desktop(&desktop_config, from, 10, 0);
+        }
+    });
+    let label = |publisher: usize, i: usize| format!("w{publisher}-{i}");
+    for i in 0..WEB {
+        for (publisher, browser) in browsers.iter_mut().enumerate().take(2) {
+            browser
+                .send(json!({"op": "publish", "desk": "A", "event": "update_example",
+                             "data": {"w": label(publisher, i)}, "ref": label(publisher, i)}))
+                .await;
+        }
+    }
+    desktop.join().expect("the desktop app published everything");
+
+    let desktop_events = DESKTOP as usize;
+    let mut seen = Vec::new();
+    let mut acks = Vec::new();
+    for (index, browser) in browsers.iter_mut().enumerate() {
+        let (events, acked) = match index {
+            // A publisher gets the other publisher's web events, never its own.
+            0 | 1 => events_and_acks(browser, desktop_events + WEB, WEB).await,
+            _ => events_and_acks(browser, desktop_events + 2 * WEB, 0).await,
+        };
+        seen.push(events);
+        acks.push(acked);
+    }
+    for browser in &mut browsers {
+        browser.assert_quiet().await;
+    }
+
+    // Browser 2 published nothing: it has the whole log, each event once, in offset order.
+    let everything = &seen[2];
+    let labels: Vec<&str> = everything.iter().map(|event| event.label.as_str()).collect();
+    let unique: HashSet<&str> = labels.iter().copied().collect();
+    assert_eq!(unique.len(), labels.len(), "no event twice: {labels:?}");
+    let mut expected: HashSet<String> = (0..DESKTOP).map(|n| format!("d{n}")).collect();
+    expected.extend((0..2).flat_map(|publisher| (0..WEB).map(move |i| label(publisher, i))));
+    assert_eq!(
+        unique,
+        expected.iter().map(String::as_str).collect::<HashSet<_>>(),
+        "every desktop and web event reaches the browser of the third instance"
+    );
+    let desktop_order: Vec<&str> = labels.iter().copied().filter(|l| l.starts_with('d')).collect();
+    let published_order: Vec<String> = (0..DESKTOP).map(|n| format!("d{n}")).collect();
+    assert_eq!(
+        desktop_order, published_order,
+        "desktop events in the order the desktop app published them"
+    );
+    assert!(
+        everything.windows(2).all(|pair| pair[0].offset < pair[1].offset),
+        "offsets grow along the log"
+    );
+    assert!(
+        everything.iter().all(|event| event.epoch == everything[0].epoch),
+        "one epoch"
+    );
+
+    // Each publisher sees the same log, at the same offsets, minus its own web events; each of
+    // its publishes was acked with the id the others see.
+    let ids: HashMap<&str, &str> = everything
+        .iter()
+        .filter_map(|event| Some((event.label.as_str(), event.id.as_deref()?)))
+        .collect();
+    for publisher in 0..2 {
+        let own = format!("w{publisher}-");
+        let expected: Vec<Labelled> = everything
+            .iter()
+            .filter(|event| !event.label.starts_with(&own))
+            .cloned()
+            .collect();
+        assert!(
+            seen[publisher].iter().all(|event| !event.label.starts_with(&own)),
+            "browser {publisher} got one of its own web events back"
+        );
+        assert_eq!(
+            seen[publisher], expected,
+            "browser {publisher} (instance {publisher}) sees the log of instance 2, in the same order, \
+             at the same offsets, without its own events"
+        );
+        let acked: BTreeMap<String, Value> = acks[publisher]
+            .iter()
+            .map(|ack| (ack["ref"].as_str().expect("ack ref").to_owned(), ack.clone()))
+            .collect();
+        assert_eq!(acked.len(), WEB, "one ack per publish of browser {publisher}");
+        for i in 0..WEB {
+            let reference = label(publisher, i);
+            let ack = acked
+                .get(&reference)
+                .unwrap_or_else(|| panic!("no ack for publish {reference}: {acked:?}"));
+            assert_eq!(ack["routed"], true, "{ack}");
+            assert_eq!(
+                ack["id"].as_str(),
+                ids.get(reference.as_str()).copied(),
+                "the ack's id is the id the other browsers see: {ack}"
+            );
+        }
+    }
+
+    drop(browsers);
+    for bridge in bridges {
+        bridge.shut_down().await;
+    }
+}
+
+/// A desktop app publishing `{"n": 0}`, `{"n": 1}`, … on desk A on its own thread, batch after
+/// confirmed batch, until stopped.
+struct Publisher {
+    stop: Arc<AtomicBool>,
+    /// Events confirmed by the broker so far.
+    published: Arc<AtomicU64>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Publisher {
+    const BATCH: u64 = 10;
+
+    /// Starts publishing to the inbound exchange of `config`.
+    fn start(config: &Config) -> Publisher {
+        let stop = Arc::new(AtomicBool::new(false));
+        let published = Arc::new(AtomicU64::new(0));
+        let (thread_stop, thread_published) = (Arc::clone(&stop), Arc::clone(&published));
+        let config = config.clone();
+        let thread = std::thread::spawn(move || {
+            while !thread_stop.load(Ordering::Relaxed) {
+                let from = thread_published.load(Ordering::Relaxed);
+                publish_desktop(&config, from, Publisher::BATCH, 0);
+                thread_published.store(from + Publisher::BATCH, Ordering::Relaxed);
+                // Pacing, not waiting: about 2000 events/s keeps the stream flowing through the
+                // whole test without burying three browsers on a shared 2-core machine.
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        });
+        Publisher {
+            stop,
+            published,
+            thread: Some(thread),
+        }
+    }
+
+    /// Events the broker confirmed so far.
+    fn published(&self) -> u64 {
+        self.published.load(Ordering::Relaxed)
+    }
+
+    /// Stops after the batch in progress; how many events were published in all.
+    fn stop(mut self) -> u64 {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            thread.join().expect("the publisher thread ran without failing");
+        }
+        self.published()
+    }
+}
+
+impl Drop for Publisher {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// The instance `session` is connected to, from its `session.subscribed` presence message.
+fn instance_of(presence: &Listener, session: &str) -> String {
+    loop {
+        let delivery = presence.next();
+        let body: Value = serde_json::from_slice(&delivery.body).expect("presence bodies are JSON");
+        if body["session"] == session {
+            return body["instance"]
+                .as_str()
+                .expect("a presence message names its instance")
+                .to_owned();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn browsers_of_a_killed_instance_resume_on_another_with_every_event_once() {
+    const BROWSERS: usize = 3;
+    let mut config = history_config("kill");
+    // Room for about a hundred events: the resumes below must read the stream first, then the
+    // memory, then go live.
+    config.history.memory_bytes = 16 * 1024;
+    let _history = HistoryCleanup(config.clone());
+    let mut reply_queue = QueueCleanup(None);
+    let survivor = ready_bridge(config.clone()).await;
+    let presence = Listener::bind_topic(&config.amqp.presence_exchange, &["session.subscribed"]);
+    let mut doomed =
+        BridgeProcess::launch(env!("CARGO_BIN_EXE_deskbridge"), &config).expect("start deskbridge");
+    doomed.wait_healthy(DEADLINE).await;
+    wait_attached(doomed.addr).await;
+    let mut browsers = Vec::new();
+    for _ in 0..BROWSERS {
+        let mut browser = Browser::connect_to(doomed.addr).await;
+        browser.subscribe(&["A"]).await;
+        browsers.push(browser);
+    }
+    let instance = instance_of(&presence, &browsers[0].session);
+    reply_queue.0 = Some(deskbridge::amqp::reply_queue_name(&instance));
+    // Live on the survivor throughout: what the other instance's offsets are compared with.
+    let mut watcher = Browser::connect(&survivor).await;
+    watcher.subscribe(&["A"]).await;
+
+    let publisher = Publisher::start(&config);
+    let mut before = Vec::new();
+    for browser in &mut browsers {
+        before.push(events(browser, 200).await);
+    }
+    let at_kill = publisher.published();
+    tokio::task::block_in_place(|| doomed.kill());
+    for (browser, seen) in browsers.iter_mut().zip(&mut before) {
+        seen.extend(events_until_gone(browser).await);
+    }
+    // Well past what the survivor keeps in memory, so the resumes start in the stream.
+    common::wait_until("500 more events published after the kill", || {
+        publisher.published() >= at_kill + 500
+    })
+    .await;
+
+    let mut resumed = Vec::new();
+    for seen in &before {
+        let last = seen.last().expect("each browser saw events before the kill");
+        let mut browser = Browser::connect(&survivor).await;
+        browser
+            .send(json!({"op": "subscribe", "desks": ["A"],
+                         "since": {"A": {"offset": last.offset, "epoch": last.epoch}}}))
+            .await;
+        assert_eq!(
+            browser.recv().await,
+            json!({"op": "subscribed", "desks": ["A"], "recovered": {"A": true}}),
+            "a resume from offset {} (n = {}) on the surviving instance",
+            last.offset,
+            last.n
+        );
+        resumed.push(browser);
+    }
+    // Still publishing: each browser crosses from the replay into live delivery meanwhile.
+    let live_from = publisher.published() + 200;
+    let mut after = Vec::new();
+    for browser in &mut resumed {
+        after.push(events_through(browser, live_from).await);
+    }
+    let total = publisher.stop();
+    for (browser, seen) in resumed.iter_mut().zip(&mut after) {
+        if seen.last().is_some_and(|event| event.n < total - 1) {
+            seen.extend(events_through(browser, total - 1).await);
+        }
+        browser.assert_quiet().await;
+    }
+
+    let on_survivor = events_through(&mut watcher, total - 1).await;
+    assert_every_event_once("the survivor's live browser", &on_survivor, total);
+    for (index, (before, after)) in before.iter().zip(&after).enumerate() {
+        let all: Vec<Seen> = before.iter().chain(after).cloned().collect();
+        let who = format!(
+            "browser {index} ({} events from the killed instance, {} after resuming)",
+            before.len(),
+            after.len()
+        );
+        assert_every_event_once(&who, &all, total);
+        let killed = &on_survivor[..before.len()];
+        assert_eq!(
+            before.as_slice(),
+            killed,
+            "{who}: the killed instance delivered each event at the offset the survivor did"
+        );
+    }
+    survivor
+        .wait_metric_at_least("deskbridge_history_replayed_total", 1)
+        .await;
+
+    watcher.assert_quiet().await;
+
+    drop((browsers, resumed, watcher, presence, doomed));
+    survivor.shut_down().await;
+}
+
+/// The head of `stream` as a fresh reader from `first` sees it: each message's offset and the
+/// `n` of its body (`None` for the bridge's markers), up to and including the first event.
+fn stream_head(stream: &str) -> Vec<(u64, Option<u64>)> {
+    let mut connection = common::broker();
+    let channel = connection.open_channel(None).expect("channel");
+    // A stream consumer needs a prefetch.
+    channel.qos(0, 100, false).expect("qos");
+    let consumer = channel
+        .basic_consume(stream, consume_from(Start::First))
+        .expect("consume the stream");
+    let mut head = Vec::new();
+    loop {
+        let delivery = match consumer.receiver().recv_timeout(DEADLINE) {
+            Ok(ConsumerMessage::Delivery(delivery)) => delivery,
+            other => panic!("reading the head of {stream}: {other:?}"),
+        };
+        let headers = delivery.properties.headers().as_ref();
+        let offset = deskbridge::history::offset(headers).expect("stream deliveries have an offset");
+        if Marker::from_headers(headers).is_some() {
+            head.push((offset, None));
+            continue;
+        }
+        let body: Value = serde_json::from_slice(&delivery.body).expect("the test's events are JSON");
+        head.push((offset, Some(body["n"].as_u64().expect("data.n"))));
+        break;
+    }
+    deskbridge::history::cancel(&consumer).expect("cancel the head reader");
+    let _ = connection.close();
+    head
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resume_from_before_retention_is_not_recovered_and_starts_at_the_first_retained_event() {
+    // 2 MiB of retention in segments of 1 MiB (the smallest the bridge declares): retention
+    // drops the first segment once a third one is started.
+    const MAX_BYTES: u64 = 2 * 1024 * 1024;
+    const PAD: usize = 1024;
+    const BATCH: u64 = 128;
+    let mut config = history_config("retention");
+    config.history.max_bytes = MAX_BYTES;
+    // A few dozen events: the resume has to read the stream.
+    config.history.memory_bytes = 32 * 1024;
+    let _history = HistoryCleanup(config.clone());
+    let stream = deskbridge::history::stream_name(&config.history, "A");
+    let bridge = ready_bridge(config.clone()).await;
+    let mut browser = Browser::connect(&bridge).await;
+    browser.subscribe(&["A"]).await;
+    publish_desktop(&config, 0, 5, PAD);
+    let seen = events(&mut browser, 5).await;
+    let last = seen[4].clone();
+    drop(browser);
+
+    // Publish until RabbitMQ truncated past what the browser saw (it does so after a segment
+    // rolls over, asynchronously), watching the first retained offset move.
+    let initial_head = stream_head(&stream);
+    let mut next = 5;
+    let started = Instant::now();
+    let head = loop {
+        let head = tokio::task::block_in_place(|| stream_head(&stream));
+        if head[0].0 > last.offset {
+            break head;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "RabbitMQ still retains offset {} after {next} events of ~{PAD} B with max_bytes {MAX_BYTES}: \
+             head {head:?}",
+            last.offset
+        );
+        // About 4 × the retention, then only wait for the (asynchronous) truncation.
+        if next * (PAD as u64) < 4 * MAX_BYTES {
+            tokio::task::block_in_place(|| publish_desktop(&config, next, BATCH, PAD));
+            next += BATCH;
+        } else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    // The bridge has read everything once a live subscriber gets the last event.
+    let mut watcher = Browser::connect(&bridge).await;
+    watcher.subscribe(&["A"]).await;
+    publish_desktop(&config, next, 1, 0);
+    let final_n = next;
+    events_through(&mut watcher, final_n).await;
+    let head = {
+        let again = tokio::task::block_in_place(|| stream_head(&stream));
+        assert_eq!(head[0], again[0], "retention settled before the resume");
+        again
+    };
+    let (first_retained, first_event) = (head[0].0, *head.last().expect("an event is retained"));
+    let first_event_n = first_event.1.expect("the head ends with an event");
+    println!(
+        "retention: {next} events of ~{PAD} B into {MAX_BYTES} B; head was {initial_head:?}, \
+         now {head:?}; the browser had offset {}",
+        last.offset
+    );
+
+    let mut back = Browser::connect(&bridge).await;
+    back.send(json!({"op": "subscribe", "desks": ["A"],
+                     "since": {"A": {"offset": last.offset, "epoch": last.epoch}}}))
+        .await;
+    let reply = back.recv().await;
+    assert_eq!(
+        reply,
+        json!({"op": "subscribed", "desks": ["A"], "recovered": {"A": false},
+               "first_offset": {"A": first_retained}}),
+        "offset {} was truncated: not recovered, delivery starts at the first retained offset {first_retained}",
+        last.offset
+    );
+    let resumed = events_through(&mut back, final_n).await;
+    assert_eq!(
+        (resumed[0].offset, resumed[0].n),
+        (first_event.0, first_event_n),
+        "the first event delivered is the first retained one (M = {first_retained}; \
+         markers before it, never delivered: {head:?})"
+    );
+    assert!(
+        first_event_n > last.n + 1,
+        "retention really dropped events after n = {}",
+        last.n
+    );
+    let numbers: Vec<u64> = resumed.iter().map(|event| event.n).collect();
+    assert_eq!(
+        numbers,
+        (first_event_n..=final_n).collect::<Vec<_>>(),
+        "every retained event from M on, in order, once"
+    );
+    assert!(
+        resumed.windows(2).all(|pair| pair[0].offset < pair[1].offset),
+        "offsets grow"
+    );
+    assert!(
+        resumed.iter().all(|event| event.epoch == last.epoch),
+        "the same epoch as before the truncation (refresh markers kept it)"
+    );
+    // Then live.
+    publish_desktop(&config, final_n + 1, 1, 0);
+    assert_eq!(
+        events(&mut back, 1).await[0].n,
+        final_n + 1,
+        "live delivery follows the replay"
+    );
+    back.assert_quiet().await;
+    bridge
+        .wait_metric_at_least("deskbridge_history_replayed_total", 1)
+        .await;
+
+    drop((back, watcher));
+    bridge.shut_down().await;
+}
