@@ -38,6 +38,7 @@ DIST_BASE=${CLUSTER_DIST_PORT:-25781}
 TIMEOUT=${CLUSTER_TIMEOUT:-120}
 STOP_TIMEOUT=${CLUSTER_STOP_TIMEOUT:-60}
 NOFILE=${CLUSTER_NOFILE:-20000}
+LAUNCH_GRACE=15
 NODES=(1 2 3)
 SERVER=/usr/lib/rabbitmq/bin/rabbitmq-server
 CTL=$(command -v rabbitmqctl || echo /usr/sbin/rabbitmqctl)
@@ -175,13 +176,22 @@ launch() {
 
 # Waits until node N listens on its AMQP port and has finished booting.
 await_boot() {
-  local n=$1 start deadline
+  local n=$1 start deadline seen="" grace
   start=$(now)
   deadline=$((SECONDS + TIMEOUT))
+  # `-detached` returns once erlexec has forked, maybe before the child has exec'd beam.smp (a
+  # window a busy machine widens): no beam yet means "not started yet" until one was seen or
+  # LAUNCH_GRACE has passed.
+  grace=$((SECONDS + LAUNCH_GRACE))
   until listening "$(amqp_port "$n")"; do
-    if ! node_pid "$n" >/dev/null; then
+    if node_pid "$n" >/dev/null; then
+      seen=1
+    elif [ -n "$seen" ]; then
       log_tail "$n"
       die "$(node_name "$n") died while booting"
+    elif [ $SECONDS -ge $grace ]; then
+      log_tail "$n"
+      die "$(node_name "$n") did not start: no beam.smp process after ${LAUNCH_GRACE}s"
     fi
     if [ $SECONDS -ge $deadline ]; then
       log_tail "$n"

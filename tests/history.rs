@@ -3,8 +3,6 @@
 
 mod common;
 
-use std::time::Duration;
-
 use deskbridge::config::{Config, DeskPolicy, SlowPolicy};
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
@@ -17,24 +15,7 @@ use common::{key, Browser, Desktop, Listener, TestBridge};
 /// A bridge that is up and attached to every desk stream (a `since` is served).
 async fn ready_bridge(config: Config) -> TestBridge {
     let bridge = TestBridge::start_healthy(config).await;
-    // Attached once a resume is answered (before, it is `broker_unavailable`).
-    let mut probe = Browser::connect(&bridge).await;
-    let started = std::time::Instant::now();
-    loop {
-        probe
-            .send(json!({"op": "subscribe", "desks": ["A", "B"], "since": {"A": {"last": 0}, "B": {"last": 0}}}))
-            .await;
-        let reply = probe.recv().await;
-        if reply["op"] == "subscribed" {
-            break;
-        }
-        assert_eq!(reply["code"], "broker_unavailable", "{reply}");
-        assert!(
-            started.elapsed() < common::DEADLINE,
-            "desk streams never attached: {reply}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    bridge.wait_attached(&["A", "B"]).await;
     bridge
 }
 

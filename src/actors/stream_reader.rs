@@ -266,6 +266,11 @@ impl StreamReader {
                                 break;
                             }
                         }
+                        // Only now, with the batch handed over: a failure while it was being
+                        // built drops it, and the next connection reads it again.
+                        for (index, position) in batch.positions {
+                            self.positions[index] = Some(position);
+                        }
                         if batch.items.is_empty() {
                             ack_all(&channels, batch.acks)?;
                         } else {
@@ -283,7 +288,10 @@ impl StreamReader {
                     Wake::Request(None) => {}
                     Wake::Request(Some(request)) => {
                         let stream = history::stream_name(&self.config.history, &request.desk);
-                        // Noted first, so that `serve` answers it if the consume fails.
+                        // Noted before the consume: if that fails (a failover closes the
+                        // connection with 506 or 541, or amiquip meets a delivery for a tag it
+                        // does not know yet), `serve` still answers the request, or its session
+                        // would wait for it forever.
                         self.replaying = Some(request.clone());
                         let consumer = replay_channel.basic_consume(stream, consume_from(request.from))?;
                         replay = Some(ActiveReplay {
@@ -344,10 +352,7 @@ impl StreamReader {
                     first_offset: live.first_offset,
                     continued: live.continued,
                 }));
-                self.positions[index] = Some(Position {
-                    epoch: Arc::clone(&live.epoch),
-                    last: offset,
-                });
+                batch.reached(index, Arc::clone(&live.epoch), offset);
             }
             Some(Marker::Genesis(_) | Marker::Refresh(_)) => live.refresh.marked(),
             Some(Marker::Sync(_)) => {}
@@ -357,9 +362,7 @@ impl StreamReader {
                     batch.items.push(StreamItem::Event(event));
                 }
                 if live.sync.is_none() {
-                    if let Some(position) = &mut self.positions[index] {
-                        position.last = offset;
-                    }
+                    batch.reached(index, Arc::clone(&live.epoch), offset);
                     if live.refresh.event(bytes) {
                         writer.write(&live.stream, &Marker::Refresh(live.epoch.to_string()))?;
                         live.refresh.marked();
@@ -492,9 +495,20 @@ enum Wake {
 struct Batch {
     items: Vec<StreamItem>,
     acks: Vec<(usize, Delivery)>,
+    /// Per desk, how far its stream is read once the batch is handed over.
+    positions: Vec<(usize, Position)>,
 }
 
 impl Batch {
+    /// Desk `index` is read up to `last` (of stream life `epoch`) with this batch.
+    fn reached(&mut self, index: usize, epoch: Arc<str>, last: u64) {
+        let position = Position { epoch, last };
+        match self.positions.iter_mut().find(|(desk, _)| *desk == index) {
+            Some(slot) => slot.1 = position,
+            None => self.positions.push((index, position)),
+        }
+    }
+
     /// `delivery` is the newest of its desk's channel in this batch.
     fn ack(&mut self, index: usize, delivery: Delivery) {
         match self.acks.iter_mut().find(|(desk, _)| *desk == index) {

@@ -9,7 +9,7 @@ use deskbridge::Transforms;
 use serde_json::Value;
 
 use super::amqp::{amqp_url, delete_topology, url};
-use super::browser::ws_url;
+use super::browser::{ws_url, Browser};
 use super::http::{http_get, wait_health};
 use super::{poll, unique, DEADLINE};
 
@@ -64,6 +64,9 @@ pub fn unix_now() -> u64 {
 pub struct TestBridge {
     pub addr: SocketAddr,
     pub config: Config,
+    /// Whether `Drop` deletes the bridge's exchanges and queue on the tests' broker
+    /// (`AMQP_URL`); off for a bridge on a broker of its own, which that broker's end cleans.
+    cleanup: bool,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<JoinHandle<()>>,
 }
@@ -96,9 +99,19 @@ impl TestBridge {
         TestBridge {
             addr,
             config,
+            cleanup: true,
             stop: Some(stop),
             thread: Some(thread),
         }
+    }
+
+    /// Starts a bridge on a broker of the test's own (`config.amqp.urls`), thrown away with
+    /// everything on it: `Drop` does not reach for the tests' broker to clean up, which would
+    /// be another broker (or the machine's, on 5672).
+    pub fn start_isolated(config: Config) -> TestBridge {
+        let mut bridge = TestBridge::start(config);
+        bridge.cleanup = false;
+        bridge
     }
 
     /// Starts a bridge and waits until both AMQP links are up.
@@ -106,6 +119,31 @@ impl TestBridge {
         let bridge = TestBridge::start(config);
         bridge.wait_health(200).await;
         bridge
+    }
+
+    /// Waits until the bridge is attached to the streams of `desks` (`[history]` on): until
+    /// then a resume is answered `broker_unavailable`, once attached `subscribed`.
+    pub async fn wait_attached(&self, desks: &[&str]) {
+        let mut probe = Browser::connect(self).await;
+        let since: serde_json::Map<String, Value> = desks
+            .iter()
+            .map(|desk| (desk.to_string(), serde_json::json!({"last": 0})))
+            .collect();
+        let subscribe = serde_json::json!({"op": "subscribe", "desks": desks, "since": since});
+        let started = Instant::now();
+        loop {
+            probe.send(subscribe.clone()).await;
+            let reply = probe.recv().await;
+            if reply["op"] == "subscribed" {
+                return;
+            }
+            assert_eq!(reply["code"], "broker_unavailable", "{reply}");
+            assert!(
+                started.elapsed() < DEADLINE,
+                "desk streams never attached: {reply}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     pub fn ws_url(&self) -> String {
@@ -174,6 +212,8 @@ impl TestBridge {
 impl Drop for TestBridge {
     fn drop(&mut self) {
         self.stop();
-        delete_topology(&self.config);
+        if self.cleanup {
+            delete_topology(&self.config);
+        }
     }
 }

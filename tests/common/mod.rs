@@ -10,6 +10,7 @@
 //! - `process`: `BridgeProcess`, the deskbridge binary as a child process;
 //! - `http`: minimal HTTP/1.0 requests and waiting for `/health`;
 //! - `browser`: `Browser`, a WebSocket client of `/ws`;
+//! - `cluster`: `Cluster`, a three-node RabbitMQ cluster of the test's own (`scripts/cluster.sh`);
 //! - `desktop`: `Desktop` (publishes) and `Listener` (consumes), the desktop app's side;
 //! - `private_broker`: `PrivateBroker`, a RabbitMQ node of the test's own (TLS, free ports);
 //! - `webdriver`: `Chrome`, headless Chromium driven over WebDriver (the console, the browser client).
@@ -18,6 +19,7 @@
 pub mod amqp;
 pub mod bridge;
 pub mod browser;
+pub mod cluster;
 pub mod desktop;
 pub mod http;
 pub mod private_broker;

@@ -15,9 +15,9 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 /// Ports a private node must never take: the shared broker's and the bench node's.
-const RESERVED_PORTS: &[u16] = &[5672, 5673, 15672, 15684, 25672, 25673, 61613, 61614];
+pub const RESERVED_PORTS: &[u16] = &[5672, 5673, 15672, 15684, 25672, 25673, 61613, 61614];
 /// Ports `rabbitmqctl` itself listens on while it runs (its distribution range).
-const CLI_PORTS: std::ops::RangeInclusive<u16> = 35672..=35682;
+pub const CLI_PORTS: std::ops::RangeInclusive<u16> = 35672..=35682;
 /// A loopback address the TLS listener also answers on, which the server certificate does
 /// not name: connecting to it must fail host-name verification.
 pub const UNNAMED_ADDRESS: &str = "127.0.0.2";
@@ -434,7 +434,8 @@ fn find(name: &str) -> Option<PathBuf> {
         .find(|candidate| candidate.is_file())
 }
 
-fn rabbitmq_server() -> PathBuf {
+/// Where `rabbitmq-server` is; fails the test saying how to install it.
+pub fn rabbitmq_server() -> PathBuf {
     find("rabbitmq-server").unwrap_or_else(|| {
         panic!(
             "rabbitmq-server is not installed: `apt-get install rabbitmq-server` (tests start private nodes)"
