@@ -6,7 +6,7 @@
 
 use std::collections::VecDeque;
 
-use bytestring::ByteString;
+use crate::lane::Frame;
 use uuid::Uuid;
 
 /// One event as every browser gets it.
@@ -14,8 +14,8 @@ use uuid::Uuid;
 pub struct Logged {
     /// Stream offset.
     pub offset: u64,
-    /// The serialized `event` frame.
-    pub frame: ByteString,
+    /// The `event` frame, framed for the wire.
+    pub frame: Frame,
     /// The session that published it, which never gets it back.
     pub except: Option<Uuid>,
     /// The value of the desk's `conflate_key` in its data, for `latest` desks.
@@ -119,7 +119,7 @@ mod tests {
     fn logged(offset: u64) -> Logged {
         Logged {
             offset,
-            frame: ByteString::from(format!("{offset:>10}")),
+            frame: Frame::text(&format!("{offset:>10}")),
             except: None,
             key: None,
         }

@@ -28,6 +28,7 @@ pub mod desk_log;
 pub mod fd_limit;
 pub mod history;
 pub mod http;
+pub mod lane;
 pub mod link;
 pub mod metrics;
 pub mod panics;

@@ -13,6 +13,7 @@ use serde_json::value::RawValue;
 use serde_json::Value;
 use uuid::Uuid;
 
+use crate::lane::Frame;
 use crate::transform::Data;
 
 /// A frame from a browser.
@@ -267,14 +268,22 @@ impl Refusal {
         }
     }
 
+    /// This refusal as an `error` frame, framed for the wire.
+    pub fn framed(&self) -> Frame {
+        self.error_frame().framed()
+    }
+
     /// This refusal as a serialized `error` frame.
     pub fn to_frame(&self) -> ByteString {
+        self.error_frame().to_text()
+    }
+
+    fn error_frame(&self) -> ServerFrame<'_> {
         ServerFrame::Error {
             reference: self.reference.as_deref(),
             code: self.code,
             message: &self.message,
         }
-        .to_text()
     }
 }
 
@@ -458,6 +467,12 @@ impl ServerFrame<'_> {
         serde_json::to_string(self)
             .expect("server frames always serialize")
             .into()
+    }
+
+    /// Serializes the frame once, framed for the wire; shared by every session it goes to.
+    pub fn framed(&self) -> Frame {
+        // As in `to_text`: these types always serialize.
+        Frame::json(self).expect("server frames always serialize")
     }
 }
 

@@ -10,6 +10,7 @@
 //! socket. An idle session holds no I/O buffer at all. The session is still an actix-web-actors
 //! `WebsocketContext` actor; only the bytes underneath take a shorter path.
 
+use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::future::{poll_fn, Future};
 use std::io;
@@ -25,7 +26,7 @@ use actix_http::body::{BodySize, BoxBody, MessageBody};
 use actix_http::error::PayloadError;
 use actix_http::h1::{Codec, Message};
 use actix_http::{header, Request, Response, StatusCode};
-use actix_web::web::{Bytes, Data};
+use actix_web::web::{Buf, Bytes, Data};
 use actix_web_actors::ws::WebsocketContext;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
@@ -33,6 +34,7 @@ use tokio::net::TcpStream;
 use crate::actors::session::WsSession;
 use crate::admission::{origin_allowed, Refused, SessionSlot};
 use crate::auth::Identity;
+use crate::lane::{Lane, FRAME_OVERHEAD};
 use crate::protocol::HttpError;
 use crate::state::AppState;
 
@@ -261,6 +263,10 @@ fn run(
     let (socket, early) = detach(framed);
     let socket = Rc::new(socket);
     let session = WsSession::new(Arc::clone(&state.sessions), slot, peer, identity);
+    let outbound = Outbound {
+        lane: session.lane(),
+        drained: session.drained_notice(),
+    };
     let reader = SocketReader {
         early,
         socket: Rc::clone(&socket),
@@ -268,7 +274,21 @@ fn run(
     let codec = actix_http::ws::Codec::new().max_size(state.config.ws.max_frame_bytes);
     let frames = WebsocketContext::with_codec(session, reader, codec);
     let stall = Duration::from_millis(state.config.ws.client_timeout_ms);
-    pump(frames, socket, stall)
+    pump(frames, outbound, socket, stall)
+}
+
+/// The router's side of a session's output: its lane, and how to say it has room again.
+struct Outbound<Drained> {
+    lane: Arc<Lane>,
+    drained: Drained,
+}
+
+/// What the pump writes next.
+enum Next {
+    /// Bytes the session encoded itself (its own frames, pings, the close), or its end.
+    Own(Option<Result<Bytes, actix_web::Error>>),
+    /// The router's frames moved into the batch.
+    Lane,
 }
 
 /// Leaves HTTP/1: the socket, and what the browser sent after its request head (its first
@@ -339,23 +359,52 @@ impl Stream for SocketReader {
     }
 }
 
-/// Writes what the session encodes until the session ends, then closes the connection the
-/// way RFC 6455 asks: FIN, then read until the browser closes its side (bounded by
-/// [`LINGER`]), so that its close frame is not lost to a reset.
+/// Writes what the session encodes and what the router queued in its lane until the session
+/// ends, then closes the connection the way RFC 6455 asks: FIN, then read until the browser
+/// closes its side (bounded by [`LINGER`]), so that its close frame is not lost to a reset.
+///
+/// The session's own output goes first: its `welcome` precedes anything the router sends, and
+/// once it has closed, nothing of the lane follows. The lane's frames are taken all at once
+/// and written with as few (vectored) writes as the socket allows.
 ///
 /// A browser that takes no byte for `stall` is dropped at once: while its socket is full the
 /// session is not polled, so neither its heartbeat nor a close frame could reach it.
 async fn pump(
     mut frames: impl Stream<Item = Result<Bytes, actix_web::Error>> + Unpin,
+    outbound: Outbound<impl Fn()>,
     socket: Rc<TcpStream>,
     stall: Duration,
 ) -> Result<(), Ended> {
     {
-        // Polled in place (the stream is `Unpin`): pinning it into a local would store the
-        // whole session a second time in this future, for the life of the connection.
-        while let Some(chunk) = poll_fn(|cx| Pin::new(&mut frames).poll_next(cx)).await {
-            let chunk = chunk.map_err(|error| io::Error::other(error.to_string()))?;
-            write_all(&socket, &chunk, stall).await?;
+        let mut batch = VecDeque::new();
+        loop {
+            // Polled in place (the stream is `Unpin`): pinning it into a local would store the
+            // whole session a second time in this future, for the life of the connection.
+            let next = poll_fn(|cx| match Pin::new(&mut frames).poll_next(cx) {
+                Poll::Ready(own) => Poll::Ready(Next::Own(own)),
+                Poll::Pending => outbound.lane.poll_take(cx, &mut batch).map(|()| Next::Lane),
+            })
+            .await;
+            match next {
+                Next::Own(Some(chunk)) => {
+                    let chunk = chunk.map_err(|error| io::Error::other(error.to_string()))?;
+                    write_all(&socket, &chunk, stall).await?;
+                }
+                Next::Own(None) => {
+                    // A close the router asked for follows what it queued before.
+                    outbound.lane.take_rest(&mut batch);
+                    write_batch(&socket, &mut batch, stall).await?;
+                    break;
+                }
+                Next::Lane => {
+                    let written = write_batch(&socket, &mut batch, stall).await?;
+                    if outbound.lane.written(written) {
+                        (outbound.drained)();
+                    }
+                    // A burst's queue is not kept by an idle session.
+                    batch = VecDeque::new();
+                }
+            }
         }
         drop(frames);
     }
@@ -385,6 +434,50 @@ fn discard_until_eof(socket: &TcpStream, cx: &mut Context<'_>) -> Poll<()> {
             Ok(0) | Err(_) => return Poll::Ready(()),
         }
     }
+}
+
+/// Most slices one vectored write takes (Linux's `IOV_MAX` is 1024).
+const MAX_SLICES: usize = 64;
+
+/// Writes every frame of `batch` (emptying it), many per syscall; returns their cost to the
+/// lane's byte budget.
+async fn write_batch(
+    socket: &TcpStream,
+    batch: &mut VecDeque<Bytes>,
+    stall: Duration,
+) -> Result<usize, Ended> {
+    let mut cost = 0;
+    for frame in batch.iter() {
+        cost += frame.len() + FRAME_OVERHEAD;
+    }
+    while !batch.is_empty() {
+        let slices: Vec<io::IoSlice<'_>> = batch
+            .iter()
+            .take(MAX_SLICES)
+            .map(|frame| io::IoSlice::new(frame))
+            .collect();
+        match socket.try_write_vectored(&slices) {
+            Ok(0) => return Err(io::Error::from(io::ErrorKind::WriteZero).into()),
+            Ok(mut written) => {
+                while let Some(front) = batch.front_mut() {
+                    if written < front.len() {
+                        front.advance(written);
+                        break;
+                    }
+                    written -= front.len();
+                    batch.pop_front();
+                }
+            }
+            // Only a full socket arms the stall timer, so the usual write costs no timer.
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
+                Box::pin(tokio::time::timeout(stall, socket.writable()))
+                    .await
+                    .map_err(|_| Ended::Stalled(stall))??
+            }
+            Err(error) => return Err(error.into()),
+        }
+    }
+    Ok(cost)
 }
 
 async fn write_all(socket: &TcpStream, mut rest: &[u8], stall: Duration) -> Result<(), Ended> {

@@ -3,7 +3,7 @@
 //!
 //! ```text
 //!  session ──FromSession──▶ router ──PublishJob (PublisherHandle)──▶ publisher
-//!  session ◀──ToSession (Outbox)── router ◀──PublishOutcomes── publisher
+//!  session ◀──frames (Outbox: Lane), ToSession── router ◀──PublishOutcomes── publisher
 //!  consumer ──DesktopEvent──▶ router ──Verdict──▶ consumer
 //!  publisher ──DesktopReply, PresenceNotice──▶ router
 //!  lib / http ──GetStats, BeginShutdown, CloseAll──▶ router
@@ -16,7 +16,6 @@ use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use actix_web_actors::ws::CloseCode;
-use bytestring::ByteString;
 use crossbeam_channel::{Receiver, Sender};
 use serde_json::value::RawValue;
 use uuid::Uuid;
@@ -25,6 +24,8 @@ use crate::auth::Rights;
 use crate::config::AmqpConfig;
 pub use crate::delivery::Recipients;
 use crate::history::Start;
+use crate::lane::Lane;
+pub use crate::lane::{Frame, QueueError};
 use crate::metrics::{PublishFailure, RejectReason};
 use crate::presence::{Notice, PresenceError};
 use crate::protocol::Since;
@@ -111,94 +112,48 @@ pub struct ReplyFromWeb {
 // ---------------------------------------------------------------------------------------------
 // router → session
 
-/// Something the router sends to a session.
+/// Something the router sends to a session other than frames (those go through its
+/// [`Lane`]).
 #[derive(Message)]
 #[rtype(result = "()")]
 pub enum ToSession {
-    /// A serialized frame to write (shared bytes: one serialization for every receiver).
-    Frame(ByteString),
     /// Close the socket with this code and reason.
     Close(CloseCode, &'static str),
 }
 
-/// Why a frame could not be queued for a session.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum QueueError {
-    /// Its outbound byte budget is used up: the browser reads too slowly.
-    Full,
-    /// Its outbound frame limit (`ws.outbound_queue_frames`) is reached.
-    FrameLimit,
-    /// The session has ended.
-    Gone,
-}
-
-/// What one queued frame costs beyond its text (the mailbox's envelope and node), so that the
-/// byte budget bounds memory even for a flood of tiny frames.
-pub const FRAME_OVERHEAD: usize = 96;
-
-/// The bit of a session's queued-byte count that says "the router waits for room": set by
-/// [`Outbox::mark_behind`], cleared by the session (which then sends [`FromSession::Drained`])
-/// once half the budget is free. One shared word, so that idle sessions pay nothing for it.
-pub const BEHIND: usize = 1 << (usize::BITS - 1);
-
-/// The router's handle to a session: its mailbox plus the byte count queued in it.
+/// The router's handle to a session: its lane, for frames, and its mailbox, for closing.
 #[derive(Clone)]
 pub struct Outbox {
+    lane: Arc<Lane>,
     recipient: Recipient<ToSession>,
-    queued_bytes: Arc<AtomicUsize>,
-    max_bytes: usize,
 }
 
 impl Outbox {
-    /// A handle to a session's mailbox that refuses frames past `max_bytes` queued.
-    pub fn new(recipient: Recipient<ToSession>, queued_bytes: Arc<AtomicUsize>, max_bytes: usize) -> Self {
-        Outbox {
-            recipient,
-            queued_bytes,
-            max_bytes,
-        }
+    /// A handle to a session's lane and mailbox.
+    pub fn new(lane: Arc<Lane>, recipient: Recipient<ToSession>) -> Self {
+        Outbox { lane, recipient }
     }
 
     /// Queues a fan-out frame without waiting; `Full` means the session is too slow.
-    pub fn try_frame(&self, frame: ByteString) -> Result<(), QueueError> {
-        let len = frame.len() + FRAME_OVERHEAD;
-        if (self.queued_bytes.fetch_add(len, Ordering::Relaxed) & !BEHIND) + len > self.max_bytes {
-            self.queued_bytes.fetch_sub(len, Ordering::Relaxed);
-            return Err(QueueError::Full);
-        }
-        self.recipient.try_send(ToSession::Frame(frame)).map_err(|error| {
-            self.queued_bytes.fetch_sub(len, Ordering::Relaxed);
-            match error {
-                SendError::Full(_) => QueueError::FrameLimit,
-                SendError::Closed(_) => QueueError::Gone,
-            }
-        })
+    pub fn try_frame(&self, frame: &Frame) -> Result<(), QueueError> {
+        self.lane.try_push(frame)
     }
 
     /// Queues a reply (ack, error, subscribed...) whatever the queue's length: replies are
     /// bounded by the session's own requests, and dropping one would leave a request unanswered.
-    pub fn reply(&self, frame: ByteString) {
-        self.queued_bytes
-            .fetch_add(frame.len() + FRAME_OVERHEAD, Ordering::Relaxed);
-        // A closed mailbox means the session is ending; its Disconnect is on its way.
-        self.recipient.do_send(ToSession::Frame(frame));
+    pub fn reply(&self, frame: &Frame) {
+        self.lane.push(frame);
     }
 
     /// Asks the session to say [`FromSession::Drained`] once half its byte budget is free.
     /// True when that is already so: then nothing will be said, and the caller goes on now.
     pub fn mark_behind(&self) -> bool {
-        let queued = self.queued_bytes.fetch_or(BEHIND, Ordering::AcqRel) & !BEHIND;
-        if queued <= self.max_bytes / 2 {
-            // The session may have drained before it could see the mark.
-            self.queued_bytes.fetch_and(!BEHIND, Ordering::AcqRel);
-            return true;
-        }
-        false
+        self.lane.mark_behind()
     }
 
     /// True when a frame of `len` bytes fits the byte budget at all (into an empty queue).
     pub fn could_take(&self, len: usize) -> bool {
-        len + FRAME_OVERHEAD <= self.max_bytes
+        self.lane.could_take(len)
     }
 
     /// Asks the session to close.

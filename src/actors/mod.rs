@@ -3,7 +3,7 @@
 //! ```text
 //!  browser ⇄ WsSession ──FromSession──────▶ Router ──PublishJob──▶ AmqpPublisher ⇄ RabbitMQ (bwic)
 //!             ▲                               │ ▲                        │
-//!             └──────ToSession (Outbox)───────┘ └────PublishOutcomes─────┘
+//!             └───frames (Outbox → Lane)──────┘ └────PublishOutcomes─────┘
 //!                                               │ ▲
 //!                                       Verdict │ │ DesktopEvent
 //!                                               ▼ │

@@ -12,9 +12,9 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Instant;
 
+use crate::lane::Frame;
 use actix::prelude::*;
 use actix_web_actors::ws::CloseCode;
-use bytestring::ByteString;
 use serde_json::value::to_raw_value;
 use uuid::Uuid;
 
@@ -98,15 +98,15 @@ impl Router {
         }
     }
 
-    fn reply(&self, session: Uuid, frame: ByteString) {
+    fn reply(&self, session: Uuid, frame: Frame) {
         if let Some(entry) = self.sessions.get(&session) {
-            entry.outbox.reply(frame);
+            entry.outbox.reply(&frame);
         }
     }
 
     fn refuse(&self, session: Uuid, refusal: Refusal) {
         self.metrics.ws_error(refusal.code);
-        self.reply(session, refusal.to_frame());
+        self.reply(session, refusal.framed());
     }
 
     /// Why `desks` cannot be used: empty (`bad_request`) or naming an unconfigured desk
@@ -126,7 +126,7 @@ impl Router {
 
     /// Queues `frame` to every subscriber of `desk` but `except`; closes the ones too slow to
     /// take it. Returns how many got it.
-    fn fan_out(&mut self, desk: &str, frame: &ByteString, except: Option<Uuid>) -> usize {
+    fn fan_out(&mut self, desk: &str, frame: &Frame, except: Option<Uuid>) -> usize {
         let (delivered, failed) = self.offer(desk, frame, except);
         self.drop_failed(failed, desk);
         delivered
@@ -134,12 +134,7 @@ impl Router {
 
     /// Queues `frame` to every live subscriber of `desk` but `except`, never waiting: how many
     /// took it, and the ones that could not (for the caller's slow-reader policy).
-    fn offer(
-        &self,
-        desk: &str,
-        frame: &ByteString,
-        except: Option<Uuid>,
-    ) -> (usize, Vec<(Uuid, QueueError)>) {
+    fn offer(&self, desk: &str, frame: &Frame, except: Option<Uuid>) -> (usize, Vec<(Uuid, QueueError)>) {
         let Some(subscribers) = self.desks.get(desk) else {
             return (0, Vec::new());
         };
@@ -149,7 +144,7 @@ impl Router {
             if Some(*id) == except {
                 continue;
             }
-            match outbox.try_frame(frame.clone()) {
+            match outbox.try_frame(frame) {
                 Ok(()) => delivered += 1,
                 Err(error) => failed.push((*id, error)),
             }
@@ -160,7 +155,7 @@ impl Router {
     /// Queues `frame` to the sessions a targeted message names (`x-to-session`, and every
     /// session of `x-to-user`), subscribed to `desk` or not; with auth, only those whose token
     /// may read `desk`. Returns how many got it.
-    fn deliver_to(&mut self, to: &Recipients, desk: &str, frame: &ByteString) -> Vec<Uuid> {
+    fn deliver_to(&mut self, to: &Recipients, desk: &str, frame: &Frame) -> Vec<Uuid> {
         let by_session = to.session.as_deref().and_then(|id| Uuid::parse_str(id).ok());
         let by_user = to
             .user
@@ -183,7 +178,7 @@ impl Router {
             if !may_read {
                 continue;
             }
-            match entry.outbox.try_frame(frame.clone()) {
+            match entry.outbox.try_frame(frame) {
                 Ok(()) => delivered.push(id),
                 Err(error) => dropped.push((id, error)),
             }
@@ -198,7 +193,7 @@ impl Router {
         &mut self,
         to: &Recipients,
         (desk, event, id): (&str, &str, &str),
-        frame: &ByteString,
+        frame: &Frame,
     ) -> usize {
         let reached = self.deliver_to(to, desk, frame);
         if reached.is_empty() {
@@ -407,7 +402,7 @@ impl Router {
             recovered: None,
             first_offset: None,
         };
-        self.reply(session, subscribed.to_text());
+        self.reply(session, subscribed.framed());
     }
 
     /// Adds `session` to the live subscribers of `desk` unless it is subscribed already.
@@ -452,7 +447,7 @@ impl Router {
             desks: &desks,
             reason: None,
         };
-        self.reply(session, unsubscribed.to_text());
+        self.reply(session, unsubscribed.framed());
         let user = self.user_of(session);
         self.announce(Change::Unsubscribed, (session, user), left, None);
     }
@@ -498,7 +493,7 @@ impl Router {
             desks: &left,
             reason: Some("permission"),
         };
-        self.reply(session, unsubscribed.to_text());
+        self.reply(session, unsubscribed.framed());
         let reason = Some(Reason::Permission);
         self.announce(Change::Unsubscribed, (session, Some(user)), left, reason);
     }
@@ -549,7 +544,7 @@ impl Handler<DesktopEvent> for Router {
                         .and_then(|to| to.reply.as_ref())
                         .map(|_| msg.id.as_str()),
                 }
-                .to_text();
+                .framed();
                 let receivers = match msg.to.as_deref() {
                     None => self.fan_out(&msg.desk, &frame, None),
                     Some(to) => self.deliver_targeted(to, (&msg.desk, &msg.event, &msg.id), &frame),
@@ -603,7 +598,7 @@ impl Router {
                     id: &job.id,
                     routed: confirmed.routed,
                 };
-                self.reply(job.session, ack.to_text());
+                self.reply(job.session, ack.framed());
             }
             (JobKind::Event, Ok(confirmed)) => {
                 let ack = ServerFrame::Ack {
@@ -611,7 +606,7 @@ impl Router {
                     id: &job.id,
                     routed: confirmed.routed,
                 };
-                self.reply(job.session, ack.to_text());
+                self.reply(job.session, ack.framed());
                 // With history, web events reach every instance's browsers through the stream.
                 let others = self
                     .desks
@@ -633,7 +628,7 @@ impl Router {
                         epoch: None,
                         reply_id: None,
                     }
-                    .to_text();
+                    .framed();
                     self.fan_out(&job.desk, &frame, Some(job.session))
                 };
                 self.metrics

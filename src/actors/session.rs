@@ -2,21 +2,20 @@
 //!
 //! It owns the socket: parses each frame once into a [`ClientFrame`], answers protocol errors
 //! itself, forwards subscriptions and publishes to the router ([`FromSession`], never waiting:
-//! a full router intake answers `rate_limited`), and writes what the router sends it
+//! a full router intake answers `rate_limited`), and closes when the router asks
 //! ([`ToSession`]). A browser over `ws.max_frames_per_second`, or one the router cannot keep
 //! up with, gets one `rate_limited` error per one-second window, not one per dropped frame.
 //! It pings every `ws.heartbeat_interval_ms` and closes after `ws.client_timeout_ms` of
-//! silence. Its mailbox is its bounded outbound queue: the router `try_send`s into it, and the
-//! connection's pump ([`crate::websocket`]) stops polling the actor while the socket cannot
-//! take more, so a full mailbox means a slow reader. A socket that takes nothing for
-//! `ws.client_timeout_ms` is dropped by the pump.
+//! silence. The router's frames do not pass through it: they go into the session's
+//! [`Lane`], which the connection's pump ([`crate::websocket`]) writes to the socket; the lane's
+//! byte budget is the bounded outbound queue, so a full lane means a slow reader. A socket that
+//! takes nothing for `ws.client_timeout_ms` is dropped by the pump.
 //!
 //! With `auth.mode = "jwt"` the session also enforces its token ([`Access`]): nothing but
 //! `auth` and `ping` before one, the desks' rights on every request, an `expiring` warning a
 //! minute before `exp`, `refresh`, and close 4401 at `exp` — by its own timer, and by a check
 //! on every outgoing frame, so no event leaves after the token expired.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -24,12 +23,11 @@ use actix::prelude::*;
 use actix_web_actors::ws::{self, CloseCode, CloseReason, ProtocolError};
 use uuid::Uuid;
 
-use crate::actors::messages::{
-    FromSession, Outbox, Publish, ReplyFromWeb, RouterIntake, ToSession, BEHIND, FRAME_OVERHEAD,
-};
+use crate::actors::messages::{FromSession, Outbox, Publish, ReplyFromWeb, RouterIntake, ToSession};
 use crate::admission::SessionSlot;
 use crate::auth::{AuthError, Identity, Right, Verifier};
 use crate::config::Config;
+use crate::lane::{Frame, Lane};
 use crate::metrics::{Dropped, Metrics};
 use crate::protocol::{
     parse_client_frame, ClientFrame, ErrorCode, Refusal, ServerFrame, Token, CLOSE_UNAUTHORIZED,
@@ -73,8 +71,6 @@ type Peer = Option<std::net::SocketAddr>;
 struct Signed {
     identity: Identity,
     peer: Peer,
-    /// `exp` as an instant, for the check on every outgoing frame.
-    expires: Instant,
     /// The `expiring` warning and the expiry, cancelled on refresh (none until started).
     timers: Option<[SpawnHandle; 2]>,
 }
@@ -102,7 +98,8 @@ pub struct WsSession {
     id: Uuid,
     env: Arc<SessionEnv>,
     access: Access,
-    queued_bytes: Arc<AtomicUsize>,
+    /// Frames from the router, written by the connection's pump.
+    lane: Arc<Lane>,
     /// Last time the peer showed life; refreshed by every frame, pongs included.
     heartbeat: Instant,
     rate: RateWindow,
@@ -120,17 +117,18 @@ impl WsSession {
             (Some(_), None) => Access::Waiting(Box::new(peer)),
             // Timers are armed when the actor starts.
             (Some(_), Some(identity)) => Access::Signed(Box::new(Signed {
-                expires: Instant::now() + life(&identity),
                 identity,
                 peer,
                 timers: None,
             })),
         };
+        let ws = &env.config.ws;
+        let lane = Arc::new(Lane::new(ws.outbound_queue_bytes, ws.outbound_queue_frames));
         WsSession {
             id: Uuid::new_v4(),
             env,
             access,
-            queued_bytes: Arc::new(AtomicUsize::new(0)),
+            lane,
             heartbeat: Instant::now(),
             rate: RateWindow::new(Instant::now()),
             fragments: None,
@@ -431,6 +429,18 @@ impl WsSession {
     }
 
     /// Where this session's browser is, for log lines.
+    /// The lane the router queues this session's frames in, for the connection's pump.
+    pub fn lane(&self) -> Arc<Lane> {
+        Arc::clone(&self.lane)
+    }
+
+    /// What the pump calls once a session that fell behind has room again: the router is
+    /// told, and feeds it.
+    pub fn drained_notice(&self) -> impl Fn() + 'static {
+        let (router, id) = (Arc::clone(&self.env.router), self.id);
+        move || router.do_send(FromSession::Drained(id))
+    }
+
     fn peer(&self) -> String {
         let peer = match &self.access {
             Access::Waiting(peer) => **peer,
@@ -463,6 +473,7 @@ impl WsSession {
         self.env.metrics.auth_failed(&self.peer(), &error);
         self.refuse(ctx, Refusal::new(ErrorCode::Unauthorized, error.to_string()));
         self.access = Access::Closed;
+        self.lane.close();
         Self::close(ctx, CloseCode::Other(CLOSE_UNAUTHORIZED), "unauthorized".into());
     }
 
@@ -488,8 +499,9 @@ impl WsSession {
                 ctx.cancel_future(*timer);
             }
         }
+        // No event leaves after `exp`, even if the expiry timer runs late.
+        self.lane.expire_at(Some(Instant::now() + remaining));
         self.access = Access::Signed(Box::new(Signed {
-            expires: Instant::now() + remaining,
             identity,
             peer,
             timers: Some(timers),
@@ -529,19 +541,8 @@ impl WsSession {
         let message = "your token expired: reconnect with a new one";
         self.refuse(ctx, Refusal::new(ErrorCode::TokenExpired, message));
         self.access = Access::Closed;
+        self.lane.close();
         Self::close(ctx, CloseCode::Other(CLOSE_UNAUTHORIZED), "token expired".into());
-    }
-
-    /// False (and the session expired) when its token's `exp` has passed.
-    fn still_valid(&mut self, ctx: &mut ws::WebsocketContext<Self>) -> bool {
-        match &self.access {
-            Access::Closed => false,
-            Access::Signed(signed) if Instant::now() >= signed.expires => {
-                self.expire(ctx);
-                false
-            }
-            _ => true,
-        }
     }
 
     fn welcome(&self, ctx: &mut ws::WebsocketContext<Self>) {
@@ -568,22 +569,6 @@ impl WsSession {
     }
 }
 
-impl WsSession {
-    /// A queued frame of `len` bytes is on its way out; a router waiting for room (the
-    /// session fell behind on a desk) is told once half the budget is free.
-    fn written(&self, len: usize) {
-        let before = self.queued_bytes.fetch_sub(len, Ordering::AcqRel);
-        if before & BEHIND == 0
-            || (before & !BEHIND).saturating_sub(len) > self.env.config.ws.outbound_queue_bytes / 2
-        {
-            return;
-        }
-        if self.queued_bytes.fetch_and(!BEHIND, Ordering::AcqRel) & BEHIND != 0 {
-            self.env.router.do_send(FromSession::Drained(self.id));
-        }
-    }
-}
-
 fn unauthenticated() -> Refusal {
     Refusal::new(
         ErrorCode::Unauthenticated,
@@ -602,13 +587,7 @@ impl Actor for WsSession {
     type Context = ws::WebsocketContext<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
-        // 0 is actix's "no limit": then the byte budget alone decides who is too slow.
-        ctx.set_mailbox_capacity(self.env.config.ws.outbound_queue_frames);
-        let outbox = Outbox::new(
-            ctx.address().recipient(),
-            Arc::clone(&self.queued_bytes),
-            self.env.config.ws.outbound_queue_bytes,
-        );
+        let outbox = Outbox::new(Arc::clone(&self.lane), ctx.address().recipient());
         // do_send: connect and disconnect must never be dropped, whatever the intake holds.
         self.env.router.do_send(FromSession::Connect(self.id, outbox));
         match std::mem::replace(&mut self.access, Access::Open) {
@@ -641,6 +620,7 @@ impl Actor for WsSession {
     }
 
     fn stopping(&mut self, _: &mut Self::Context) -> Running {
+        self.lane.close();
         self.env.router.do_send(FromSession::Disconnect(self.id));
         Running::Stop
     }
@@ -650,15 +630,11 @@ impl Handler<ToSession> for WsSession {
     type Result = ();
 
     fn handle(&mut self, msg: ToSession, ctx: &mut Self::Context) {
-        match msg {
-            ToSession::Frame(frame) => {
-                self.written(frame.len() + FRAME_OVERHEAD);
-                if self.still_valid(ctx) {
-                    ctx.text(frame);
-                }
-            }
-            ToSession::Close(code, reason) => Self::close(ctx, code, reason.into()),
-        }
+        // After what the router queued before it: through the lane, which the pump writes
+        // to its end once the session has stopped.
+        let ToSession::Close(code, reason) = msg;
+        self.lane.finish(&Frame::close(code.into(), reason));
+        ctx.stop();
     }
 }
 

@@ -14,8 +14,8 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
+use crate::lane::Frame;
 use actix_web_actors::ws::CloseCode;
-use bytestring::ByteString;
 use uuid::Uuid;
 
 use super::Router;
@@ -75,7 +75,7 @@ enum State {
 /// A `latest` desk's events for a session behind: the newest per key, in offset order.
 #[derive(Default)]
 struct Conflated {
-    by_offset: BTreeMap<u64, (Option<Box<str>>, ByteString)>,
+    by_offset: BTreeMap<u64, (Option<Box<str>>, Frame)>,
     by_key: HashMap<Box<str>, u64>,
     bytes: usize,
     dropped: u64,
@@ -269,7 +269,7 @@ impl Router {
             recovered: any_resume.then_some(&pending.recovered),
             first_offset: (!pending.first_offset.is_empty()).then_some(&pending.first_offset),
         };
-        self.reply(session, subscribed.to_text());
+        self.reply(session, subscribed.framed());
         for desk in &pending.desks {
             let Some(behind) = self.behind_mut(session, desk) else {
                 continue;
@@ -342,7 +342,7 @@ impl Router {
             }
             self.go_live(session, desk);
             if dropped > 0 {
-                self.reply(session, ServerFrame::Gap { desk, dropped }.to_text());
+                self.reply(session, ServerFrame::Gap { desk, dropped }.framed());
             }
             return false;
         }
@@ -365,7 +365,7 @@ impl Router {
         let mut cursor = after;
         for logged in state.log.after(after) {
             if logged.except != Some(session) {
-                if let Err(error) = behind.outbox.try_frame(logged.frame.clone()) {
+                if let Err(error) = behind.outbox.try_frame(&logged.frame) {
                     progress = Progress::from_error(error, &behind.outbox, logged.frame.len());
                     break;
                 }
@@ -535,7 +535,7 @@ impl Router {
                     return;
                 };
                 let len = frame.len();
-                if let Err(error) = behind.outbox.try_frame(frame) {
+                if let Err(error) = behind.outbox.try_frame(&frame) {
                     progress = Progress::from_error(error, &behind.outbox, len);
                     break;
                 }
@@ -604,7 +604,7 @@ impl Router {
 
     /// The `event` frame of a stream event, its data transformed for the web in place; `None`
     /// when its transform refuses it (counted).
-    fn history_frame(&self, event: &mut StreamEvent, epoch: Option<&str>) -> Option<ByteString> {
+    fn history_frame(&self, event: &mut StreamEvent, epoch: Option<&str>) -> Option<Frame> {
         if let Err(error) = self.transform(&event.desk, &event.event, Direction::ToWeb, &mut event.data) {
             let stream = crate::history::stream_name(&self.config.history, &event.desk);
             self.metrics.history_skipped(
@@ -635,7 +635,7 @@ impl Router {
                     .and_then(|to| to.reply.as_ref())
                     .map(|_| event.id.as_str()),
             }
-            .to_text(),
+            .framed(),
         )
     }
 
@@ -904,7 +904,7 @@ impl Conflated {
 fn drain_conflated(outbox: &Outbox, latest: &mut Conflated) -> Progress {
     while let Some(entry) = latest.by_offset.first_entry() {
         let (_, frame) = entry.get();
-        if let Err(error) = outbox.try_frame(frame.clone()) {
+        if let Err(error) = outbox.try_frame(frame) {
             return Progress::from_error(error, outbox, frame.len());
         }
         let (key, frame) = entry.remove();

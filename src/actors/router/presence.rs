@@ -162,11 +162,11 @@ impl Router {
                 user,
             },
         }
-        .to_text();
+        .framed();
         let mut failed: Vec<(Uuid, QueueError)> = Vec::new();
         for watcher in watchers.iter().filter(|watcher| **watcher != subject) {
             if let Some(entry) = self.sessions.get(watcher) {
-                if let Err(error) = entry.outbox.try_frame(frame.clone()) {
+                if let Err(error) = entry.outbox.try_frame(&frame) {
                     failed.push((*watcher, error));
                 }
             }
@@ -204,7 +204,7 @@ impl Router {
             desk: &desk,
             sessions: &sessions,
         }
-        .to_text();
+        .framed();
         self.reply(session, answer);
     }
 

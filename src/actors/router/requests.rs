@@ -152,7 +152,7 @@ impl Router {
                     id: &id,
                     data: &data,
                 };
-                self.reply(waiting.session, frame.to_text());
+                self.reply(waiting.session, frame.framed());
             }
             _ => {
                 self.metrics.request("bad_reply");

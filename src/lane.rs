@@ -1,0 +1,431 @@
+//! A session's outbound lane: server frames already in WebSocket framing, queued by the router
+//! (on its own thread) and written to the socket by the connection's pump, all that waits in
+//! one write.
+//!
+//! Why not the session actor's mailbox: a mailbox message costs two heap allocations (the
+//! envelope and the queue node, freed on another thread), a wake of the session and a copy
+//! and re-encoding of the frame per browser. Server frames are unmasked, so one event's frame
+//! is the same bytes for every browser: it is framed once ([`Frame`]), each lane holds a
+//! reference to it, and the pump takes a whole batch per wake and writes it with one
+//! vectored write.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::task::{Context, Poll, Waker};
+use std::time::Instant;
+
+use actix_web::web::{Buf, BufMut, Bytes, BytesMut};
+
+/// What one queued frame costs beyond its bytes (its slot in the lane), so that the byte
+/// budget bounds memory even for a flood of tiny frames.
+pub const FRAME_OVERHEAD: usize = std::mem::size_of::<Bytes>();
+
+/// The bit of a lane's queued-byte count that says "the router waits for room": set by
+/// [`Lane::mark_behind`], cleared by the pump once half the budget is free (then the router is
+/// told). One shared word, so that idle sessions pay nothing for it.
+pub const BEHIND: usize = 1 << (usize::BITS - 1);
+
+/// A server→browser text frame in WebSocket framing: header and payload, shared by every
+/// lane it is queued in.
+#[derive(Clone, Debug)]
+pub struct Frame(Bytes);
+
+/// The longest frame header: opcode byte, length byte, 64-bit length.
+const MAX_HEADER: usize = 10;
+/// FIN and the text opcode.
+const OPCODE_TEXT: u8 = 0x81;
+/// FIN and the close opcode.
+const OPCODE_CLOSE: u8 = 0x88;
+
+impl Frame {
+    /// `text` as one unmasked, final text frame (RFC 6455 §5.2).
+    pub fn text(text: &str) -> Frame {
+        let mut buffer = BytesMut::with_capacity(MAX_HEADER + text.len());
+        buffer.extend_from_slice(&[0; MAX_HEADER]);
+        buffer.extend_from_slice(text.as_bytes());
+        Frame::framed(buffer)
+    }
+
+    /// `value` serialized as JSON straight into a text frame (no intermediate string).
+    pub fn json<T: serde::Serialize + ?Sized>(value: &T) -> Result<Frame, serde_json::Error> {
+        let mut buffer = BytesMut::with_capacity(256);
+        buffer.extend_from_slice(&[0; MAX_HEADER]);
+        let mut writer = buffer.writer();
+        serde_json::to_writer(&mut writer, value)?;
+        Ok(Frame::framed(writer.into_inner()))
+    }
+
+    /// Writes the header into the [`MAX_HEADER`] bytes reserved before the payload and drops
+    /// what it does not use.
+    /// A close frame with `code` and `reason` (at most 123 bytes, as RFC 6455 allows).
+    pub fn close(code: u16, reason: &str) -> Frame {
+        let mut buffer = BytesMut::with_capacity(MAX_HEADER + 2 + reason.len());
+        buffer.extend_from_slice(&[0; MAX_HEADER]);
+        buffer.extend_from_slice(&code.to_be_bytes());
+        buffer.extend_from_slice(reason.as_bytes());
+        Frame::framed_as(OPCODE_CLOSE, buffer)
+    }
+
+    fn framed(buffer: BytesMut) -> Frame {
+        Frame::framed_as(OPCODE_TEXT, buffer)
+    }
+
+    fn framed_as(opcode: u8, mut buffer: BytesMut) -> Frame {
+        let len = buffer.len() - MAX_HEADER;
+        let mut header = [0u8; MAX_HEADER];
+        header[0] = opcode;
+        let used = match len {
+            0..=125 => {
+                header[1] = len as u8;
+                2
+            }
+            126..=0xFFFF => {
+                header[1] = 126;
+                header[2..4].copy_from_slice(&(len as u16).to_be_bytes());
+                4
+            }
+            _ => {
+                header[1] = 127;
+                header[2..10].copy_from_slice(&(len as u64).to_be_bytes());
+                10
+            }
+        };
+        buffer[MAX_HEADER - used..MAX_HEADER].copy_from_slice(&header[..used]);
+        buffer.advance(MAX_HEADER - used);
+        Frame(buffer.freeze())
+    }
+
+    /// The payload: the JSON text.
+    pub fn payload(&self) -> &[u8] {
+        let header = match self.0.get(1) {
+            Some(126) => 4,
+            Some(127) => 10,
+            _ => 2,
+        };
+        &self.0[header.min(self.0.len())..]
+    }
+
+    /// Bytes on the wire.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Never true: a frame has at least its header.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// What this frame costs a lane's byte budget.
+    pub fn cost(&self) -> usize {
+        self.0.len() + FRAME_OVERHEAD
+    }
+}
+
+/// Why a frame could not be queued for a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QueueError {
+    /// Its outbound byte budget is used up: the browser reads too slowly.
+    Full,
+    /// Its outbound frame limit (`ws.outbound_queue_frames`) is reached.
+    FrameLimit,
+    /// The session has ended.
+    Gone,
+}
+
+/// How far a lane is from its end.
+#[derive(Default, Clone, Copy, PartialEq, Eq)]
+enum Ending {
+    /// Takes frames.
+    #[default]
+    Open,
+    /// Takes no more frames; what is queued, up to a last (close) frame, is still written.
+    Finishing,
+    /// Takes and writes nothing more.
+    Closed,
+}
+
+/// The queue between the router and one connection's pump.
+pub struct Lane {
+    state: Mutex<State>,
+    /// Bytes queued and not yet written, plus [`BEHIND`].
+    queued: AtomicUsize,
+    max_bytes: usize,
+    /// 0: no frame limit.
+    max_frames: usize,
+}
+
+#[derive(Default)]
+struct State {
+    frames: VecDeque<Bytes>,
+    /// The pump, waiting for frames.
+    waker: Option<Waker>,
+    /// Open, finishing (a last frame is queued) or closed.
+    ending: Ending,
+    /// The session's token expires here: nothing is written from then on.
+    expires: Option<Instant>,
+}
+
+impl Lane {
+    /// An empty lane refusing frames past `max_bytes` queued, or `max_frames` (0: no limit).
+    pub fn new(max_bytes: usize, max_frames: usize) -> Lane {
+        Lane {
+            state: Mutex::new(State::default()),
+            queued: AtomicUsize::new(0),
+            max_bytes,
+            max_frames,
+        }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        // A panic while holding the lock leaves only a queue of bytes behind: still usable.
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Queues a fan-out frame within the byte budget and frame limit, never waiting.
+    pub fn try_push(&self, frame: &Frame) -> Result<(), QueueError> {
+        let cost = frame.cost();
+        if (self.queued.fetch_add(cost, Ordering::Relaxed) & !BEHIND) + cost > self.max_bytes {
+            self.queued.fetch_sub(cost, Ordering::Relaxed);
+            return Err(QueueError::Full);
+        }
+        let state = self.state();
+        let refused = if state.ending != Ending::Open {
+            Some(QueueError::Gone)
+        } else if self.max_frames != 0 && state.frames.len() >= self.max_frames {
+            Some(QueueError::FrameLimit)
+        } else {
+            None
+        };
+        if let Some(error) = refused {
+            drop(state);
+            self.queued.fetch_sub(cost, Ordering::Relaxed);
+            return Err(error);
+        }
+        self.queue(state, frame);
+        Ok(())
+    }
+
+    /// Queues a reply (ack, error, subscribed...) whatever the budget: replies are bounded by
+    /// the session's own requests, and dropping one would leave a request unanswered.
+    pub fn push(&self, frame: &Frame) {
+        let state = self.state();
+        if state.ending != Ending::Open {
+            return;
+        }
+        self.queued.fetch_add(frame.cost(), Ordering::Relaxed);
+        self.queue(state, frame);
+    }
+
+    fn queue(&self, mut state: std::sync::MutexGuard<'_, State>, frame: &Frame) {
+        state.frames.push_back(frame.0.clone());
+        // Only the first frame of a batch wakes the pump; the rest ride along.
+        let waker = state.waker.take();
+        drop(state);
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+    }
+
+    /// Moves every queued frame into `batch` (in order), or registers the pump to be woken.
+    /// Nothing is taken once the lane is closed or its token has expired.
+    pub fn poll_take(&self, cx: &mut Context<'_>, batch: &mut VecDeque<Bytes>) -> Poll<()> {
+        let mut state = self.state();
+        let expired = state.expires.is_some_and(|at| Instant::now() >= at);
+        if state.ending == Ending::Closed || expired || state.frames.is_empty() {
+            state.waker = Some(cx.waker().clone());
+            return Poll::Pending;
+        }
+        if batch.is_empty() {
+            std::mem::swap(batch, &mut state.frames);
+        } else {
+            batch.append(&mut state.frames);
+        }
+        Poll::Ready(())
+    }
+
+    /// `len` queued bytes were written (or dropped); true when the router waits for room
+    /// ([`Lane::mark_behind`]) and now has it: the caller tells it.
+    pub fn written(&self, len: usize) -> bool {
+        let before = self.queued.fetch_sub(len, Ordering::AcqRel);
+        if before & BEHIND == 0 || (before & !BEHIND).saturating_sub(len) > self.max_bytes / 2 {
+            return false;
+        }
+        self.queued.fetch_and(!BEHIND, Ordering::AcqRel) & BEHIND != 0
+    }
+
+    /// Asks to be told (through [`Lane::written`]) once half the byte budget is free. True
+    /// when that is already so: then nothing will be said, and the caller goes on now.
+    pub fn mark_behind(&self) -> bool {
+        let queued = self.queued.fetch_or(BEHIND, Ordering::AcqRel) & !BEHIND;
+        if queued <= self.max_bytes / 2 {
+            // The pump may have drained before it could see the mark.
+            self.queued.fetch_and(!BEHIND, Ordering::AcqRel);
+            return true;
+        }
+        false
+    }
+
+    /// True when a frame costing `cost` fits the byte budget at all (into an empty lane).
+    pub fn could_take(&self, len: usize) -> bool {
+        len + FRAME_OVERHEAD <= self.max_bytes
+    }
+
+    /// Queues `last` (a close frame) after what waits, and nothing more: the pump writes them
+    /// all, even after the session has ended ([`Lane::take_rest`]).
+    pub fn finish(&self, last: &Frame) {
+        let mut state = self.state();
+        if state.ending != Ending::Open {
+            return;
+        }
+        state.ending = Ending::Finishing;
+        self.queued.fetch_add(last.cost(), Ordering::Relaxed);
+        self.queue(state, last);
+    }
+
+    /// What a finishing lane still holds, for the pump to write once the session has ended;
+    /// nothing from a lane that was closed instead.
+    pub fn take_rest(&self, batch: &mut VecDeque<Bytes>) {
+        let mut state = self.state();
+        let expired = state.expires.is_some_and(|at| Instant::now() >= at);
+        if state.ending == Ending::Finishing && !expired {
+            batch.append(&mut state.frames);
+        }
+    }
+
+    /// Nothing more is queued; unless the lane is finishing, nothing more is written either
+    /// and what waits is dropped. The pump is woken so that it stops waiting on the lane.
+    pub fn close(&self) {
+        let mut state = self.state();
+        if state.ending == Ending::Finishing {
+            return;
+        }
+        state.ending = Ending::Closed;
+        let dropped: usize = state
+            .frames
+            .drain(..)
+            .map(|frame| frame.len() + FRAME_OVERHEAD)
+            .sum();
+        let waker = state.waker.take();
+        drop(state);
+        self.queued.fetch_sub(dropped, Ordering::AcqRel);
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+    }
+
+    /// From `at` on (the token's `exp`), nothing more is written; `None` lifts the limit
+    /// (a refreshed token sets the new one).
+    pub fn expire_at(&self, at: Option<Instant>) {
+        let mut state = self.state();
+        state.expires = at;
+        let waker = state.waker.take();
+        drop(state);
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::task::Wake;
+
+    struct Count(AtomicUsize);
+    impl Wake for Count {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    fn header(len: usize) -> Vec<u8> {
+        let frame = Frame::text(&"x".repeat(len));
+        assert_eq!(frame.payload().len(), len);
+        frame.0[..frame.len() - len].to_vec()
+    }
+
+    #[test]
+    fn a_finishing_lane_keeps_what_waits_and_ends_with_its_last_frame() {
+        let lane = Lane::new(1 << 20, 0);
+        lane.try_push(&Frame::text("event")).expect("room");
+        lane.finish(&Frame::close(1013, "slow"));
+        assert_eq!(lane.try_push(&Frame::text("late")), Err(QueueError::Gone));
+        lane.close();
+        let mut rest = VecDeque::new();
+        lane.take_rest(&mut rest);
+        assert_eq!(rest.len(), 2);
+        assert_eq!(&rest[0][2..], b"event");
+        assert_eq!(&rest[1][..], [0x88, 6, 0x03, 0xF5, b's', b'l', b'o', b'w']);
+    }
+
+    #[test]
+    fn frames_carry_the_rfc_6455_length_forms() {
+        assert_eq!(header(0), [0x81, 0]);
+        assert_eq!(header(125), [0x81, 125]);
+        assert_eq!(header(126), [0x81, 126, 0, 126]);
+        assert_eq!(header(65_535), [0x81, 126, 0xFF, 0xFF]);
+        assert_eq!(header(65_536), [0x81, 127, 0, 0, 0, 0, 0, 1, 0, 0]);
+        let frame = Frame::json(&serde_json::json!({"op": "pong"})).expect("serializes");
+        assert_eq!(&frame.0[..2], [0x81, 13]);
+        assert_eq!(frame.payload(), br#"{"op":"pong"}"#);
+    }
+
+    #[test]
+    fn a_batch_wakes_the_pump_once_and_is_taken_in_order() {
+        let lane = Lane::new(1 << 20, 0);
+        let count = Arc::new(Count(AtomicUsize::new(0)));
+        let waker = Waker::from(Arc::clone(&count));
+        let mut cx = Context::from_waker(&waker);
+        let mut batch = VecDeque::new();
+        assert!(lane.poll_take(&mut cx, &mut batch).is_pending());
+        for text in ["a", "b", "c"] {
+            lane.try_push(&Frame::text(text)).expect("room");
+        }
+        assert_eq!(count.0.load(Ordering::SeqCst), 1);
+        assert!(lane.poll_take(&mut cx, &mut batch).is_ready());
+        let payloads: Vec<&[u8]> = batch.iter().map(|frame| &frame[2..]).collect();
+        assert_eq!(payloads, [b"a", b"b", b"c"]);
+    }
+
+    #[test]
+    fn the_budget_refuses_then_written_bytes_make_room_and_tell_the_router_once() {
+        let frame = Frame::text(&"x".repeat(100));
+        let lane = Lane::new(3 * frame.cost(), 0);
+        for _ in 0..3 {
+            lane.try_push(&frame).expect("within the budget");
+        }
+        assert_eq!(lane.try_push(&frame), Err(QueueError::Full));
+        assert!(!lane.mark_behind(), "the lane is full, not half empty");
+        assert!(!lane.written(frame.cost()), "two thirds still queued");
+        assert!(lane.written(frame.cost()), "a third queued: the router is told");
+        assert!(!lane.written(frame.cost()), "told once");
+        lane.try_push(&frame).expect("room again");
+    }
+
+    #[test]
+    fn the_frame_limit_and_closing_refuse() {
+        let lane = Lane::new(1 << 20, 2);
+        let frame = Frame::text("e");
+        lane.try_push(&frame).expect("first");
+        lane.try_push(&frame).expect("second");
+        assert_eq!(lane.try_push(&frame), Err(QueueError::FrameLimit));
+        lane.close();
+        assert_eq!(lane.try_push(&frame), Err(QueueError::Gone));
+        assert!(lane.mark_behind(), "closing released the queued bytes");
+    }
+
+    #[test]
+    fn nothing_is_taken_after_the_token_expires() {
+        let lane = Lane::new(1 << 20, 0);
+        let waker = Waker::from(Arc::new(Count(AtomicUsize::new(0))));
+        let mut cx = Context::from_waker(&waker);
+        lane.push(&Frame::text("late"));
+        lane.expire_at(Some(Instant::now()));
+        let mut batch = VecDeque::new();
+        assert!(lane.poll_take(&mut cx, &mut batch).is_pending());
+        lane.expire_at(None);
+        assert!(lane.poll_take(&mut cx, &mut batch).is_ready());
+    }
+}
