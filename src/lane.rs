@@ -227,21 +227,17 @@ impl Lane {
         }
     }
 
-    /// Moves every queued frame into `batch` (in order), or registers the pump to be woken.
+    /// Every queued frame (in order), or `Pending` with the pump registered to be woken.
     /// Nothing is taken once the lane is closed or its token has expired.
-    pub fn poll_take(&self, cx: &mut Context<'_>, batch: &mut VecDeque<Bytes>) -> Poll<()> {
+    pub fn poll_take(&self, cx: &mut Context<'_>) -> Poll<VecDeque<Bytes>> {
         let mut state = self.state();
         let expired = state.expires.is_some_and(|at| Instant::now() >= at);
         if state.ending == Ending::Closed || expired || state.frames.is_empty() {
             state.waker = Some(cx.waker().clone());
             return Poll::Pending;
         }
-        if batch.is_empty() {
-            std::mem::swap(batch, &mut state.frames);
-        } else {
-            batch.append(&mut state.frames);
-        }
-        Poll::Ready(())
+        // The queue goes with the batch: an idle lane keeps no buffer from its last burst.
+        Poll::Ready(std::mem::take(&mut state.frames))
     }
 
     /// `len` queued bytes were written (or dropped); true when the router waits for room
@@ -285,12 +281,13 @@ impl Lane {
 
     /// What a finishing lane still holds, for the pump to write once the session has ended;
     /// nothing from a lane that was closed instead.
-    pub fn take_rest(&self, batch: &mut VecDeque<Bytes>) {
+    pub fn take_rest(&self) -> VecDeque<Bytes> {
         let mut state = self.state();
         let expired = state.expires.is_some_and(|at| Instant::now() >= at);
         if state.ending == Ending::Finishing && !expired {
-            batch.append(&mut state.frames);
+            return std::mem::take(&mut state.frames);
         }
+        VecDeque::new()
     }
 
     /// Nothing more is queued; unless the lane is finishing, nothing more is written either
@@ -353,8 +350,7 @@ mod tests {
         lane.finish(&Frame::close(1013, "slow"));
         assert_eq!(lane.try_push(&Frame::text("late")), Err(QueueError::Gone));
         lane.close();
-        let mut rest = VecDeque::new();
-        lane.take_rest(&mut rest);
+        let rest = lane.take_rest();
         assert_eq!(rest.len(), 2);
         assert_eq!(&rest[0][2..], b"event");
         assert_eq!(&rest[1][..], [0x88, 6, 0x03, 0xF5, b's', b'l', b'o', b'w']);
@@ -378,13 +374,14 @@ mod tests {
         let count = Arc::new(Count(AtomicUsize::new(0)));
         let waker = Waker::from(Arc::clone(&count));
         let mut cx = Context::from_waker(&waker);
-        let mut batch = VecDeque::new();
-        assert!(lane.poll_take(&mut cx, &mut batch).is_pending());
+        assert!(lane.poll_take(&mut cx).is_pending());
         for text in ["a", "b", "c"] {
             lane.try_push(&Frame::text(text)).expect("room");
         }
         assert_eq!(count.0.load(Ordering::SeqCst), 1);
-        assert!(lane.poll_take(&mut cx, &mut batch).is_ready());
+        let Poll::Ready(batch) = lane.poll_take(&mut cx) else {
+            panic!("three frames wait");
+        };
         let payloads: Vec<&[u8]> = batch.iter().map(|frame| &frame[2..]).collect();
         assert_eq!(payloads, [b"a", b"b", b"c"]);
     }
@@ -423,9 +420,8 @@ mod tests {
         let mut cx = Context::from_waker(&waker);
         lane.push(&Frame::text("late"));
         lane.expire_at(Some(Instant::now()));
-        let mut batch = VecDeque::new();
-        assert!(lane.poll_take(&mut cx, &mut batch).is_pending());
+        assert!(lane.poll_take(&mut cx).is_pending());
         lane.expire_at(None);
-        assert!(lane.poll_take(&mut cx, &mut batch).is_ready());
+        assert!(lane.poll_take(&mut cx).is_ready());
     }
 }

@@ -287,8 +287,8 @@ struct Outbound<Drained> {
 enum Next {
     /// Bytes the session encoded itself (its own frames, pings, the close), or its end.
     Own(Option<Result<Bytes, actix_web::Error>>),
-    /// The router's frames moved into the batch.
-    Lane,
+    /// The router's frames, all that waited.
+    Lane(VecDeque<Bytes>),
 }
 
 /// Leaves HTTP/1: the socket, and what the browser sent after its request head (its first
@@ -376,13 +376,12 @@ async fn pump(
     stall: Duration,
 ) -> Result<(), Ended> {
     {
-        let mut batch = VecDeque::new();
         loop {
             // Polled in place (the stream is `Unpin`): pinning it into a local would store the
             // whole session a second time in this future, for the life of the connection.
             let next = poll_fn(|cx| match Pin::new(&mut frames).poll_next(cx) {
                 Poll::Ready(own) => Poll::Ready(Next::Own(own)),
-                Poll::Pending => outbound.lane.poll_take(cx, &mut batch).map(|()| Next::Lane),
+                Poll::Pending => outbound.lane.poll_take(cx).map(Next::Lane),
             })
             .await;
             match next {
@@ -392,17 +391,14 @@ async fn pump(
                 }
                 Next::Own(None) => {
                     // A close the router asked for follows what it queued before.
-                    outbound.lane.take_rest(&mut batch);
-                    write_batch(&socket, &mut batch, stall).await?;
+                    write_batch(&socket, outbound.lane.take_rest(), stall).await?;
                     break;
                 }
-                Next::Lane => {
-                    let written = write_batch(&socket, &mut batch, stall).await?;
+                Next::Lane(batch) => {
+                    let written = write_batch(&socket, batch, stall).await?;
                     if outbound.lane.written(written) {
                         (outbound.drained)();
                     }
-                    // A burst's queue is not kept by an idle session.
-                    batch = VecDeque::new();
                 }
             }
         }
@@ -439,11 +435,11 @@ fn discard_until_eof(socket: &TcpStream, cx: &mut Context<'_>) -> Poll<()> {
 /// Most slices one vectored write takes (Linux's `IOV_MAX` is 1024).
 const MAX_SLICES: usize = 64;
 
-/// Writes every frame of `batch` (emptying it), many per syscall; returns their cost to the
-/// lane's byte budget.
+/// Writes every frame of `batch`, many per syscall; returns their cost to the lane's byte
+/// budget.
 async fn write_batch(
     socket: &TcpStream,
-    batch: &mut VecDeque<Bytes>,
+    mut batch: VecDeque<Bytes>,
     stall: Duration,
 ) -> Result<usize, Ended> {
     let mut cost = 0;
