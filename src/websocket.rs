@@ -447,12 +447,7 @@ async fn write_batch(
         cost += frame.len() + FRAME_OVERHEAD;
     }
     while !batch.is_empty() {
-        let slices: Vec<io::IoSlice<'_>> = batch
-            .iter()
-            .take(MAX_SLICES)
-            .map(|frame| io::IoSlice::new(frame))
-            .collect();
-        match socket.try_write_vectored(&slices) {
+        match write_some(socket, &batch) {
             Ok(0) => return Err(io::Error::from(io::ErrorKind::WriteZero).into()),
             Ok(mut written) => {
                 while let Some(front) = batch.front_mut() {
@@ -474,6 +469,18 @@ async fn write_batch(
         }
     }
     Ok(cost)
+}
+
+/// One vectored write of the batch's first frames. Not async: its slice array lives on the
+/// stack for the call only, never in the connection's future.
+fn write_some(socket: &TcpStream, batch: &VecDeque<Bytes>) -> io::Result<usize> {
+    let mut slices = [io::IoSlice::new(&[]); MAX_SLICES];
+    let mut used = 0;
+    for (slice, frame) in slices.iter_mut().zip(batch) {
+        *slice = io::IoSlice::new(frame);
+        used += 1;
+    }
+    socket.try_write_vectored(&slices[..used])
 }
 
 async fn write_all(socket: &TcpStream, mut rest: &[u8], stall: Duration) -> Result<(), Ended> {

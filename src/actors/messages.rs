@@ -122,8 +122,12 @@ pub enum ToSession {
 }
 
 /// The router's handle to a session: its lane, for frames, and its mailbox, for closing.
+/// Cloned into every desk the session reads: one shared allocation, not one mailbox sender
+/// (itself two allocations) per desk.
 #[derive(Clone)]
-pub struct Outbox {
+pub struct Outbox(Arc<SessionHandles>);
+
+struct SessionHandles {
     lane: Arc<Lane>,
     recipient: Recipient<ToSession>,
 }
@@ -131,34 +135,34 @@ pub struct Outbox {
 impl Outbox {
     /// A handle to a session's lane and mailbox.
     pub fn new(lane: Arc<Lane>, recipient: Recipient<ToSession>) -> Self {
-        Outbox { lane, recipient }
+        Outbox(Arc::new(SessionHandles { lane, recipient }))
     }
 
     /// Queues a fan-out frame without waiting; `Full` means the session is too slow.
     pub fn try_frame(&self, frame: &Frame) -> Result<(), QueueError> {
-        self.lane.try_push(frame)
+        self.0.lane.try_push(frame)
     }
 
     /// Queues a reply (ack, error, subscribed...) whatever the queue's length: replies are
     /// bounded by the session's own requests, and dropping one would leave a request unanswered.
     pub fn reply(&self, frame: &Frame) {
-        self.lane.push(frame);
+        self.0.lane.push(frame);
     }
 
     /// Asks the session to say [`FromSession::Drained`] once half its byte budget is free.
     /// True when that is already so: then nothing will be said, and the caller goes on now.
     pub fn mark_behind(&self) -> bool {
-        self.lane.mark_behind()
+        self.0.lane.mark_behind()
     }
 
     /// True when a frame of `len` bytes fits the byte budget at all (into an empty queue).
     pub fn could_take(&self, len: usize) -> bool {
-        self.lane.could_take(len)
+        self.0.lane.could_take(len)
     }
 
     /// Asks the session to close.
     pub fn close(&self, code: CloseCode, reason: &'static str) {
-        self.recipient.do_send(ToSession::Close(code, reason));
+        self.0.recipient.do_send(ToSession::Close(code, reason));
     }
 }
 
