@@ -9,7 +9,6 @@
 //! reference to it, and the pump takes a whole batch per wake and writes it with one
 //! vectored write.
 
-use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::task::{Context, Poll, Waker};
@@ -157,7 +156,7 @@ pub struct Lane {
 
 #[derive(Default)]
 struct State {
-    frames: VecDeque<Bytes>,
+    frames: Vec<Bytes>,
     /// The pump, waiting for frames.
     waker: Option<Waker>,
     /// Open, finishing (a last frame is queued) or closed.
@@ -218,7 +217,7 @@ impl Lane {
     }
 
     fn queue(&self, mut state: std::sync::MutexGuard<'_, State>, frame: &Frame) {
-        state.frames.push_back(frame.0.clone());
+        state.frames.push(frame.0.clone());
         // Only the first frame of a batch wakes the pump; the rest ride along.
         let waker = state.waker.take();
         drop(state);
@@ -229,7 +228,7 @@ impl Lane {
 
     /// Every queued frame (in order), or `Pending` with the pump registered to be woken.
     /// Nothing is taken once the lane is closed or its token has expired.
-    pub fn poll_take(&self, cx: &mut Context<'_>) -> Poll<VecDeque<Bytes>> {
+    pub fn poll_take(&self, cx: &mut Context<'_>) -> Poll<Vec<Bytes>> {
         let mut state = self.state();
         let expired = state.expires.is_some_and(|at| Instant::now() >= at);
         if state.ending == Ending::Closed || expired || state.frames.is_empty() {
@@ -281,13 +280,13 @@ impl Lane {
 
     /// What a finishing lane still holds, for the pump to write once the session has ended;
     /// nothing from a lane that was closed instead.
-    pub fn take_rest(&self) -> VecDeque<Bytes> {
+    pub fn take_rest(&self) -> Vec<Bytes> {
         let mut state = self.state();
         let expired = state.expires.is_some_and(|at| Instant::now() >= at);
         if state.ending == Ending::Finishing && !expired {
             return std::mem::take(&mut state.frames);
         }
-        VecDeque::new()
+        Vec::new()
     }
 
     /// Nothing more is queued; unless the lane is finishing, nothing more is written either

@@ -10,7 +10,6 @@
 //! socket. An idle session holds no I/O buffer at all. The session is still an actix-web-actors
 //! `WebsocketContext` actor; only the bytes underneath take a shorter path.
 
-use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::future::{poll_fn, Future};
 use std::io;
@@ -31,10 +30,11 @@ use actix_web_actors::ws::WebsocketContext;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
+use crate::actors::messages::Outbox;
 use crate::actors::session::WsSession;
 use crate::admission::{origin_allowed, Refused, SessionSlot};
 use crate::auth::Identity;
-use crate::lane::{Lane, FRAME_OVERHEAD};
+use crate::lane::FRAME_OVERHEAD;
 use crate::protocol::HttpError;
 use crate::state::AppState;
 
@@ -264,7 +264,7 @@ fn run(
     let socket = Rc::new(socket);
     let session = WsSession::new(Arc::clone(&state.sessions), slot, peer, identity);
     let outbound = Outbound {
-        lane: session.lane(),
+        link: session.outbox(),
         drained: session.drained_notice(),
     };
     let reader = SocketReader {
@@ -279,7 +279,7 @@ fn run(
 
 /// The router's side of a session's output: its lane, and how to say it has room again.
 struct Outbound<Drained> {
-    lane: Arc<Lane>,
+    link: Outbox,
     drained: Drained,
 }
 
@@ -288,7 +288,7 @@ enum Next {
     /// Bytes the session encoded itself (its own frames, pings, the close), or its end.
     Own(Option<Result<Bytes, actix_web::Error>>),
     /// The router's frames, all that waited.
-    Lane(VecDeque<Bytes>),
+    Lane(Vec<Bytes>),
 }
 
 /// Leaves HTTP/1: the socket, and what the browser sent after its request head (its first
@@ -381,7 +381,7 @@ async fn pump(
             // whole session a second time in this future, for the life of the connection.
             let next = poll_fn(|cx| match Pin::new(&mut frames).poll_next(cx) {
                 Poll::Ready(own) => Poll::Ready(Next::Own(own)),
-                Poll::Pending => outbound.lane.poll_take(cx).map(Next::Lane),
+                Poll::Pending => outbound.link.lane().poll_take(cx).map(Next::Lane),
             })
             .await;
             match next {
@@ -391,12 +391,12 @@ async fn pump(
                 }
                 Next::Own(None) => {
                     // A close the router asked for follows what it queued before.
-                    write_batch(&socket, outbound.lane.take_rest(), stall).await?;
+                    write_batch(&socket, outbound.link.lane().take_rest(), stall).await?;
                     break;
                 }
                 Next::Lane(batch) => {
                     let written = write_batch(&socket, batch, stall).await?;
-                    if outbound.lane.written(written) {
+                    if outbound.link.lane().written(written) {
                         (outbound.drained)();
                     }
                 }
@@ -437,26 +437,21 @@ const MAX_SLICES: usize = 64;
 
 /// Writes every frame of `batch`, many per syscall; returns their cost to the lane's byte
 /// budget.
-async fn write_batch(
-    socket: &TcpStream,
-    mut batch: VecDeque<Bytes>,
-    stall: Duration,
-) -> Result<usize, Ended> {
-    let mut cost = 0;
-    for frame in batch.iter() {
-        cost += frame.len() + FRAME_OVERHEAD;
-    }
-    while !batch.is_empty() {
-        match write_some(socket, &batch) {
+async fn write_batch(socket: &TcpStream, mut batch: Vec<Bytes>, stall: Duration) -> Result<usize, Ended> {
+    let cost = batch.iter().map(|frame| frame.len() + FRAME_OVERHEAD).sum();
+    // The first frame not yet fully written.
+    let mut next = 0;
+    while next < batch.len() {
+        match write_some(socket, &batch[next..]) {
             Ok(0) => return Err(io::Error::from(io::ErrorKind::WriteZero).into()),
             Ok(mut written) => {
-                while let Some(front) = batch.front_mut() {
-                    if written < front.len() {
-                        front.advance(written);
+                while let Some(frame) = batch.get_mut(next) {
+                    if written < frame.len() {
+                        frame.advance(written);
                         break;
                     }
-                    written -= front.len();
-                    batch.pop_front();
+                    written -= frame.len();
+                    next += 1;
                 }
             }
             // Only a full socket arms the stall timer, so the usual write costs no timer.
@@ -473,7 +468,7 @@ async fn write_batch(
 
 /// One vectored write of the batch's first frames. Not async: its slice array lives on the
 /// stack for the call only, never in the connection's future.
-fn write_some(socket: &TcpStream, batch: &VecDeque<Bytes>) -> io::Result<usize> {
+fn write_some(socket: &TcpStream, batch: &[Bytes]) -> io::Result<usize> {
     let mut slices = [io::IoSlice::new(&[]); MAX_SLICES];
     let mut used = 0;
     for (slice, frame) in slices.iter_mut().zip(batch) {

@@ -11,7 +11,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
@@ -121,21 +121,35 @@ pub enum ToSession {
     Close(CloseCode, &'static str),
 }
 
-/// The router's handle to a session: its lane, for frames, and its mailbox, for closing.
-/// Cloned into every desk the session reads: one shared allocation, not one mailbox sender
-/// (itself two allocations) per desk.
+/// A session's link to the router and to its connection: its lane, for frames, and its
+/// mailbox, for closing. One allocation shared by the session, its connection's pump and
+/// every desk the session reads (a mailbox sender per desk would be two allocations each).
 #[derive(Clone)]
-pub struct Outbox(Arc<SessionHandles>);
+pub struct Outbox(Arc<SessionLink>);
 
-struct SessionHandles {
-    lane: Arc<Lane>,
-    recipient: Recipient<ToSession>,
+struct SessionLink {
+    lane: Lane,
+    /// Set once the session's actor runs.
+    mailbox: OnceLock<Recipient<ToSession>>,
 }
 
 impl Outbox {
-    /// A handle to a session's lane and mailbox.
-    pub fn new(lane: Arc<Lane>, recipient: Recipient<ToSession>) -> Self {
-        Outbox(Arc::new(SessionHandles { lane, recipient }))
+    /// A link around `lane`; the session sets its mailbox when its actor starts.
+    pub fn new(lane: Lane) -> Self {
+        Outbox(Arc::new(SessionLink {
+            lane,
+            mailbox: OnceLock::new(),
+        }))
+    }
+
+    /// Sets the mailbox [`Outbox::close`] writes to (once; later calls change nothing).
+    pub fn set_mailbox(&self, mailbox: Recipient<ToSession>) {
+        let _ = self.0.mailbox.set(mailbox);
+    }
+
+    /// The session's lane.
+    pub fn lane(&self) -> &Lane {
+        &self.0.lane
     }
 
     /// Queues a fan-out frame without waiting; `Full` means the session is too slow.
@@ -162,7 +176,9 @@ impl Outbox {
 
     /// Asks the session to close.
     pub fn close(&self, code: CloseCode, reason: &'static str) {
-        self.0.recipient.do_send(ToSession::Close(code, reason));
+        if let Some(mailbox) = self.0.mailbox.get() {
+            mailbox.do_send(ToSession::Close(code, reason));
+        }
     }
 }
 

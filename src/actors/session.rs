@@ -99,12 +99,12 @@ pub struct WsSession {
     env: Arc<SessionEnv>,
     access: Access,
     /// Frames from the router, written by the connection's pump.
-    lane: Arc<Lane>,
+    outbox: Outbox,
     /// Last time the peer showed life; refreshed by every frame, pongs included.
     heartbeat: Instant,
     rate: RateWindow,
     /// A fragmented message being reassembled: (is_text, bytes so far).
-    fragments: Option<(bool, Vec<u8>)>,
+    fragments: Option<Box<(bool, Vec<u8>)>>,
     _slot: SessionSlot,
 }
 
@@ -123,12 +123,12 @@ impl WsSession {
             })),
         };
         let ws = &env.config.ws;
-        let lane = Arc::new(Lane::new(ws.outbound_queue_bytes, ws.outbound_queue_frames));
+        let outbox = Outbox::new(Lane::new(ws.outbound_queue_bytes, ws.outbound_queue_frames));
         WsSession {
             id: Uuid::new_v4(),
             env,
             access,
-            lane,
+            outbox,
             heartbeat: Instant::now(),
             rate: RateWindow::new(Instant::now()),
             fragments: None,
@@ -381,8 +381,8 @@ impl WsSession {
             actix_http::ws::Item::Continue(bytes) => (None, bytes, false),
             actix_http::ws::Item::Last(bytes) => (None, bytes, true),
         };
-        match (is_text, self.fragments.as_mut()) {
-            (Some(is_text), _) => self.fragments = Some((is_text, chunk.to_vec())),
+        match (is_text, self.fragments.as_deref_mut()) {
+            (Some(is_text), _) => self.fragments = Some(Box::new((is_text, chunk.to_vec()))),
             (None, Some((_, buffer))) => buffer.extend_from_slice(&chunk),
             (None, None) => {
                 return Self::close(
@@ -396,14 +396,14 @@ impl WsSession {
         if self
             .fragments
             .as_ref()
-            .is_some_and(|(_, buffer)| buffer.len() > max)
+            .is_some_and(|fragments| fragments.1.len() > max)
         {
             return Self::close(ctx, CloseCode::Size, format!("message exceeds {max} bytes"));
         }
         if !last {
             return;
         }
-        match self.fragments.take() {
+        match self.fragments.take().map(|fragments| *fragments) {
             Some((true, bytes)) => match String::from_utf8(bytes) {
                 Ok(text) => self.on_text(&text, ctx),
                 Err(_) => Self::close(ctx, CloseCode::Invalid, "text message is not valid UTF-8".into()),
@@ -429,9 +429,10 @@ impl WsSession {
     }
 
     /// Where this session's browser is, for log lines.
-    /// The lane the router queues this session's frames in, for the connection's pump.
-    pub fn lane(&self) -> Arc<Lane> {
-        Arc::clone(&self.lane)
+    /// The link whose lane the router queues this session's frames in, for the connection's
+    /// pump.
+    pub fn outbox(&self) -> Outbox {
+        self.outbox.clone()
     }
 
     /// What the pump calls once a session that fell behind has room again: the router is
@@ -473,7 +474,7 @@ impl WsSession {
         self.env.metrics.auth_failed(&self.peer(), &error);
         self.refuse(ctx, Refusal::new(ErrorCode::Unauthorized, error.to_string()));
         self.access = Access::Closed;
-        self.lane.close();
+        self.outbox.lane().close();
         Self::close(ctx, CloseCode::Other(CLOSE_UNAUTHORIZED), "unauthorized".into());
     }
 
@@ -500,7 +501,7 @@ impl WsSession {
             }
         }
         // No event leaves after `exp`, even if the expiry timer runs late.
-        self.lane.expire_at(Some(Instant::now() + remaining));
+        self.outbox.lane().expire_at(Some(Instant::now() + remaining));
         self.access = Access::Signed(Box::new(Signed {
             identity,
             peer,
@@ -541,7 +542,7 @@ impl WsSession {
         let message = "your token expired: reconnect with a new one";
         self.refuse(ctx, Refusal::new(ErrorCode::TokenExpired, message));
         self.access = Access::Closed;
-        self.lane.close();
+        self.outbox.lane().close();
         Self::close(ctx, CloseCode::Other(CLOSE_UNAUTHORIZED), "token expired".into());
     }
 
@@ -587,7 +588,8 @@ impl Actor for WsSession {
     type Context = ws::WebsocketContext<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
-        let outbox = Outbox::new(Arc::clone(&self.lane), ctx.address().recipient());
+        self.outbox.set_mailbox(ctx.address().recipient());
+        let outbox = self.outbox.clone();
         // do_send: connect and disconnect must never be dropped, whatever the intake holds.
         self.env.router.do_send(FromSession::Connect(self.id, outbox));
         match std::mem::replace(&mut self.access, Access::Open) {
@@ -620,7 +622,7 @@ impl Actor for WsSession {
     }
 
     fn stopping(&mut self, _: &mut Self::Context) -> Running {
-        self.lane.close();
+        self.outbox.lane().close();
         self.env.router.do_send(FromSession::Disconnect(self.id));
         Running::Stop
     }
@@ -633,7 +635,7 @@ impl Handler<ToSession> for WsSession {
         // After what the router queued before it: through the lane, which the pump writes
         // to its end once the session has stopped.
         let ToSession::Close(code, reason) = msg;
-        self.lane.finish(&Frame::close(code.into(), reason));
+        self.outbox.lane().finish(&Frame::close(code.into(), reason));
         ctx.stop();
     }
 }
