@@ -113,7 +113,12 @@ pub fn consume_unacked<'a>(queue: &Queue<'a>) -> Consumer<'a> {
 /// Deletes `queues`, then `exchanges`, on the tests' broker; whatever is missing (or a broker
 /// that is away) is ignored, so this also serves in `Drop`.
 pub fn delete_quietly(queues: &[&str], exchanges: &[&str]) {
-    let Ok(mut connection) = Connection::insecure_open(&amqp_url()) else {
+    delete_quietly_at(&amqp_url(), queues, exchanges);
+}
+
+/// [`delete_quietly`] on the broker at `url` (the bench's own node, a private one).
+pub fn delete_quietly_at(url: &str, queues: &[&str], exchanges: &[&str]) {
+    let Ok(mut connection) = Connection::insecure_open(url) else {
         return;
     };
     // A failed delete closes its channel: one channel each.
@@ -147,7 +152,8 @@ pub fn delete_topology(config: &Config) {
 }
 
 /// Deletes the desk streams of `config` (`[history]`), their `.web` exchanges and the
-/// bridge's exchanges; every instance using them must be stopped first.
+/// bridge's exchanges, on the broker `config` names; every instance using them must be stopped
+/// first.
 pub fn delete_history(config: &Config) {
     let streams: Vec<String> = config
         .desks
@@ -162,7 +168,12 @@ pub fn delete_history(config: &Config) {
         config.amqp.outbound_exchange.as_str(),
         config.amqp.presence_exchange.as_str(),
     ]);
-    delete_quietly(&streams, &exchanges);
+    let url = config
+        .amqp
+        .urls
+        .first()
+        .map_or_else(amqp_url, |url| url.reveal().to_string());
+    delete_quietly_at(&url, &streams, &exchanges);
 }
 
 /// Messages ready in `queue` (unacked ones count once their consumer's connection closed).

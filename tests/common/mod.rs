@@ -2,8 +2,9 @@
 //! process), real browsers (tokio-tungstenite) and a real desktop app (amiquip) against the
 //! RabbitMQ on `AMQP_URL` (default `amqp://guest:guest@127.0.0.1:5672/%2f`).
 //!
-//! Every test binary compiles its own copy (`mod common;`), and so does `benches/load.rs`
-//! (`#[path = "../tests/common/mod.rs"] mod common;`): each uses only part of it.
+//! Every test binary compiles its own copy (`mod common;`), and so does the load bench
+//! (`benches/load/main.rs`: `#[path = "../../tests/common/mod.rs"] mod common;`): each uses
+//! only part of it.
 //!
 //! - `amqp`: broker connections, exchange/queue declaration, clean-up;
 //! - `bridge`: `TestBridge`, the bridge on its own thread, and `test_config`;

@@ -16,6 +16,11 @@
 //!   tests use) publishes to it on the default exchange.
 //! - `slow`: (deskbridge only) fast readers plus one browser that never reads, under a stream of
 //!   large events: the bridge's RSS stays bounded and the slow one is closed with 1013.
+//! - `history`, `recovery`, `storm`, `instances`, `burst` (not in the default list): history on
+//!   RabbitMQ streams (#10), in [`history`].
+//!
+//! Target `deskbridge-history` runs any scenario against a bridge with `[history]` on (its own
+//! exchanges and a stream prefix of its own, deleted when it stops).
 //!
 //! Every loop is bounded (counts and deadlines) and every address must be on loopback.
 
@@ -34,8 +39,9 @@ use serde_json::json;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::MaybeTlsStream;
 
-#[path = "../tests/common/mod.rs"]
+#[path = "../../tests/common/mod.rs"]
 mod common;
+mod history;
 
 use common::amqp::{consume_unacked, declare_direct_exchange, private_queue};
 use common::browser::{small_receive_buffer, ws_url, Ws};
@@ -122,6 +128,27 @@ struct Args {
     /// Concurrent clients for `handshake`.
     #[arg(long, default_value_t = 20)]
     handshake_clients: usize,
+    /// Subscribers of the `history` fan-out (history off, on, and Web-STOMP).
+    #[arg(long, default_value_t = 200)]
+    history_subscribers: usize,
+    /// Missed events one browser resumes in `recovery`.
+    #[arg(long, default_value_t = 10_000)]
+    recovery_events: usize,
+    /// Browsers that resume at once in `storm`.
+    #[arg(long, default_value_t = 1000)]
+    storm_browsers: usize,
+    /// Missed events each `storm` browser resumes.
+    #[arg(long, default_value_t = 1000)]
+    storm_events: usize,
+    /// Browsers on each of the two bridges of `instances` (they get `--messages` events).
+    #[arg(long, default_value_t = 500)]
+    instance_browsers: usize,
+    /// Subscribers of `burst`.
+    #[arg(long, default_value_t = 200)]
+    burst_subscribers: usize,
+    /// Events of the `burst`, published before anybody reads.
+    #[arg(long, default_value_t = 5000)]
+    burst_events: usize,
     /// Passed by `cargo bench`; ignored.
     #[arg(long, hide = true)]
     bench: bool,
@@ -136,11 +163,18 @@ enum Scenario {
     Slow,
     Handshake,
     Request,
+    History,
+    Recovery,
+    Storm,
+    Instances,
+    Burst,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, ValueEnum)]
 enum Target {
     Deskbridge,
+    /// deskbridge with `[history]` on.
+    DeskbridgeHistory,
     Stomp,
 }
 
@@ -148,6 +182,7 @@ impl Target {
     fn name(self) -> &'static str {
         match self {
             Target::Deskbridge => "deskbridge",
+            Target::DeskbridgeHistory => "deskbridge+history",
             Target::Stomp => "web-stomp",
         }
     }
@@ -155,6 +190,7 @@ impl Target {
     fn names(self) -> &'static Names {
         match self {
             Target::Deskbridge => &BRIDGE_NAMES,
+            Target::DeskbridgeHistory => &history::NAMES,
             Target::Stomp => &STOMP_NAMES,
         }
     }
@@ -207,6 +243,15 @@ fn rss_kib(pid: u32) -> f64 {
         .unwrap_or(f64::NAN)
 }
 
+/// CPU microseconds per item (two decimals): what `seconds` of CPU cost each of `count`;
+/// NaN (JSON `null`) for a process not measured or nothing counted.
+fn micros_each(seconds: f64, count: usize) -> f64 {
+    if count == 0 {
+        return f64::NAN;
+    }
+    (seconds * 1e6 / count as f64 * 100.0).round() / 100.0
+}
+
 struct CpuMeter {
     bridge: Option<u32>,
     broker: Option<u32>,
@@ -248,9 +293,42 @@ fn bridge_config(args: &Args) -> Config {
     config
 }
 
-/// Starts `args.bridge_bin` and waits until both its AMQP links are up.
-async fn start_bridge(args: &Args) -> BridgeProcess {
-    let bridge = BridgeProcess::launch(&args.bridge_bin, &bridge_config(args)).unwrap_or_else(|e| {
+/// A deskbridge the bench started. Stopping it (or dropping it, when a run fails) stops the
+/// process, then, once no other bridge of the bench shares them, deletes its desk streams.
+struct Bridge {
+    process: Option<BridgeProcess>,
+    /// The desk streams of a bridge with `[history]` on, shared with other instances.
+    streams: Option<Arc<history::Streams>>,
+}
+
+impl Bridge {
+    /// SIGTERM, up to 15 s for the graceful exit, then the clean-up (see `Drop`).
+    fn stop(self) {
+        drop(self);
+    }
+}
+
+impl std::ops::Deref for Bridge {
+    type Target = BridgeProcess;
+
+    fn deref(&self) -> &BridgeProcess {
+        // `process` is taken only in `drop`.
+        self.process.as_ref().expect("the bridge runs until dropped")
+    }
+}
+
+impl Drop for Bridge {
+    fn drop(&mut self) {
+        if let Some(process) = self.process.take() {
+            process.stop();
+        }
+        self.streams.take(); // the last bridge of a stream prefix deletes its streams
+    }
+}
+
+/// Starts `args.bridge_bin` on `config` and waits until both its AMQP links are up.
+async fn launch_bridge(args: &Args, config: &Config) -> BridgeProcess {
+    let bridge = BridgeProcess::launch(&args.bridge_bin, config).unwrap_or_else(|e| {
         panic!(
             "cannot start {} ({e}); build it with `cargo build --release`",
             args.bridge_bin
@@ -260,11 +338,20 @@ async fn start_bridge(args: &Args) -> BridgeProcess {
     bridge
 }
 
+/// A fresh deskbridge with `bridge_config`.
+async fn start_bridge(args: &Args) -> Bridge {
+    Bridge {
+        process: Some(launch_bridge(args, &bridge_config(args)).await),
+        streams: None,
+    }
+}
+
 /// What a scenario runs against: a fresh deskbridge for a deskbridge run; for a Web-STOMP run
 /// none, and with `subscribers` the exchange their subscriptions bind to is declared first.
-async fn start_target(target: Target, args: &Args, subscribers: bool) -> Option<BridgeProcess> {
+async fn start_target(target: Target, args: &Args, subscribers: bool) -> Option<Bridge> {
     match target {
         Target::Deskbridge => Some(start_bridge(args).await),
+        Target::DeskbridgeHistory => Some(history::start_bridge(args, &history::Streams::new(args)).await),
         Target::Stomp => {
             if subscribers {
                 declare_exchange(&args.amqp_url, STOMP_NAMES.inbound);
@@ -315,7 +402,7 @@ enum Inbound {
 impl Client {
     async fn connect(target: Target, args: &Args, bridge: Option<&BridgeProcess>) -> Client {
         match target {
-            Target::Deskbridge => {
+            Target::Deskbridge | Target::DeskbridgeHistory => {
                 let url = ws_url(bridge.expect("bridge running").addr);
                 let (mut ws, _) = tokio_tungstenite::connect_async(url).await.expect("ws connect");
                 let welcome = next_text(&mut ws).await.expect("welcome");
@@ -674,9 +761,9 @@ async fn fanout(
     rate: u64,
 ) -> serde_json::Value {
     let bridge = start_target(target, args, true).await;
-    let clients = connect_many(target, args, bridge.as_ref(), subscribers, true).await;
+    let clients = connect_many(target, args, bridge.as_deref(), subscribers, true).await;
     let epoch = Instant::now();
-    let meter = CpuMeter::start(bridge.as_ref().map(BridgeProcess::pid), args.broker_pid);
+    let meter = CpuMeter::start(bridge.as_deref().map(BridgeProcess::pid), args.broker_pid);
     let tasks: Vec<_> = clients
         .into_iter()
         .map(|client| tokio::spawn(receive_fanout(client, messages, epoch)))
@@ -713,6 +800,8 @@ async fn fanout(
         "slowest_seq": total.slowest.1,
         "seconds": seconds,
         "cpu_seconds": {"bridge": bridge_cpu, "broker": broker_cpu},
+        "bridge_cpu_us_per_delivery": micros_each(bridge_cpu, total.received),
+        "broker_cpu_us_per_delivery": micros_each(broker_cpu, total.received),
     })
 }
 
@@ -758,10 +847,10 @@ async fn ingest(target: Target, args: &Args) -> serde_json::Value {
     ready
         .recv_timeout(Duration::from_secs(20))
         .expect("counter ready");
-    let clients = connect_many(target, args, bridge.as_ref(), args.ingest_clients, false).await;
+    let clients = connect_many(target, args, bridge.as_deref(), args.ingest_clients, false).await;
     let (per_client, window) = (args.per_client, args.window);
     let epoch = Instant::now();
-    let meter = CpuMeter::start(bridge.as_ref().map(BridgeProcess::pid), args.broker_pid);
+    let meter = CpuMeter::start(bridge.as_deref().map(BridgeProcess::pid), args.broker_pid);
     let first = Instant::now();
     let tasks: Vec<_> = clients
         .into_iter()
@@ -799,6 +888,8 @@ async fn ingest(target: Target, args: &Args) -> serde_json::Value {
         "unacked": total - acked,
         "seconds": seconds,
         "cpu_seconds": {"bridge": bridge_cpu, "broker": broker_cpu},
+        "bridge_cpu_us_per_ack": micros_each(bridge_cpu, acked),
+        "broker_cpu_us_per_ack": micros_each(broker_cpu, acked),
     })
 }
 
@@ -867,10 +958,10 @@ async fn request(target: Target, args: &Args) -> serde_json::Value {
     })
     .await
     .expect("responder");
-    let clients = connect_many(target, args, bridge.as_ref(), args.request_clients, false).await;
+    let clients = connect_many(target, args, bridge.as_deref(), args.request_clients, false).await;
     let (count, window) = (args.requests_per_client, args.request_window.max(1));
     let epoch = Instant::now();
-    let meter = CpuMeter::start(bridge.as_ref().map(BridgeProcess::pid), args.broker_pid);
+    let meter = CpuMeter::start(bridge.as_deref().map(BridgeProcess::pid), args.broker_pid);
     let first = Instant::now();
     let tasks: Vec<_> = clients
         .into_iter()
@@ -917,13 +1008,13 @@ async fn request(target: Target, args: &Args) -> serde_json::Value {
 async fn idle(target: Target, args: &Args) -> serde_json::Value {
     let bridge = start_target(target, args, true).await;
     let server_pid = match target {
-        Target::Deskbridge => bridge.as_ref().map(BridgeProcess::pid),
+        Target::Deskbridge | Target::DeskbridgeHistory => bridge.as_deref().map(BridgeProcess::pid),
         Target::Stomp => args.broker_pid,
     };
     // Warm up allocator and runtime with a few sessions, then measure from there.
-    let warm = connect_many(target, args, bridge.as_ref(), 10, true).await;
+    let warm = connect_many(target, args, bridge.as_deref(), 10, true).await;
     let before = server_pid.map_or(f64::NAN, rss_kib);
-    let clients = connect_many(target, args, bridge.as_ref(), args.idle_sessions, true).await;
+    let clients = connect_many(target, args, bridge.as_deref(), args.idle_sessions, true).await;
     if let Some(bridge) = &bridge {
         settle_sessions(bridge.addr, args.idle_sessions + 10).await;
     }
@@ -1067,14 +1158,14 @@ async fn count_events(mut client: Client, messages: usize) -> usize {
     received
 }
 
-/// Samples the RSS of `pid` every 20 ms (for 120 s at most) until the flag is cleared;
+/// Samples the RSS of `pid` every 20 ms (for `within` at most) until the flag is cleared;
 /// the task returns the peak.
-fn sample_peak_rss(pid: u32) -> (Arc<AtomicBool>, tokio::task::JoinHandle<f64>) {
+fn sample_peak_rss(pid: u32, within: Duration) -> (Arc<AtomicBool>, tokio::task::JoinHandle<f64>) {
     let sampling = Arc::new(AtomicBool::new(true));
     let still = Arc::clone(&sampling);
     let sampler = tokio::spawn(async move {
         let mut peak = 0f64;
-        let deadline = Instant::now() + Duration::from_secs(120);
+        let deadline = Instant::now() + within;
         while still.load(Ordering::Acquire) && Instant::now() < deadline {
             peak = peak.max(rss_kib(pid));
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -1129,7 +1220,7 @@ async fn slow(args: &Args) -> serde_json::Value {
         .into_iter()
         .map(|client| tokio::spawn(count_events(client, messages)))
         .collect();
-    let (sampling, sampler) = sample_peak_rss(pid);
+    let (sampling, sampler) = sample_peak_rss(pid, Duration::from_secs(120));
     let url = args.amqp_url.clone();
     let (kib, rate) = (args.slow_event_kib, args.slow_rate);
     tokio::task::spawn_blocking(move || publish_padded(&url, messages, kib, rate))
@@ -1187,17 +1278,19 @@ fn print_row(result: &serde_json::Value) {
     };
     match result["scenario"].as_str() {
         Some("fanout") | Some("paced") => eprintln!(
-            "  {:<10} {:<6} subs={:<5} msgs={:<5} deliveries/s={:<10} p50={}ms p99={}ms p999={}ms max={}ms (seq {}) lost={} dup={} cpu bridge={}s broker={}s",
+            "  {:<10} {:<6} subs={:<5} msgs={:<5} deliveries/s={:<10} p50={}ms p99={}ms p999={}ms max={}ms (seq {}) lost={} dup={} cpu bridge={}s broker={}s per delivery bridge={}µs broker={}µs",
             result["target"].as_str().unwrap_or(""), result["scenario"].as_str().unwrap_or(""),
             result["subscribers"], result["messages"], f(&["deliveries_per_s"]), f(&["latency_ms", "p50"]),
             f(&["latency_ms", "p99"]), f(&["latency_ms", "p999"]), f(&["latency_ms", "max"]), result["slowest_seq"], result["lost"],
-            result["duplicated"], f(&["cpu_seconds", "bridge"]), f(&["cpu_seconds", "broker"])
+            result["duplicated"], f(&["cpu_seconds", "bridge"]), f(&["cpu_seconds", "broker"]),
+            f(&["bridge_cpu_us_per_delivery"]), f(&["broker_cpu_us_per_delivery"])
         ),
         Some("ingest") => eprintln!(
-            "  {:<10} ingest clients={} window={} acked/s={} p50={}ms p99={}ms max={}ms arrived={} unacked={} cpu bridge={}s broker={}s",
+            "  {:<10} ingest clients={} window={} acked/s={} p50={}ms p99={}ms max={}ms arrived={} unacked={} cpu bridge={}s broker={}s per ack bridge={}µs broker={}µs",
             result["target"].as_str().unwrap_or(""), result["clients"], result["window"], f(&["acked_per_s"]),
             f(&["ack_latency_ms", "p50"]), f(&["ack_latency_ms", "p99"]), f(&["ack_latency_ms", "max"]),
-            result["arrived"], result["unacked"], f(&["cpu_seconds", "bridge"]), f(&["cpu_seconds", "broker"])
+            result["arrived"], result["unacked"], f(&["cpu_seconds", "bridge"]), f(&["cpu_seconds", "broker"]),
+            f(&["bridge_cpu_us_per_ack"]), f(&["broker_cpu_us_per_ack"])
         ),
         Some("request") => eprintln!(
             "  {:<10} request clients={} window={} requests={} answered={} errors={} round trips/s={} p50={}ms p99={}ms max={}ms cpu bridge={}s broker={}s reply_to={}",
@@ -1211,6 +1304,7 @@ fn print_row(result: &serde_json::Value) {
             result["auth"].as_str().unwrap_or(""), result["handshakes"], f(&["handshakes_per_s"]),
             f(&["cpu_seconds", "bridge"]), f(&["bridge_cpu_us_per_handshake"])
         ),
+        Some(scenario) if history::describes(scenario) => eprintln!("  {}", history::row(result)),
         Some("slow") => eprintln!(
             "  deskbridge slow   messages={} fast readers got {} rss before={} KiB peak={} KiB after={} KiB slow close={}",
             result["messages"], result["fast_readers_received"], f(&["rss_kib_before"]), f(&["rss_kib_peak"]),
@@ -1246,6 +1340,9 @@ async fn run(scenario: Scenario, target: Target, args: &Args) {
             }
         }
         Scenario::Slow | Scenario::Handshake => {}
+        Scenario::History | Scenario::Recovery | Scenario::Storm | Scenario::Instances | Scenario::Burst => {
+            history::run(scenario, target, args).await
+        }
     }
 }
 
