@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use amiquip::{
     AmqpProperties, AmqpValue, Channel, Confirm, Connection, Consumer, ConsumerMessage, ConsumerOptions,
-    ExchangeDeclareOptions, ExchangeType, FieldTable, Publish, QueueDeclareOptions,
+    Delivery, ExchangeDeclareOptions, ExchangeType, FieldTable, Publish, QueueDeclareOptions,
 };
 use crossbeam_channel::Receiver;
 
@@ -144,11 +144,17 @@ pub fn consume_from(start: Start) -> ConsumerOptions {
 /// delivery for a consumer already dropped as a broken connection, and a stream keeps sending
 /// until the cancel is processed, so a consumer must not be dropped before this returns.
 pub fn cancel(consumer: &Consumer<'_>) -> Result<(), AmqpError> {
+    // Unacked deliveries are covered by the channel's next `multiple` ack.
+    cancel_keeping(consumer, |_| {})
+}
+
+/// [`cancel`], handing `keep` every delivery that arrives before the broker's confirmation
+/// (a replay keeps what was already sent instead of reading it again).
+pub fn cancel_keeping(consumer: &Consumer<'_>, mut keep: impl FnMut(Delivery)) -> Result<(), AmqpError> {
     consumer.cancel()?;
     loop {
         match consumer.receiver().recv_timeout(READ_TIMEOUT) {
-            // Unacked deliveries are covered by the channel's next `multiple` ack.
-            Ok(ConsumerMessage::Delivery(_)) => continue,
+            Ok(ConsumerMessage::Delivery(delivery)) => keep(delivery),
             Ok(ConsumerMessage::ClientCancelled | ConsumerMessage::ServerCancelled) => return Ok(()),
             Ok(other) => {
                 return Err(AmqpError::Lost(format!(
