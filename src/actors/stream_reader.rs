@@ -226,7 +226,7 @@ impl StreamReader {
                                 Wake::Blocked(op.recv(&blocked))
                             } else if index == stop_op {
                                 let _ = op.recv(stop);
-                                return Ok(());
+                                Wake::Stop
                             } else if Some(index) == request_op {
                                 Wake::Request(op.recv(&replays).ok())
                             } else {
@@ -240,6 +240,18 @@ impl StreamReader {
                     }
                 };
                 match wake {
+                    Wake::Stop => {
+                        // Cancelled, not dropped: a stream sends until its cancel is confirmed,
+                        // and amiquip logs an internal error for every delivery to a dropped
+                        // consumer. A replay cut here is answered by `serve`.
+                        if let Some(active) = replay.take() {
+                            let _ = history::cancel(&active.consumer);
+                        }
+                        for consumer in &consumers {
+                            let _ = history::cancel(consumer);
+                        }
+                        return Ok(());
+                    }
                     Wake::ReplayIdle => {
                         if let Some(active) = replay.take() {
                             self.fail_replay(active, "the stream sent nothing for 10 s (was it deleted?)");
@@ -492,6 +504,7 @@ impl StreamReader {
 
 /// What woke the reader.
 enum Wake {
+    Stop,
     Live(usize, Result<amiquip::ConsumerMessage, RecvError>),
     Handled,
     Blocked(Result<amiquip::ConnectionBlockedNotification, RecvError>),
