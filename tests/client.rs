@@ -302,16 +302,24 @@ async fn the_client_reconnects_after_a_restart_and_resubscribes() {
 
 /// A history-mode bridge on a fixed free port (a restarted one is where the page left it) and
 /// the client subscribed to desk A, with its `gap` events in `t.gaps`.
-async fn history_client(test: &str) -> (deskbridge::Config, TestBridge, Chrome) {
+async fn history_client(
+    test: &str,
+) -> (
+    common::amqp::HistoryCleanup,
+    deskbridge::Config,
+    TestBridge,
+    Chrome,
+) {
     let mut config = common::bridge::history_config(test);
     config.bind = format!("127.0.0.1:{}", free_port());
+    let cleanup = common::amqp::HistoryCleanup(config.clone());
     let bridge = TestBridge::start_healthy(config.clone()).await;
     let chrome = Chrome::start().await;
     open_client(&chrome, bridge.addr, FAST, &["A"]).await;
     chrome
         .run("t.gaps = []; t.b.on('gap', (g) => t.gaps.push(g)); return true;")
         .await;
-    (config, bridge, chrome)
+    (cleanup, config, bridge, chrome)
 }
 
 /// A desktop app publishes `{"n": n}` on desk A for each of `numbers`.
@@ -355,7 +363,7 @@ async fn last_position(chrome: &Chrome) -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_history_the_client_resumes_after_a_restart_without_gaps_or_duplicates() {
-    let (config, first, chrome) = history_client("client-resume").await;
+    let (_cleanup, config, first, chrome) = history_client("client-resume").await;
     publish_numbers(&config, 0..50);
     chrome
         .wait_for("the first 50 events", "t.events.length >= 50")
@@ -389,12 +397,11 @@ async fn with_history_the_client_resumes_after_a_restart_without_gaps_or_duplica
     chrome.quit().await;
     drop(second);
     drop(stopped);
-    common::amqp::delete_history(&config);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_resume_into_a_new_history_surfaces_a_gap_with_what_was_missed() {
-    let (config, first, chrome) = history_client("client-epoch").await;
+    let (_cleanup, config, first, chrome) = history_client("client-epoch").await;
     publish_numbers(&config, 0..10);
     chrome
         .wait_for("the first 10 events", "t.events.length >= 10")
@@ -436,7 +443,6 @@ async fn a_resume_into_a_new_history_surfaces_a_gap_with_what_was_missed() {
     chrome.quit().await;
     drop(second);
     drop(stopped);
-    common::amqp::delete_history(&config);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

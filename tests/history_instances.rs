@@ -17,20 +17,10 @@ use deskbridge::history::{consume_from, Marker, Start};
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
 
-use common::amqp::{delete_history, delete_quietly};
+use common::amqp::{delete_quietly, HistoryCleanup};
 use common::bridge::history_config;
 use common::process::BridgeProcess;
 use common::{key, Browser, Desktop, Listener, TestBridge, DEADLINE};
-
-/// Deletes a test's desk streams and exchanges when dropped: declared first, it goes last, after
-/// the bridges stopped, on success and on failure alike.
-struct HistoryCleanup(Config);
-
-impl Drop for HistoryCleanup {
-    fn drop(&mut self) {
-        delete_history(&self.0);
-    }
-}
 
 /// Deletes a queue when dropped (a SIGKILLed bridge leaves its reply queue behind for 120 s).
 struct QueueCleanup(Option<String>);

@@ -176,6 +176,16 @@ pub fn delete_history(config: &Config) {
     delete_quietly_at(&url, &streams, &exchanges);
 }
 
+/// Deletes a test's desk streams and exchanges when dropped: declared first, it goes last, after
+/// the bridges stopped, on success and on failure alike.
+pub struct HistoryCleanup(pub Config);
+
+impl Drop for HistoryCleanup {
+    fn drop(&mut self) {
+        delete_history(&self.0);
+    }
+}
+
 /// Messages ready in `queue` (unacked ones count once their consumer's connection closed).
 pub fn queue_depth(queue: &str) -> u32 {
     let mut connection = broker();
