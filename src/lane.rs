@@ -105,6 +105,21 @@ impl Frame {
         &self.0[header.min(self.0.len())..]
     }
 
+    /// `frames` back to back in one buffer (copied once), to be queued as one.
+    pub fn join(frames: &[Frame]) -> Frame {
+        match frames {
+            [one] => one.clone(),
+            _ => {
+                let len = frames.iter().map(Frame::len).sum();
+                let mut joined = BytesMut::with_capacity(len);
+                for frame in frames {
+                    joined.extend_from_slice(&frame.0);
+                }
+                Frame(joined.freeze())
+            }
+        }
+    }
+
     /// Bytes on the wire.
     pub fn len(&self) -> usize {
         self.0.len()

@@ -481,6 +481,48 @@ async fn messages_carry_their_ttl_and_expired_ones_are_not_delivered() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_of_two_desks_and_targeted_ones_arrive_in_the_order_they_were_published() {
+    // The bridge queues a run of one desk's events as one buffer: a change of desk or a
+    // targeted message must end the run, or a browser reading both would see them reordered.
+    let mut bridge = TestBridge::start_healthy(test_config("runs")).await;
+    let mut browser = Browser::connect(&bridge).await;
+    browser.subscribe(&["A", "B"]).await;
+    let mut to_browser = amiquip::FieldTable::new();
+    to_browser.insert(
+        "x-to-session".into(),
+        AmqpValue::LongString(browser.session.clone()),
+    );
+    let messages: Vec<(String, Value, AmqpProperties)> = (0..600)
+        .map(|seq| {
+            let desk = if (seq / 7) % 2 == 0 { "A" } else { "B" };
+            let properties = if seq % 50 == 25 {
+                AmqpProperties::default().with_headers(to_browser.clone())
+            } else {
+                AmqpProperties::default()
+            };
+            (key(desk, "new_example"), json!({ "seq": seq }), properties)
+        })
+        .collect();
+    Desktop::connect().publish_many_with(&bridge.config.amqp.inbound_exchange, &messages);
+    for seq in 0..600 {
+        let event = browser.recv().await;
+        let desk = if (seq / 7) % 2 == 0 { "A" } else { "B" };
+        assert_eq!(
+            (event["data"]["seq"].as_u64(), event["desk"].as_str()),
+            (Some(seq), Some(desk)),
+            "in publish order across desks and targeted messages: {event}"
+        );
+    }
+    browser.assert_quiet().await;
+    bridge.stop();
+    assert_eq!(
+        queue_depth(&bridge.config.amqp.inbound_queue),
+        0,
+        "every delivery was acked"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_desktop_message_for_one_session_reaches_only_that_session() {
     let bridge = TestBridge::start_healthy(test_config("tosession")).await;
     let exchange = bridge.config.amqp.inbound_exchange.clone();

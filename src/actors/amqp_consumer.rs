@@ -14,7 +14,7 @@ use actix::Recipient;
 use amiquip::{Channel, Connection, ConsumerOptions, Delivery};
 use crossbeam_channel::{select, Sender};
 
-use crate::actors::messages::{DesktopEvent, Rejection, Verdict};
+use crate::actors::messages::{DesktopBatch, DesktopEvent, Rejection, Verdict};
 use crate::actors::worker::{track_blocked, LinkWork, StopSignal};
 use crate::amqp::{self, AmqpError};
 use crate::broker_url::BrokerUrl;
@@ -29,11 +29,14 @@ use crate::tag_queue::{OutOfStep, TagQueue};
 /// after this one is noticed here too, not only by the newcomer.
 const SHARED_CHECK: std::time::Duration = std::time::Duration::from_secs(5);
 
+/// Most deliveries in one [`DesktopBatch`] (the prefetch bounds it too).
+const MAX_BATCH: usize = 256;
+
 /// The consumer's state; [`super::worker::Worker::spawn`] runs it.
 pub struct AmqpConsumer {
     config: Arc<Config>,
     catalog: Arc<Catalog>,
-    router: Recipient<DesktopEvent>,
+    router: Recipient<DesktopBatch>,
     metrics: Arc<Metrics>,
     /// This bridge process's id: deliveries carrying it in `x-instance` are our own publishes.
     instance: String,
@@ -44,7 +47,7 @@ impl AmqpConsumer {
     pub fn new(
         config: Arc<Config>,
         catalog: Arc<Catalog>,
-        router: Recipient<DesktopEvent>,
+        router: Recipient<DesktopBatch>,
         metrics: Arc<Metrics>,
         instance: String,
     ) -> Self {
@@ -86,8 +89,24 @@ impl LinkWork for AmqpConsumer {
         loop {
             select! {
                 recv(consumer.receiver()) -> message => {
-                    let delivery = amqp::delivered(message)?;
-                    self.deliver(&channel, delivery, &reply, &mut awaiting)?;
+                    // Everything already received goes as one batch: the router then frames
+                    // and queues a run of one desk's events once per browser, not per event.
+                    let mut batch = Vec::new();
+                    let first = amqp::delivered(message)?;
+                    self.deliver(&channel, first, &reply, &mut awaiting, &mut batch)?;
+                    while batch.len() < MAX_BATCH {
+                        let Ok(message) = consumer.receiver().try_recv() else {
+                            break;
+                        };
+                        let delivery = amqp::delivered(Ok(message))?;
+                        self.deliver(&channel, delivery, &reply, &mut awaiting, &mut batch)?;
+                    }
+                    if !batch.is_empty() {
+                        // do_send: the prefetch already bounds what is in flight to the router.
+                        // If the router has stopped (shutdown), no verdict comes and the broker
+                        // keeps the deliveries.
+                        self.router.do_send(DesktopBatch(batch));
+                    }
                 }
                 recv(verdicts) -> verdict => {
                     // `reply` lives in this frame, so the channel cannot be disconnected.
@@ -125,14 +144,15 @@ impl AmqpConsumer {
         Ok(())
     }
 
-    /// Checks one delivery and hands it to the router (keeping it in `awaiting` for the
-    /// verdict), or settles it at once.
+    /// Checks one delivery and adds it to the `batch` for the router (keeping it in `awaiting`
+    /// for the verdict), or settles it at once.
     fn deliver(
         &self,
         channel: &Channel,
         mut delivery: Delivery,
         reply: &Sender<Verdict>,
         awaiting: &mut TagQueue<Delivery>,
+        batch: &mut Vec<DesktopEvent>,
     ) -> Result<(), amiquip::Error> {
         let origin = amqp::header_str(delivery.properties.headers().as_ref(), amqp::HEADER_INSTANCE);
         if origin == Some(self.instance.as_str()) {
@@ -147,10 +167,8 @@ impl AmqpConsumer {
         match decode(&delivery, &self.catalog) {
             Ok((desk, event, data)) => {
                 let id = message_id(&delivery.properties);
-                // do_send: the prefetch already bounds what is in flight to the router. If the
-                // router has stopped (shutdown), no verdict comes and the broker keeps the delivery.
                 let to = recipients(&delivery.properties, &id);
-                self.router.do_send(DesktopEvent {
+                batch.push(DesktopEvent {
                     delivery_tag: delivery.delivery_tag(),
                     desk,
                     event,

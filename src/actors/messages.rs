@@ -4,7 +4,7 @@
 //! ```text
 //!  session ──FromSession──▶ router ──PublishJob (PublisherHandle)──▶ publisher
 //!  session ◀──frames (Outbox: Lane), ToSession── router ◀──PublishOutcomes── publisher
-//!  consumer ──DesktopEvent──▶ router ──Verdict──▶ consumer
+//!  consumer ──DesktopBatch──▶ router ──Verdict──▶ consumer
 //!  publisher ──DesktopReply, PresenceNotice──▶ router
 //!  lib / http ──GetStats, BeginShutdown, CloseAll──▶ router
 //! ```
@@ -185,10 +185,14 @@ impl Outbox {
 // ---------------------------------------------------------------------------------------------
 // consumer ⇄ router
 
-/// A delivery from RabbitMQ, decoded and checked by the consumer (configured desk and event,
-/// JSON object body). The router answers on `reply` once every subscriber has it queued.
+/// The deliveries the consumer had received, in order, as one message: the router frames a run
+/// of events of one desk into one buffer and queues it once per subscriber.
 #[derive(Message)]
 #[rtype(result = "()")]
+pub struct DesktopBatch(pub Vec<DesktopEvent>);
+
+/// A delivery from RabbitMQ, decoded and checked by the consumer (configured desk and event,
+/// JSON object body). The router answers on `reply` once every subscriber has it queued.
 pub struct DesktopEvent {
     /// AMQP delivery tag, echoed in the verdict.
     pub delivery_tag: u64,

@@ -4,7 +4,7 @@
 //! [`Catalog`], applies transforms, and fans events out. Sessions send it [`FromSession`]
 //! (connect, disconnect, subscribe, unsubscribe, publish) with `try_send`, so its mailbox,
 //! `ws.max_queued_requests` deep, bounds what browsers can pile up; the AMQP consumer sends
-//! [`DesktopEvent`]s and gets a [`Verdict`] for each; the AMQP publisher sends
+//! [`DesktopBatch`]es and gets a [`Verdict`] for each event; the AMQP publisher sends
 //! [`PublishOutcomes`]. Every frame it sends is serialized once and the bytes are shared; a
 //! session whose queue is full is closed (1013), never waited for.
 
@@ -23,7 +23,7 @@ mod presence;
 mod requests;
 
 use crate::actors::messages::{
-    BeginShutdown, CloseAll, DesktopEvent, DesktopReply, FromSession, FromStream, GetStats, JobKind, Outbox,
+    BeginShutdown, CloseAll, DesktopBatch, DesktopReply, FromSession, FromStream, GetStats, JobKind, Outbox,
     Publish, PublishJob, PublishOutcome, PublishOutcomes, PublisherHandle, QueueError, Recipients, Rejection,
     ReplayHandle, RouterStats, Verdict,
 };
@@ -523,46 +523,98 @@ impl Router {
     }
 }
 
-impl Handler<DesktopEvent> for Router {
+impl Handler<DesktopBatch> for Router {
     type Result = ();
 
-    fn handle(&mut self, mut msg: DesktopEvent, _: &mut Context<Self>) {
-        let transformed = self.transform(&msg.desk, &msg.event, Direction::ToWeb, &mut msg.data);
-        let outcome = match transformed {
-            Ok(()) => {
-                let frame = ServerFrame::Event {
-                    desk: &msg.desk,
-                    event: &msg.event,
-                    id: &msg.id,
-                    origin: Origin::Desktop,
-                    data: EventData::Object(&msg.data),
-                    offset: None,
-                    epoch: None,
-                    reply_id: msg
-                        .to
-                        .as_ref()
-                        .and_then(|to| to.reply.as_ref())
-                        .map(|_| msg.id.as_str()),
+    fn handle(&mut self, batch: DesktopBatch, _: &mut Context<Self>) {
+        // A run of events for one desk is queued to each subscriber as one buffer; a change of
+        // desk or a targeted event ends the run, so every browser keeps the delivery order.
+        let mut run = Run::default();
+        let mut verdicts = Vec::with_capacity(batch.0.len());
+        for mut msg in batch.0 {
+            let transformed = self.transform(&msg.desk, &msg.event, Direction::ToWeb, &mut msg.data);
+            let outcome = match transformed {
+                Ok(()) => {
+                    let frame = ServerFrame::Event {
+                        desk: &msg.desk,
+                        event: &msg.event,
+                        id: &msg.id,
+                        origin: Origin::Desktop,
+                        data: EventData::Object(&msg.data),
+                        offset: None,
+                        epoch: None,
+                        reply_id: msg
+                            .to
+                            .as_ref()
+                            .and_then(|to| to.reply.as_ref())
+                            .map(|_| msg.id.as_str()),
+                    }
+                    .framed();
+                    match msg.to.as_deref() {
+                        None => {
+                            if run.desk != msg.desk || run.bytes + frame.len() > MAX_RUN_BYTES {
+                                self.flush_run(&mut run);
+                                run.desk = std::mem::take(&mut msg.desk);
+                            }
+                            run.bytes += frame.len();
+                            run.frames.push(frame);
+                        }
+                        Some(to) => {
+                            self.flush_run(&mut run);
+                            let receivers =
+                                self.deliver_targeted(to, (&msg.desk, &msg.event, &msg.id), &frame);
+                            self.metrics.desktop_event(receivers);
+                        }
+                    }
+                    Ok(())
                 }
-                .framed();
-                let receivers = match msg.to.as_deref() {
-                    None => self.fan_out(&msg.desk, &frame, None),
-                    Some(to) => self.deliver_targeted(to, (&msg.desk, &msg.event, &msg.id), &frame),
-                };
-                self.metrics.desktop_event(receivers);
-                Ok(())
-            }
-            Err(error) => Err(Rejection {
-                reason: RejectReason::TransformFailed,
-                routing_key: routing_key(&msg.desk, &msg.event),
-                detail: error.to_string(),
-            }),
-        };
-        // The consumer is gone only when its connection dropped; the broker redelivers then.
-        let _ = msg.reply.send(Verdict {
-            delivery_tag: msg.delivery_tag,
-            outcome,
-        });
+                Err(error) => Err(Rejection {
+                    reason: RejectReason::TransformFailed,
+                    routing_key: routing_key(&msg.desk, &msg.event),
+                    detail: error.to_string(),
+                }),
+            };
+            verdicts.push((
+                msg.reply,
+                Verdict {
+                    delivery_tag: msg.delivery_tag,
+                    outcome,
+                },
+            ));
+        }
+        self.flush_run(&mut run);
+        // Only now is every event queued to every subscriber. The consumer is gone only when
+        // its connection dropped; the broker redelivers then.
+        for (reply, verdict) in verdicts {
+            let _ = reply.send(verdict);
+        }
+    }
+}
+
+/// Consecutive desktop events of one desk, framed, not yet queued.
+#[derive(Default)]
+struct Run {
+    desk: String,
+    frames: Vec<Frame>,
+    bytes: usize,
+}
+
+/// Largest run queued as one buffer: far below any sane `ws.outbound_queue_bytes`, so that a
+/// run never refuses a reader that would have taken its events one by one.
+const MAX_RUN_BYTES: usize = 64 * 1024;
+
+impl Router {
+    /// Queues the run's frames to the desk's subscribers as one buffer.
+    fn flush_run(&mut self, run: &mut Run) {
+        if run.frames.is_empty() {
+            return;
+        }
+        let joined = Frame::join(&run.frames);
+        run.bytes = 0;
+        let receivers = self.fan_out(&run.desk, &joined, None);
+        for _ in run.frames.drain(..) {
+            self.metrics.desktop_event(receivers);
+        }
     }
 }
 

@@ -42,13 +42,26 @@ impl Desktop {
 
     /// Publishes many JSON bodies on one channel, then waits for all confirms.
     pub fn publish_many(&mut self, exchange: &str, messages: &[(String, Value)]) {
+        let messages: Vec<(String, Value, AmqpProperties)> = messages
+            .iter()
+            .map(|(key, body)| (key.clone(), body.clone(), AmqpProperties::default()))
+            .collect();
+        self.publish_many_with(exchange, &messages);
+    }
+
+    /// Publishes many JSON bodies with their properties on one channel, back to back, then
+    /// waits for all confirms.
+    pub fn publish_many_with(&mut self, exchange: &str, messages: &[(String, Value, AmqpProperties)]) {
         let channel = self.connection.open_channel(None).expect("channel");
         let confirms = channel.listen_for_publisher_confirms().expect("confirms");
         channel.enable_publisher_confirms().expect("confirm mode");
-        for (key, body) in messages {
+        for (key, body, properties) in messages {
             let body = serde_json::to_vec(body).expect("json");
             channel
-                .basic_publish(exchange, Publish::new(&body, key.as_str()))
+                .basic_publish(
+                    exchange,
+                    Publish::with_properties(&body, key.as_str(), properties.clone()),
+                )
                 .expect("publish");
         }
         let mut smoother = amiquip::ConfirmSmoother::new();
