@@ -74,7 +74,9 @@ pub struct HistoryConfig {
     /// Each desk's latest events kept in memory, framed, for resumes and slow readers; older
     /// ones are read back from the stream.
     pub memory_bytes: usize,
-    /// Events read from a stream per replay step; one step runs at a time per instance.
+    /// Events read from a stream per replay step (plus what the broker had already sent when
+    /// the step ended: at most the reader's prefetch, 1 000); one step runs at a time per
+    /// instance.
     pub replay_batch: usize,
     /// Largest `since: {last: K}`.
     pub max_snapshot: usize,

@@ -55,10 +55,9 @@ impl Frame {
         Ok(Frame::framed(writer.into_inner()))
     }
 
-    /// Writes the header into the [`MAX_HEADER`] bytes reserved before the payload and drops
-    /// what it does not use.
     /// A close frame with `code` and `reason` (at most 123 bytes, as RFC 6455 allows).
     pub fn close(code: u16, reason: &str) -> Frame {
+        debug_assert!(reason.len() <= 123, "a close reason of {} bytes", reason.len());
         let mut buffer = BytesMut::with_capacity(MAX_HEADER + 2 + reason.len());
         buffer.extend_from_slice(&[0; MAX_HEADER]);
         buffer.extend_from_slice(&code.to_be_bytes());
@@ -70,6 +69,8 @@ impl Frame {
         Frame::framed_as(OPCODE_TEXT, buffer)
     }
 
+    /// Writes the header into the [`MAX_HEADER`] bytes reserved before the payload and drops
+    /// what it does not use.
     fn framed_as(opcode: u8, mut buffer: BytesMut) -> Frame {
         let len = buffer.len() - MAX_HEADER;
         let mut header = [0u8; MAX_HEADER];
@@ -276,7 +277,7 @@ impl Lane {
         false
     }
 
-    /// True when a frame costing `cost` fits the byte budget at all (into an empty lane).
+    /// True when a frame of `len` bytes fits the byte budget at all (into an empty lane).
     pub fn could_take(&self, len: usize) -> bool {
         len + FRAME_OVERHEAD <= self.max_bytes
     }
@@ -305,7 +306,7 @@ impl Lane {
     }
 
     /// Nothing more is queued; unless the lane is finishing, nothing more is written either
-    /// and what waits is dropped. The pump is woken so that it stops waiting on the lane.
+    /// and what waits is dropped. (The pump ends when the session's own output ends.)
     pub fn close(&self) {
         let mut state = self.state();
         if state.ending == Ending::Finishing {

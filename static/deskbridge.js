@@ -30,8 +30,10 @@ const MAX_DESKS_PER_FRAME = 64;
 // again from `initialMs`. A shorter one does not, so a bridge that welcomes and then drops
 // every session is not hammered.
 const STABLE_MS = 5_000;
-// A subscribe refused with `broker_unavailable` is asked again after this pause.
+// A subscribe refused with `broker_unavailable` is asked again after a pause that starts here
+// and doubles up to the cap (each a random 50-100 % of the step, like reconnects).
 const RESUBSCRIBE_MS = 500;
+const RESUBSCRIBE_MAX_MS = 8_000;
 // setTimeout fires at once for delays above 2^31 - 1 ms (a token valid for a month).
 const MAX_TIMER_MS = 2 ** 31 - 1;
 
@@ -539,7 +541,7 @@ export class DeskBridge extends EventTarget {
     }
   }
 
-  #enqueueSubscribe(desks, presence, { front = false } = {}) {
+  #enqueueSubscribe(desks, presence, { front = false, attempt = 0 } = {}) {
     const frame = { op: "subscribe", desks };
     const since = {};
     for (const desk of desks) {
@@ -556,7 +558,7 @@ export class DeskBridge extends EventTarget {
       done: () => {},
       fail: (error) => {
         if (["disconnected", "closed", "timeout"].includes(error.code)) return; // kept: resubscribed on reconnect
-        if (error.code === "broker_unavailable") return this.#subscribeLater(desks, presence);
+        if (error.code === "broker_unavailable") return this.#subscribeLater(desks, presence, attempt);
         if (desks.length > 1) {
           // Subscribe is all or nothing: find the desks at fault one by one, keep the others.
           for (const desk of [...desks].reverse()) this.#enqueueSubscribe([desk], presence, { front: true });
@@ -573,12 +575,20 @@ export class DeskBridge extends EventTarget {
    * bridge cannot serve them yet (it is attaching to the desks' history streams right after its
    * start, or its broker is away). A reconnect resubscribes everything anyway.
    */
-  #subscribeLater(desks, presence) {
+  #subscribeLater(desks, presence, attempt) {
     const session = this.#session;
+    const ceiling = Math.min(RESUBSCRIBE_MAX_MS, RESUBSCRIBE_MS * 2 ** attempt);
+    const delay = Math.round(ceiling / 2 + (Math.random() * ceiling) / 2);
     setTimeout(() => {
-      const still = desks.filter((desk) => this.#wanted.has(desk));
-      if (this.#session === session && this.#state === "open" && still.length) this.#enqueueSubscribe(still, presence);
-    }, RESUBSCRIBE_MS);
+      // Only what is still wanted, unconfirmed and with the same presence choice.
+      const still = desks.filter((desk) => {
+        const wanted = this.#wanted.get(desk);
+        return wanted && !wanted.confirmed && wanted.presence === presence;
+      });
+      if (this.#session === session && this.#state === "open" && still.length) {
+        this.#enqueueSubscribe(still, presence, { attempt: attempt + 1 });
+      }
+    }, delay);
   }
 
   #subscribed(frame) {

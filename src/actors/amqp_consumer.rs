@@ -2,7 +2,7 @@
 //!
 //! It declares the inbound topology, consumes the inbound queue with manual acks and a
 //! prefetch, checks each delivery (routing key → configured desk and event, body → JSON
-//! object) and sends the router a [`DesktopEvent`]. It acks only after the router's
+//! object) and sends the router what it has received as one [`DesktopBatch`]. It acks only after the router's
 //! [`Verdict`] says every subscriber has the event queued, batching consecutive acks with
 //! `multiple`; a bad delivery is rejected without requeue, so the queue's dead-letter exchange
 //! keeps it and it never loops. When the link drops, unacked deliveries come back from the

@@ -54,7 +54,8 @@ pub enum FromSession {
         /// Also send `join` / `leave` for these desks.
         presence: bool,
     },
-    /// A session that fell behind has room again (see [`Outbox::mark_behind`]).
+    /// A session that fell behind has room again (see [`Outbox::mark_behind`]); said by its
+    /// connection's pump.
     Drained(Uuid),
     /// A browser's `unsubscribe`.
     Unsubscribe(Uuid, Vec<String>),
@@ -163,7 +164,8 @@ impl Outbox {
         self.0.lane.push(frame);
     }
 
-    /// Asks the session to say [`FromSession::Drained`] once half its byte budget is free.
+    /// Asks for [`FromSession::Drained`] (said by the connection's pump) once half the
+    /// session's byte budget is free.
     /// True when that is already so: then nothing will be said, and the caller goes on now.
     pub fn mark_behind(&self) -> bool {
         self.0.lane.mark_behind()

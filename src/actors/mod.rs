@@ -5,7 +5,7 @@
 //!             ▲                               │ ▲                        │
 //!             └───frames (Outbox → Lane)──────┘ └────PublishOutcomes─────┘
 //!                                               │ ▲
-//!                                       Verdict │ │ DesktopEvent
+//!                                       Verdict │ │ DesktopBatch
 //!                                               ▼ │
 //!  RabbitMQ (example → listener) ⇄ AmqpConsumer ──┘
 //! ```

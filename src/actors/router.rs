@@ -530,6 +530,9 @@ impl Handler<DesktopBatch> for Router {
         // A run of events for one desk is queued to each subscriber as one buffer; a change of
         // desk or a targeted event ends the run, so every browser keeps the delivery order.
         let mut run = Run::default();
+        // A quarter of the byte budget at most: a run never refuses a reader that would have
+        // taken its events one by one.
+        let max_run = MAX_RUN_BYTES.min(self.config.ws.outbound_queue_bytes / 4);
         let mut verdicts = Vec::with_capacity(batch.0.len());
         for mut msg in batch.0 {
             let transformed = self.transform(&msg.desk, &msg.event, Direction::ToWeb, &mut msg.data);
@@ -552,7 +555,7 @@ impl Handler<DesktopBatch> for Router {
                     .framed();
                     match msg.to.as_deref() {
                         None => {
-                            if run.desk != msg.desk || run.bytes + frame.len() > MAX_RUN_BYTES {
+                            if run.desk != msg.desk || run.bytes + frame.len() > max_run {
                                 self.flush_run(&mut run);
                                 run.desk = std::mem::take(&mut msg.desk);
                             }
@@ -599,8 +602,7 @@ struct Run {
     bytes: usize,
 }
 
-/// Largest run queued as one buffer: far below any sane `ws.outbound_queue_bytes`, so that a
-/// run never refuses a reader that would have taken its events one by one.
+/// Largest run queued as one buffer (also at most a quarter of `ws.outbound_queue_bytes`).
 const MAX_RUN_BYTES: usize = 64 * 1024;
 
 impl Router {

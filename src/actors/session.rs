@@ -428,7 +428,6 @@ impl WsSession {
             .expect("auth.mode = jwt has a verifier")
     }
 
-    /// Where this session's browser is, for log lines.
     /// The link whose lane the router queues this session's frames in, for the connection's
     /// pump.
     pub fn outbox(&self) -> Outbox {
@@ -442,6 +441,7 @@ impl WsSession {
         move || router.do_send(FromSession::Drained(id))
     }
 
+    /// Where this session's browser is, for log lines.
     fn peer(&self) -> String {
         let peer = match &self.access {
             Access::Waiting(peer) => **peer,
