@@ -150,8 +150,26 @@ pub fn cancel(consumer: &Consumer<'_>) -> Result<(), AmqpError> {
 
 /// [`cancel`], handing `keep` every delivery that arrives before the broker's confirmation
 /// (a replay keeps what was already sent instead of reading it again).
-pub fn cancel_keeping(consumer: &Consumer<'_>, mut keep: impl FnMut(Delivery)) -> Result<(), AmqpError> {
+pub fn cancel_keeping(consumer: &Consumer<'_>, keep: impl FnMut(Delivery)) -> Result<(), AmqpError> {
     consumer.cancel()?;
+    await_cancelled(consumer, keep)
+}
+
+/// [`cancel`] for several consumers: every cancel is sent before the first wait, so that the
+/// waits overlap (a stop with many desks is bounded by one timeout, not one per desk).
+pub fn cancel_all(consumers: &[&Consumer<'_>]) -> Result<(), AmqpError> {
+    for consumer in consumers {
+        consumer.cancel()?;
+    }
+    for consumer in consumers {
+        await_cancelled(consumer, |_| {})?;
+    }
+    Ok(())
+}
+
+/// Waits for the broker's confirmation of a cancel already sent, handing `keep` what arrives
+/// before it.
+fn await_cancelled(consumer: &Consumer<'_>, mut keep: impl FnMut(Delivery)) -> Result<(), AmqpError> {
     loop {
         match consumer.receiver().recv_timeout(READ_TIMEOUT) {
             Ok(ConsumerMessage::Delivery(delivery)) => keep(delivery),

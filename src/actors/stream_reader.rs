@@ -228,7 +228,12 @@ impl StreamReader {
                                 let _ = op.recv(stop);
                                 Wake::Stop
                             } else if Some(index) == request_op {
-                                Wake::Request(op.recv(&replays).ok())
+                                // The router lives as long as the bridge: a closed channel
+                                // means shutdown.
+                                match op.recv(&replays) {
+                                    Ok(request) => Wake::Request(request),
+                                    Err(_) => Wake::Stop,
+                                }
                             } else {
                                 let receiver = replay.as_ref().map(|active| active.consumer.receiver());
                                 match (replay_op, receiver) {
@@ -244,12 +249,10 @@ impl StreamReader {
                         // Cancelled, not dropped: a stream sends until its cancel is confirmed,
                         // and amiquip logs an internal error for every delivery to a dropped
                         // consumer. A replay cut here is answered by `serve`.
-                        if let Some(active) = replay.take() {
-                            let _ = history::cancel(&active.consumer);
-                        }
-                        for consumer in &consumers {
-                            let _ = history::cancel(consumer);
-                        }
+                        let active = replay.take();
+                        let mut all: Vec<&Consumer<'_>> = consumers.iter().collect();
+                        all.extend(active.as_ref().map(|active| &active.consumer));
+                        let _ = history::cancel_all(&all);
                         return Ok(());
                     }
                     Wake::ReplayIdle => {
@@ -296,9 +299,7 @@ impl StreamReader {
                         }
                     }
                     Wake::Blocked(notification) => track_blocked(life.state(), notification)?,
-                    // The router lives as long as the bridge; a closed channel means shutdown.
-                    Wake::Request(None) => {}
-                    Wake::Request(Some(request)) => {
+                    Wake::Request(request) => {
                         let stream = history::stream_name(&self.config.history, &request.desk);
                         // Noted before the consume: if that fails (a failover closes the
                         // connection with 506 or 541, or amiquip meets a delivery for a tag it
@@ -510,7 +511,7 @@ enum Wake {
     Live(usize, Result<amiquip::ConsumerMessage, RecvError>),
     Handled,
     Blocked(Result<amiquip::ConnectionBlockedNotification, RecvError>),
-    Request(Option<ReplayRequest>),
+    Request(ReplayRequest),
     Replay(Result<amiquip::ConsumerMessage, RecvError>),
     ReplayIdle,
 }
