@@ -96,16 +96,6 @@ impl Frame {
         Frame(buffer.freeze())
     }
 
-    /// The payload: the JSON text.
-    pub fn payload(&self) -> &[u8] {
-        let header = match self.0.get(1) {
-            Some(126) => 4,
-            Some(127) => 10,
-            _ => 2,
-        };
-        &self.0[header.min(self.0.len())..]
-    }
-
     /// `frames` back to back in one buffer (copied once), to be queued as one.
     pub fn join(frames: &[Frame]) -> Frame {
         match frames {
@@ -135,6 +125,11 @@ impl Frame {
     pub fn cost(&self) -> usize {
         self.0.len() + FRAME_OVERHEAD
     }
+}
+
+/// What `frames` cost a lane's byte budget (as [`Frame::cost`] each).
+pub fn cost_of(frames: &[Bytes]) -> usize {
+    frames.iter().map(|frame| frame.len() + FRAME_OVERHEAD).sum()
 }
 
 /// Why a frame could not be queued for a session.
@@ -313,11 +308,7 @@ impl Lane {
             return;
         }
         state.ending = Ending::Closed;
-        let dropped: usize = state
-            .frames
-            .drain(..)
-            .map(|frame| frame.len() + FRAME_OVERHEAD)
-            .sum();
+        let dropped = cost_of(&std::mem::take(&mut state.frames));
         let waker = state.waker.take();
         drop(state);
         self.queued.fetch_sub(dropped, Ordering::AcqRel);
@@ -352,9 +343,19 @@ mod tests {
         }
     }
 
+    /// The payload of a single frame: the JSON text.
+    fn payload(frame: &Frame) -> &[u8] {
+        let header = match frame.0.get(1) {
+            Some(126) => 4,
+            Some(127) => 10,
+            _ => 2,
+        };
+        &frame.0[header..]
+    }
+
     fn header(len: usize) -> Vec<u8> {
         let frame = Frame::text(&"x".repeat(len));
-        assert_eq!(frame.payload().len(), len);
+        assert_eq!(payload(&frame).len(), len);
         frame.0[..frame.len() - len].to_vec()
     }
 
@@ -380,7 +381,7 @@ mod tests {
         assert_eq!(header(65_536), [0x81, 127, 0, 0, 0, 0, 0, 1, 0, 0]);
         let frame = Frame::json(&serde_json::json!({"op": "pong"})).expect("serializes");
         assert_eq!(&frame.0[..2], [0x81, 13]);
-        assert_eq!(frame.payload(), br#"{"op":"pong"}"#);
+        assert_eq!(payload(&frame), br#"{"op":"pong"}"#);
     }
 
     #[test]

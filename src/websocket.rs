@@ -34,7 +34,7 @@ use crate::actors::messages::Outbox;
 use crate::actors::session::WsSession;
 use crate::admission::{origin_allowed, Refused, SessionSlot};
 use crate::auth::Identity;
-use crate::lane::FRAME_OVERHEAD;
+use crate::lane;
 use crate::protocol::HttpError;
 use crate::state::AppState;
 
@@ -438,7 +438,7 @@ const MAX_SLICES: usize = 64;
 /// Writes every frame of `batch`, many per syscall; returns their cost to the lane's byte
 /// budget.
 async fn write_batch(socket: &TcpStream, mut batch: Vec<Bytes>, stall: Duration) -> Result<usize, Ended> {
-    let cost = batch.iter().map(|frame| frame.len() + FRAME_OVERHEAD).sum();
+    let cost = lane::cost_of(&batch);
     // The first frame not yet fully written.
     let mut next = 0;
     while next < batch.len() {

@@ -5,7 +5,6 @@
 mod common;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -18,7 +17,7 @@ use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
 
 use common::amqp::{delete_quietly, HistoryCleanup};
-use common::bridge::history_config;
+use common::bridge::{history_config, wait_attached_at};
 use common::process::BridgeProcess;
 use common::{key, Browser, Desktop, Listener, TestBridge, DEADLINE};
 
@@ -33,32 +32,10 @@ impl Drop for QueueCleanup {
     }
 }
 
-/// Waits until the bridge at `addr` is attached to every desk stream: before that a `since` is
-/// answered `broker_unavailable`.
-async fn wait_attached(addr: SocketAddr) {
-    let mut probe = Browser::connect_to(addr).await;
-    let started = Instant::now();
-    loop {
-        probe
-            .send(json!({"op": "subscribe", "desks": ["A", "B"], "since": {"A": {"last": 0}, "B": {"last": 0}}}))
-            .await;
-        let reply = probe.recv().await;
-        if reply["op"] == "subscribed" {
-            return;
-        }
-        assert_eq!(reply["code"], "broker_unavailable", "{reply}");
-        assert!(
-            started.elapsed() < DEADLINE,
-            "desk streams never attached: {reply}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// An in-process bridge on `config`, attached to its desk streams.
 async fn ready_bridge(config: Config) -> TestBridge {
     let bridge = TestBridge::start_healthy(config).await;
-    wait_attached(bridge.addr).await;
+    wait_attached_at(bridge.addr, &["A", "B"]).await;
     bridge
 }
 
@@ -419,7 +396,7 @@ async fn browsers_of_a_killed_instance_resume_on_another_with_every_event_once()
     let mut doomed =
         BridgeProcess::launch(env!("CARGO_BIN_EXE_deskbridge"), &config).expect("start deskbridge");
     doomed.wait_healthy(DEADLINE).await;
-    wait_attached(doomed.addr).await;
+    wait_attached_at(doomed.addr, &["A", "B"]).await;
     let mut browsers = Vec::new();
     for _ in 0..BROWSERS {
         let mut browser = Browser::connect_to(doomed.addr).await;

@@ -82,37 +82,10 @@ impl Drop for Streams {
 /// A bridge on `streams`, started and attached to its desk streams (a `since` is served).
 pub(super) async fn start_bridge(args: &Args, streams: &Arc<Streams>) -> Bridge {
     let process = launch_bridge(args, &streams.config).await;
-    wait_attached(&process).await;
+    super::common::bridge::wait_attached_at(process.addr, &["A", "B"]).await;
     Bridge {
         process: Some(process),
         streams: Some(Arc::clone(streams)),
-    }
-}
-
-/// Waits (30 s at most) until the bridge serves a resume: before it has attached to the desk
-/// streams, a `since` is refused with `broker_unavailable`.
-async fn wait_attached(bridge: &BridgeProcess) {
-    let (mut probe, _) = tokio_tungstenite::connect_async(ws_url(bridge.addr))
-        .await
-        .expect("probe connects");
-    let _welcome = next_text(&mut probe).await;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let since = r#"{"op":"subscribe","desks":["A","B"],"since":{"A":{"last":0},"B":{"last":0}}}"#;
-        probe.send(Message::Text(since.into())).await.expect("send");
-        let reply = tokio::time::timeout(Duration::from_secs(10), next_text(&mut probe))
-            .await
-            .ok()
-            .flatten()
-            .unwrap_or_default();
-        if reply.starts_with(r#"{"op":"subscribed""#) {
-            return;
-        }
-        assert!(
-            reply.contains("broker_unavailable") && Instant::now() < deadline,
-            "the bridge never attached to its desk streams: {reply}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 

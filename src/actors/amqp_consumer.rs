@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use actix::Recipient;
 use amiquip::{Channel, Connection, ConsumerOptions, Delivery};
-use crossbeam_channel::{select, Sender};
+use crossbeam_channel::select;
 
 use crate::actors::messages::{DesktopBatch, DesktopEvent, Rejection, Verdict};
 use crate::actors::worker::{track_blocked, LinkWork, StopSignal};
@@ -93,19 +93,22 @@ impl LinkWork for AmqpConsumer {
                     // and queues a run of one desk's events once per browser, not per event.
                     let mut batch = Vec::new();
                     let first = amqp::delivered(message)?;
-                    self.deliver(&channel, first, &reply, &mut awaiting, &mut batch)?;
+                    self.deliver(&channel, first, &mut awaiting, &mut batch)?;
                     while batch.len() < MAX_BATCH {
                         let Ok(message) = consumer.receiver().try_recv() else {
                             break;
                         };
                         let delivery = amqp::delivered(Ok(message))?;
-                        self.deliver(&channel, delivery, &reply, &mut awaiting, &mut batch)?;
+                        self.deliver(&channel, delivery, &mut awaiting, &mut batch)?;
                     }
                     if !batch.is_empty() {
                         // do_send: the prefetch already bounds what is in flight to the router.
                         // If the router has stopped (shutdown), no verdict comes and the broker
                         // keeps the deliveries.
-                        self.router.do_send(DesktopBatch(batch));
+                        self.router.do_send(DesktopBatch {
+                            events: batch,
+                            reply: reply.clone(),
+                        });
                     }
                 }
                 recv(verdicts) -> verdict => {
@@ -150,7 +153,6 @@ impl AmqpConsumer {
         &self,
         channel: &Channel,
         mut delivery: Delivery,
-        reply: &Sender<Verdict>,
         awaiting: &mut TagQueue<Delivery>,
         batch: &mut Vec<DesktopEvent>,
     ) -> Result<(), amiquip::Error> {
@@ -175,7 +177,6 @@ impl AmqpConsumer {
                     id,
                     data,
                     to,
-                    reply: reply.clone(),
                 });
                 delivery.body = Vec::new();
                 awaiting.push(delivery.delivery_tag(), delivery);

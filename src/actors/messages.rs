@@ -191,10 +191,16 @@ impl Outbox {
 /// of events of one desk into one buffer and queues it once per subscriber.
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct DesktopBatch(pub Vec<DesktopEvent>);
+pub struct DesktopBatch {
+    /// The deliveries, in the order the broker sent them.
+    pub events: Vec<DesktopEvent>,
+    /// Where the verdicts go, one per event, once the whole batch is queued.
+    pub reply: Sender<Verdict>,
+}
 
 /// A delivery from RabbitMQ, decoded and checked by the consumer (configured desk and event,
-/// JSON object body). The router answers on `reply` once every subscriber has it queued.
+/// JSON object body). The router answers on its batch's `reply` once every subscriber has it
+/// queued.
 pub struct DesktopEvent {
     /// AMQP delivery tag, echoed in the verdict.
     pub delivery_tag: u64,
@@ -208,8 +214,6 @@ pub struct DesktopEvent {
     pub data: Data,
     /// Only for these browsers (`x-to-session` / `x-to-user`), not the desk's subscribers.
     pub to: Option<Box<Recipients>>,
-    /// Where the verdict goes.
-    pub reply: Sender<Verdict>,
 }
 
 /// The router's answer for one delivery.

@@ -533,8 +533,8 @@ impl Handler<DesktopBatch> for Router {
         // A quarter of the byte budget at most: a run never refuses a reader that would have
         // taken its events one by one.
         let max_run = MAX_RUN_BYTES.min(self.config.ws.outbound_queue_bytes / 4);
-        let mut verdicts = Vec::with_capacity(batch.0.len());
-        for mut msg in batch.0 {
+        let mut verdicts = Vec::with_capacity(batch.events.len());
+        for mut msg in batch.events {
             let transformed = self.transform(&msg.desk, &msg.event, Direction::ToWeb, &mut msg.data);
             let outcome = match transformed {
                 Ok(()) => {
@@ -577,19 +577,16 @@ impl Handler<DesktopBatch> for Router {
                     detail: error.to_string(),
                 }),
             };
-            verdicts.push((
-                msg.reply,
-                Verdict {
-                    delivery_tag: msg.delivery_tag,
-                    outcome,
-                },
-            ));
+            verdicts.push(Verdict {
+                delivery_tag: msg.delivery_tag,
+                outcome,
+            });
         }
         self.flush_run(&mut run);
         // Only now is every event queued to every subscriber. The consumer is gone only when
         // its connection dropped; the broker redelivers then.
-        for (reply, verdict) in verdicts {
-            let _ = reply.send(verdict);
+        for verdict in verdicts {
+            let _ = batch.reply.send(verdict);
         }
     }
 }

@@ -124,26 +124,7 @@ impl TestBridge {
     /// Waits until the bridge is attached to the streams of `desks` (`[history]` on): until
     /// then a resume is answered `broker_unavailable`, once attached `subscribed`.
     pub async fn wait_attached(&self, desks: &[&str]) {
-        let mut probe = Browser::connect(self).await;
-        let since: serde_json::Map<String, Value> = desks
-            .iter()
-            .map(|desk| (desk.to_string(), serde_json::json!({"last": 0})))
-            .collect();
-        let subscribe = serde_json::json!({"op": "subscribe", "desks": desks, "since": since});
-        let started = Instant::now();
-        loop {
-            probe.send(subscribe.clone()).await;
-            let reply = probe.recv().await;
-            if reply["op"] == "subscribed" {
-                return;
-            }
-            assert_eq!(reply["code"], "broker_unavailable", "{reply}");
-            assert!(
-                started.elapsed() < DEADLINE,
-                "desk streams never attached: {reply}"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        wait_attached_at(self.addr, desks).await
     }
 
     pub fn ws_url(&self) -> String {
@@ -215,5 +196,30 @@ impl Drop for TestBridge {
         if self.cleanup {
             delete_topology(&self.config);
         }
+    }
+}
+
+/// Waits until the bridge at `addr` (in process or a child) is attached to the streams of
+/// `desks`: before that a resume is answered `broker_unavailable`, once attached `subscribed`.
+pub async fn wait_attached_at(addr: SocketAddr, desks: &[&str]) {
+    let mut probe = Browser::connect_to(addr).await;
+    let since: serde_json::Map<String, Value> = desks
+        .iter()
+        .map(|desk| (desk.to_string(), serde_json::json!({"last": 0})))
+        .collect();
+    let subscribe = serde_json::json!({"op": "subscribe", "desks": desks, "since": since});
+    let started = Instant::now();
+    loop {
+        probe.send(subscribe.clone()).await;
+        let reply = probe.recv().await;
+        if reply["op"] == "subscribed" {
+            return;
+        }
+        assert_eq!(reply["code"], "broker_unavailable", "{reply}");
+        assert!(
+            started.elapsed() < DEADLINE,
+            "desk streams never attached: {reply}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
