@@ -80,8 +80,8 @@ pub fn server(
                 .upgrade(fn_service(
                     move |(req, framed): (Request, Framed<TcpStream, h1::Codec>)| {
                         // Boxed: the connection's task is sized for its largest state, and
-                        // unboxed the upgrade would make every connection's task as large as
-                        // a WebSocket session's.
+                        // unboxed the handshake would make every HTTP connection's task larger.
+                        // The session itself runs in a task of its own.
                         Box::pin(websocket::upgrade(req, framed, state.clone()))
                     },
                 ))

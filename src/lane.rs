@@ -9,10 +9,10 @@
 //! reference to it, and the pump takes a whole batch per wake and writes it with one
 //! vectored write.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Mutex, OnceLock};
 use std::task::{Context, Poll, Waker};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use actix_web::web::{Buf, BufMut, Bytes, BytesMut};
 
@@ -36,6 +36,10 @@ const MAX_HEADER: usize = 10;
 const OPCODE_TEXT: u8 = 0x81;
 /// FIN and the close opcode.
 const OPCODE_CLOSE: u8 = 0x88;
+/// FIN and the ping opcode.
+const OPCODE_PING: u8 = 0x89;
+/// FIN and the pong opcode.
+const OPCODE_PONG: u8 = 0x8A;
 
 impl Frame {
     /// `text` as one unmasked, final text frame (RFC 6455 §5.2).
@@ -58,11 +62,33 @@ impl Frame {
     /// A close frame with `code` and `reason` (at most 123 bytes, as RFC 6455 allows).
     pub fn close(code: u16, reason: &str) -> Frame {
         debug_assert!(reason.len() <= 123, "a close reason of {} bytes", reason.len());
-        let mut buffer = BytesMut::with_capacity(MAX_HEADER + 2 + reason.len());
+        let mut payload = Vec::with_capacity(2 + reason.len());
+        payload.extend_from_slice(&code.to_be_bytes());
+        payload.extend_from_slice(reason.as_bytes());
+        Frame::control(OPCODE_CLOSE, &payload)
+    }
+
+    /// A close frame without a code, the answer to a browser's close that had none.
+    pub fn close_without_code() -> Frame {
+        Frame::control(OPCODE_CLOSE, &[])
+    }
+
+    /// A ping with no payload: the heartbeat.
+    pub fn ping() -> Frame {
+        Frame::control(OPCODE_PING, &[])
+    }
+
+    /// The pong that answers a browser's ping carrying `payload`.
+    pub fn pong(payload: &[u8]) -> Frame {
+        Frame::control(OPCODE_PONG, payload)
+    }
+
+    /// A control frame (payload at most 125 bytes, which the browser's frames also obey).
+    fn control(opcode: u8, payload: &[u8]) -> Frame {
+        let mut buffer = BytesMut::with_capacity(MAX_HEADER + payload.len());
         buffer.extend_from_slice(&[0; MAX_HEADER]);
-        buffer.extend_from_slice(&code.to_be_bytes());
-        buffer.extend_from_slice(reason.as_bytes());
-        Frame::framed_as(OPCODE_CLOSE, buffer)
+        buffer.extend_from_slice(payload);
+        Frame::framed_as(opcode, buffer)
     }
 
     fn framed(buffer: BytesMut) -> Frame {
@@ -127,6 +153,21 @@ impl Frame {
     }
 }
 
+/// What [`Lane::poll_take`] hands the pump.
+pub struct Taken {
+    /// The frames, in order.
+    pub frames: Vec<Bytes>,
+    /// They end with the lane's last frame (a close): nothing follows them.
+    pub last: bool,
+}
+
+/// Milliseconds on a monotonic clock shared by every lane.
+fn clock_ms() -> u64 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    let elapsed = START.get_or_init(Instant::now).elapsed();
+    u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX)
+}
+
 /// What `frames` cost a lane's byte budget (as [`Frame::cost`] each).
 pub fn cost_of(frames: &[Bytes]) -> usize {
     frames.iter().map(|frame| frame.len() + FRAME_OVERHEAD).sum()
@@ -160,6 +201,8 @@ pub struct Lane {
     state: Mutex<State>,
     /// Bytes queued and not yet written, plus [`BEHIND`].
     queued: AtomicUsize,
+    /// When the browser last sent a byte ([`clock_ms`]), for the router's heartbeat.
+    seen: AtomicU64,
     max_bytes: usize,
     /// 0: no frame limit.
     max_frames: usize,
@@ -182,6 +225,7 @@ impl Lane {
         Lane {
             state: Mutex::new(State::default()),
             queued: AtomicUsize::new(0),
+            seen: AtomicU64::new(clock_ms()),
             max_bytes,
             max_frames,
         }
@@ -239,15 +283,29 @@ impl Lane {
 
     /// Every queued frame (in order), or `Pending` with the pump registered to be woken.
     /// Nothing is taken once the lane is closed or its token has expired.
-    pub fn poll_take(&self, cx: &mut Context<'_>) -> Poll<Vec<Bytes>> {
+    pub fn poll_take(&self, cx: &mut Context<'_>) -> Poll<Taken> {
         let mut state = self.state();
         let expired = state.expires.is_some_and(|at| Instant::now() >= at);
         if state.ending == Ending::Closed || expired || state.frames.is_empty() {
             state.waker = Some(cx.waker().clone());
             return Poll::Pending;
         }
-        // The queue goes with the batch: an idle lane keeps no buffer from its last burst.
-        Poll::Ready(std::mem::take(&mut state.frames))
+        Poll::Ready(Taken {
+            // The queue goes with the batch: an idle lane keeps no buffer from its last burst.
+            frames: std::mem::take(&mut state.frames),
+            // Nothing is queued after a finishing lane's last frame, so this batch holds it.
+            last: state.ending == Ending::Finishing,
+        })
+    }
+
+    /// The browser sent something: it is alive.
+    pub fn saw_life(&self) {
+        self.seen.store(clock_ms(), Ordering::Relaxed);
+    }
+
+    /// How long the browser has sent nothing.
+    pub fn silent_for(&self) -> Duration {
+        Duration::from_millis(clock_ms().saturating_sub(self.seen.load(Ordering::Relaxed)))
     }
 
     /// `len` queued bytes were written (or dropped); true when the router waits for room
@@ -298,6 +356,30 @@ impl Lane {
             return std::mem::take(&mut state.frames);
         }
         Vec::new()
+    }
+
+    /// Drops what waits and ends the lane with `last` (an error, then a close): for a session
+    /// that may receive nothing more (its token expired or never came), which must still be
+    /// told why. Nothing happens to a lane that is already ending.
+    pub fn end_with(&self, last: &[Frame]) {
+        let mut state = self.state();
+        if state.ending != Ending::Open {
+            return;
+        }
+        state.ending = Ending::Finishing;
+        // The expiry kept events from leaving; these frames are the session's last word.
+        state.expires = None;
+        let dropped = cost_of(&state.frames);
+        state.frames.clear();
+        state.frames.extend(last.iter().map(|frame| frame.0.clone()));
+        let added: usize = last.iter().map(Frame::cost).sum();
+        let waker = state.waker.take();
+        drop(state);
+        self.queued.fetch_add(added, Ordering::AcqRel);
+        self.queued.fetch_sub(dropped, Ordering::AcqRel);
+        if let Some(waker) = waker {
+            waker.wake();
+        }
     }
 
     /// Nothing more is queued; unless the lane is finishing, nothing more is written either
@@ -373,6 +455,37 @@ mod tests {
     }
 
     #[test]
+    fn a_lane_ended_with_frames_drops_what_waited_and_writes_them_even_past_expiry() {
+        let lane = Lane::new(1 << 20, 0);
+        let waker = Waker::from(Arc::new(Count(AtomicUsize::new(0))));
+        let mut cx = Context::from_waker(&waker);
+        lane.try_push(&Frame::text("event")).expect("room");
+        lane.expire_at(Some(Instant::now()));
+        lane.end_with(&[Frame::text("expired"), Frame::close(4401, "token expired")]);
+        lane.end_with(&[Frame::text("again")]);
+        let Poll::Ready(batch) = lane.poll_take(&mut cx) else {
+            panic!("the last frames wait");
+        };
+        assert!(batch.last);
+        assert_eq!(&batch.frames[0][2..], b"expired");
+        assert_eq!(batch.frames[1][0], 0x88);
+        assert_eq!(batch.frames.len(), 2);
+        assert!(!lane.written(cost_of(&batch.frames)));
+        assert_eq!(
+            lane.queued.load(Ordering::SeqCst),
+            0,
+            "the dropped event was released"
+        );
+    }
+
+    #[test]
+    fn control_frames_are_framed_as_rfc_6455_asks() {
+        assert_eq!(&Frame::ping().0[..], [0x89, 0]);
+        assert_eq!(&Frame::pong(b"hi").0[..], [0x8A, 2, b'h', b'i']);
+        assert_eq!(&Frame::close_without_code().0[..], [0x88, 0]);
+    }
+
+    #[test]
     fn frames_carry_the_rfc_6455_length_forms() {
         assert_eq!(header(0), [0x81, 0]);
         assert_eq!(header(125), [0x81, 125]);
@@ -398,8 +511,9 @@ mod tests {
         let Poll::Ready(batch) = lane.poll_take(&mut cx) else {
             panic!("three frames wait");
         };
-        let payloads: Vec<&[u8]> = batch.iter().map(|frame| &frame[2..]).collect();
+        let payloads: Vec<&[u8]> = batch.frames.iter().map(|frame| &frame[2..]).collect();
         assert_eq!(payloads, [b"a", b"b", b"c"]);
+        assert!(!batch.last, "the lane is open");
     }
 
     #[test]

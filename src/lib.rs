@@ -47,6 +47,7 @@ use std::time::{Duration, Instant};
 
 use actix::{Actor, Addr};
 use actix_web::{dev::ServerHandle, web};
+use tokio_util::task::TaskTracker;
 
 use crate::actors::amqp_consumer::AmqpConsumer;
 use crate::actors::amqp_publisher::AmqpPublisher;
@@ -98,6 +99,7 @@ pub struct Bridge {
     consumer: Worker,
     publisher: Worker,
     config: Arc<Config>,
+    session_tasks: TaskTracker,
 }
 
 /// Starts everything; must run inside an actix system (`#[actix_web::main]`). Returns once the
@@ -144,7 +146,9 @@ pub async fn start(config: Config, mut transforms: Transforms) -> Result<Bridge,
         consumer: Arc::clone(&consumer_link),
         publisher: Arc::clone(&publisher_link),
         started: Instant::now(),
+        session_tasks: TaskTracker::new(),
     });
+    let session_tasks = state.session_tasks.clone();
     let (addr, server) = serve_http(&config, state)?;
 
     // The AMQP workers start only once the port is ours: a failed start leaves nothing running.
@@ -166,6 +170,7 @@ pub async fn start(config: Config, mut transforms: Transforms) -> Result<Bridge,
         consumer,
         publisher,
         config,
+        session_tasks,
     })
 }
 
@@ -267,11 +272,14 @@ impl Bridge {
         if consumer.await.is_err() {
             log::error!("the AMQP consumer did not stop cleanly");
         }
+        // Sessions run in tasks of their own, which the server's stop does not wait for.
+        self.session_tasks.close();
         let remaining = deadline.saturating_duration_since(Instant::now());
-        if tokio::time::timeout(remaining, self.server.stop(true))
-            .await
-            .is_err()
-        {
+        let closed = async {
+            self.session_tasks.wait().await;
+            self.server.stop(true).await;
+        };
+        if tokio::time::timeout(remaining, closed).await.is_err() {
             log::warn!(
                 "shutdown_timeout_ms ({timeout:?}) reached with connections still closing; leaving them"
             );

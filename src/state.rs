@@ -4,6 +4,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use actix::Addr;
+use tokio_util::task::TaskTracker;
 
 use crate::actors::router::Router;
 use crate::actors::session::SessionEnv;
@@ -30,4 +31,7 @@ pub struct AppState {
     pub publisher: Arc<LinkState>,
     /// Process start, for `uptime_seconds`.
     pub started: Instant,
+    /// The WebSocket sessions' tasks (outside the HTTP server's count of connections), so that
+    /// shutdown can wait for their close frames.
+    pub session_tasks: TaskTracker,
 }

@@ -5,33 +5,32 @@
 //! dispatcher alive for the whole life of the socket, with an 8 KiB read and an 8 KiB write
 //! buffer that no setting shrinks, which would dominate the memory of thousands of mostly idle
 //! browsers. So the server hands upgrade requests here instead (actix-http's `upgrade` hook):
-//! once the 101 is written the dispatcher is gone, reads land in a stack buffer and are handed
-//! to the session's decoder, and the session's encoded frames are written straight to the
-//! socket. An idle session holds no I/O buffer at all. The session is still an actix-web-actors
-//! `WebsocketContext` actor; only the bytes underneath take a shorter path.
+//! once the 101 is written the dispatcher's task ends, and the session runs in a task of its
+//! own. Its pump reads into a stack buffer, decodes whole frames and hands them to the session
+//! actor, whose context it polls in place; what the session and the router queue in the
+//! session's lane it writes straight to the socket. An idle session holds no I/O buffer at
+//! all, and its task holds only the session: about 1 KiB.
 
 use std::convert::Infallible;
 use std::future::{poll_fn, Future};
 use std::io;
 use std::pin::Pin;
-use std::rc::Rc;
 use std::sync::Arc;
-use std::task::{ready, Context, Poll};
+use std::task::{ready, Context, Poll, Waker};
 use std::time::Duration;
 
-use actix::prelude::Stream;
-use actix_codec::Framed;
+use actix::dev::ContextFut;
+use actix::{ActorContext, ActorState, AsyncContext, Context as ActorCtx};
+use actix_codec::{Decoder, Framed};
 use actix_http::body::{BodySize, BoxBody, MessageBody};
-use actix_http::error::PayloadError;
 use actix_http::h1::{Codec, Message};
 use actix_http::{header, Request, Response, StatusCode};
-use actix_web::web::{Buf, Bytes, Data};
-use actix_web_actors::ws::WebsocketContext;
+use actix_web::web::{Buf, Bytes, BytesMut, Data};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use crate::actors::messages::Outbox;
-use crate::actors::session::WsSession;
+use crate::actors::session::{FromBrowser, WsSession};
 use crate::admission::{origin_allowed, Refused, SessionSlot};
 use crate::auth::Identity;
 use crate::lane;
@@ -58,81 +57,26 @@ enum Ended {
     Io(#[from] io::Error),
 }
 
-/// Handles one upgrade request from the HTTP/1 dispatcher: answers it, and for a WebSocket
-/// handshake on `/ws` runs the session until either side ends it. Failures are the peer's
-/// business (it went away or sent garbage), so they are logged here, never returned.
-pub fn upgrade(req: Request, framed: Framed<TcpStream, Codec>, state: Data<AppState>) -> Upgrade {
-    Upgrade(Phase::Handshake(Box::pin(answer_then_start(req, framed, state))))
-}
-
-/// The session's part of a connection: its pump, and what reports how it ended.
-type Session = (
-    Pin<Box<dyn Future<Output = Result<(), Ended>>>>,
-    Data<AppState>,
-    Option<std::net::SocketAddr>,
-);
-
-/// A connection's future, in two phases that are never stored side by side: the handshake
-/// (request, HTTP framing, the 101 being written), then the session's pump. This future lives
-/// as long as the connection, inside its task; as one `async fn` it would keep the handshake's
-/// request and HTTP framing (an `async fn` stores its arguments for its whole life) in every
-/// idle session.
-pub struct Upgrade(Phase);
-
-enum Phase {
-    /// Answering the request.
-    Handshake(Pin<Box<dyn Future<Output = Option<Session>>>>),
-    /// Running the session.
-    Session(Session),
-    /// Over.
-    Done,
-}
-
-impl Future for Upgrade {
-    type Output = Result<(), Infallible>;
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let phase = &mut self.0;
-        loop {
-            match phase {
-                Phase::Handshake(handshake) => match ready!(handshake.as_mut().poll(cx)) {
-                    Some(session) => *phase = Phase::Session(session),
-                    None => *phase = Phase::Done,
-                },
-                Phase::Session((pump, state, peer)) => {
-                    match ready!(pump.as_mut().poll(cx)) {
-                        Ok(()) => {}
-                        Err(Ended::Stalled(stall)) => state.metrics.session_stalled(*peer, stall),
-                        Err(Ended::Io(error)) => {
-                            log::debug!("websocket connection from {peer:?} ended: {error}")
-                        }
-                    }
-                    *phase = Phase::Done;
-                }
-                Phase::Done => return Poll::Ready(Ok(())),
-            }
-        }
-    }
-}
-
-/// Answers the request; for an accepted WebSocket handshake, the session to run next.
-async fn answer_then_start(
+/// Handles one upgrade request from the HTTP/1 dispatcher: answers it, and for an accepted
+/// WebSocket handshake on `/ws` starts the session in a task of its own, on this worker. The
+/// dispatcher's task then ends: it is sized for all of HTTP/1 (about 1.1 KiB), which an idle
+/// session would otherwise keep for its whole life. Failures are the peer's business (it went
+/// away or sent garbage), so they are logged here, never returned.
+pub async fn upgrade(
     req: Request,
     mut framed: Framed<TcpStream, Codec>,
     state: Data<AppState>,
-) -> Option<Session> {
+) -> Result<(), Infallible> {
     let peer = req.peer_addr();
     match handshake(req, &mut framed, &state).await {
         Ok(Some((slot, identity))) => {
-            let pump = Box::pin(run(framed, slot, peer, identity, &state));
-            Some((pump, state, peer))
+            let session = run(framed, slot, peer, identity, &state);
+            actix_web::rt::spawn(state.session_tasks.track_future(session));
         }
-        Ok(None) => None,
-        Err(error) => {
-            log::debug!("websocket handshake with {peer:?} failed: {error}");
-            None
-        }
+        Ok(None) => {}
+        Err(error) => log::debug!("websocket handshake with {peer:?} failed: {error}"),
     }
+    Ok(())
 }
 
 /// Answers the upgrade request: the 101 and what the session starts with, or a refusal
@@ -251,30 +195,82 @@ fn too_many(refused: Refused, state: &AppState, peer: &Peer) -> Response<BoxBody
     refusal
 }
 
-/// Starts an accepted session; the future runs it to its end. Not an `async fn`: the set-up
-/// would then be stored in the connection's task beside the pump, for the session's whole life.
+/// An accepted session, as the future of its task: it runs until either side ends it, then
+/// closes the connection the way RFC 6455 asks: FIN, then read until the browser closes its
+/// side (bounded by [`LINGER`]), so that its close frame is not lost to a reset.
+///
+/// An `async` block that uses what it captures in place: an `async fn` would move its
+/// arguments into locals and store them twice, for the life of every idle session.
 fn run(
     framed: Framed<TcpStream, Codec>,
     slot: SessionSlot,
     peer: Option<std::net::SocketAddr>,
     identity: Option<Identity>,
     state: &AppState,
-) -> impl Future<Output = Result<(), Ended>> {
-    let (socket, early) = detach(framed);
-    let socket = Rc::new(socket);
+) -> impl Future<Output = ()> {
+    let (mut socket, early) = detach(framed);
     let session = WsSession::new(Arc::clone(&state.sessions), slot, peer, identity);
     let outbound = Outbound {
         link: session.outbox(),
         drained: session.drained_notice(),
     };
-    let reader = SocketReader {
-        early,
-        socket: Rc::clone(&socket),
+    let mut reader = Reader {
+        decoder: actix_http::ws::Codec::new().max_size(state.config.ws.max_frame_bytes),
+        pending: early.map(BytesMut::from).unwrap_or_default(),
+        open: true,
     };
-    let codec = actix_http::ws::Codec::new().max_size(state.config.ws.max_frame_bytes);
-    let frames = WebsocketContext::with_codec(session, reader, codec);
+    let mut session = SessionActor(ActorCtx::new().into_future(session));
     let stall = Duration::from_millis(state.config.ws.client_timeout_ms);
-    pump(frames, outbound, socket, stall)
+    let metrics = Arc::clone(&state.metrics);
+    async move {
+        let served = pump(&mut session, &mut reader, &outbound, &socket, stall).await;
+        drop(session);
+        match served {
+            Ok(()) => {}
+            Err(Ended::Stalled(stall)) => return metrics.session_stalled(peer, stall),
+            Err(Ended::Io(error)) => {
+                return log::debug!("websocket connection from {peer:?} ended: {error}");
+            }
+        }
+        if socket.shutdown().await.is_ok() {
+            // Boxed, like the stall timer: a timer's state would otherwise sit in every idle
+            // session's task for its whole life.
+            let _ = Box::pin(tokio::time::timeout(
+                LINGER,
+                poll_fn(|cx| discard_until_eof(&socket, cx)),
+            ))
+            .await;
+        }
+    }
+}
+
+/// The session actor, run by its connection's pump, and stopped when dropped however the
+/// pump ends (a failed write included): actix stops a dropped actor only while someone still
+/// holds its address, which nobody does, and the router must hear of every session's end.
+struct SessionActor(ContextFut<WsSession, ActorCtx<WsSession>>);
+
+impl SessionActor {
+    fn ctx(&mut self) -> &mut ActorCtx<WsSession> {
+        self.0.ctx()
+    }
+}
+
+impl Future for SessionActor {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        Pin::new(&mut self.0).poll(cx)
+    }
+}
+
+impl Drop for SessionActor {
+    fn drop(&mut self) {
+        if self.ctx().state() != ActorState::Stopped {
+            self.ctx().stop();
+            // Stopping runs the actor's `stopping` (which tells the router) on this poll.
+            let _ = Pin::new(&mut self.0).poll(&mut Context::from_waker(Waker::noop()));
+        }
+    }
 }
 
 /// The router's side of a session's output: its lane, and how to say it has room again.
@@ -283,12 +279,88 @@ struct Outbound<Drained> {
     drained: Drained,
 }
 
-/// What the pump writes next.
+/// What the pump does next.
 enum Next {
-    /// Bytes the session encoded itself (its own frames, pings, the close), or its end.
-    Own(Option<Result<Bytes, actix_web::Error>>),
-    /// The router's frames, all that waited.
-    Lane(Vec<Bytes>),
+    /// The session has stopped.
+    Ended,
+    /// Write what the lane holds.
+    Lane(lane::Taken),
+}
+
+/// What the browser sent, turned into WebSocket frames for the session.
+struct Reader {
+    decoder: actix_http::ws::Codec,
+    /// The start of a frame not yet whole (or what came with the handshake); empty, and
+    /// holding no memory, between frames.
+    pending: BytesMut,
+    /// False once the browser closed its side, the socket failed or the protocol broke.
+    open: bool,
+}
+
+/// What one read brought.
+enum Read {
+    /// A frame (or the news that the bytes broke the protocol) for the session.
+    Frame,
+    /// The browser is gone: end of stream or a failed socket.
+    Gone,
+}
+
+impl Reader {
+    /// Hands the session the next whole frame, reading the socket when none waits. One at a
+    /// time: the session must handle each before the next is handed over, since the actor
+    /// context does not keep spawned messages in order.
+    fn poll_read(
+        &mut self,
+        socket: &TcpStream,
+        lane: &lane::Lane,
+        session: &mut SessionActor,
+        cx: &mut Context<'_>,
+    ) -> Poll<Read> {
+        loop {
+            if !self.open {
+                return Poll::Pending;
+            }
+            let decoded = self.decoder.decode(&mut self.pending);
+            if self.pending.is_empty() {
+                // Frames handed on share the read's allocation; this keeps none of it.
+                self.pending = BytesMut::new();
+            }
+            match decoded {
+                Ok(Some(frame)) => {
+                    session.ctx().notify(FromBrowser::Frame(frame));
+                    return Poll::Ready(Read::Frame);
+                }
+                Ok(None) => {}
+                Err(error) => {
+                    session.ctx().notify(FromBrowser::Broken(error));
+                    self.open = false;
+                    return Poll::Ready(Read::Frame);
+                }
+            }
+            if ready!(socket.poll_read_ready(cx)).is_err() {
+                self.open = false;
+                return Poll::Ready(Read::Gone);
+            }
+            let mut chunk = [0u8; READ_CHUNK];
+            match socket.try_read(&mut chunk) {
+                Ok(0) => {
+                    self.open = false;
+                    return Poll::Ready(Read::Gone);
+                }
+                Ok(n) => {
+                    lane.saw_life();
+                    self.pending.extend_from_slice(&chunk[..n]);
+                }
+                // Readiness was stale; `try_read` cleared it, so the next poll waits.
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
+                Err(error) => {
+                    log::debug!("reading from a browser failed: {error}");
+                    self.open = false;
+                    return Poll::Ready(Read::Gone);
+                }
+            }
+        }
+    }
 }
 
 /// Leaves HTTP/1: the socket, and what the browser sent after its request head (its first
@@ -329,92 +401,58 @@ fn json(status: StatusCode, error: &'static str, message: String) -> Response<Bo
     response
 }
 
-/// The socket as the byte stream the session's WebSocket decoder polls.
-struct SocketReader {
-    /// Bytes that arrived with the handshake.
-    early: Option<Bytes>,
-    socket: Rc<TcpStream>,
-}
-
-impl Stream for SocketReader {
-    type Item = Result<Bytes, PayloadError>;
-
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        if let Some(early) = self.early.take() {
-            return Poll::Ready(Some(Ok(early)));
-        }
-        loop {
-            if let Err(error) = ready!(self.socket.poll_read_ready(cx)) {
-                return Poll::Ready(Some(Err(PayloadError::Io(error))));
-            }
-            let mut chunk = [0u8; READ_CHUNK];
-            return Poll::Ready(match self.socket.try_read(&mut chunk) {
-                Ok(0) => None,
-                Ok(n) => Some(Ok(Bytes::copy_from_slice(&chunk[..n]))),
-                // Readiness was stale; `try_read` cleared it, so the next poll waits.
-                Err(error) if error.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(error) => Some(Err(PayloadError::Io(error))),
-            });
-        }
-    }
-}
-
-/// Writes what the session encodes and what the router queued in its lane until the session
-/// ends, then closes the connection the way RFC 6455 asks: FIN, then read until the browser
-/// closes its side (bounded by [`LINGER`]), so that its close frame is not lost to a reset.
+/// Runs the session until it ends, writing what its lane holds.
 ///
-/// The session's own output goes first: its `welcome` precedes anything the router sends, and
-/// once it has closed, nothing of the lane follows. The lane's frames are taken all at once
-/// and written with as few (vectored) writes as the socket allows.
+/// Each wake hands the session what the browser sent, lets it act, then takes everything its
+/// lane holds (its own frames and the router's, in the order they were queued) and writes it
+/// with as few (vectored) writes as the socket allows. A lane that ends with a close the
+/// router asked for stops the session once written.
 ///
-/// A browser that takes no byte for `stall` is dropped at once: while its socket is full the
-/// session is not polled, so neither its heartbeat nor a close frame could reach it.
+/// A browser that takes no byte for `stall` is dropped at once: while its socket is full
+/// nothing else is done for it, so no close frame could reach it either.
 async fn pump(
-    mut frames: impl Stream<Item = Result<Bytes, actix_web::Error>> + Unpin,
-    outbound: Outbound<impl Fn()>,
-    socket: Rc<TcpStream>,
+    session: &mut SessionActor,
+    reader: &mut Reader,
+    outbound: &Outbound<impl Fn()>,
+    socket: &TcpStream,
     stall: Duration,
 ) -> Result<(), Ended> {
-    {
-        loop {
-            // Polled in place (the stream is `Unpin`): pinning it into a local would store the
-            // whole session a second time in this future, for the life of the connection.
-            let next = poll_fn(|cx| match Pin::new(&mut frames).poll_next(cx) {
-                Poll::Ready(own) => Poll::Ready(Next::Own(own)),
-                Poll::Pending => outbound.link.lane().poll_take(cx).map(Next::Lane),
-            })
-            .await;
-            match next {
-                Next::Own(Some(chunk)) => {
-                    let chunk = chunk.map_err(|error| io::Error::other(error.to_string()))?;
-                    write_all(&socket, &chunk, stall).await?;
+    let lane = outbound.link.lane();
+    loop {
+        let next = poll_fn(|cx| loop {
+            if Pin::new(&mut *session).poll(cx).is_ready() {
+                return Poll::Ready(Next::Ended);
+            }
+            match reader.poll_read(socket, lane, session, cx) {
+                Poll::Ready(Read::Frame) => continue,
+                Poll::Ready(Read::Gone) => {
+                    session.ctx().stop();
+                    continue;
                 }
-                Next::Own(None) => {
-                    // A close the router asked for follows what it queued before.
-                    write_batch(&socket, outbound.link.lane().take_rest(), stall).await?;
-                    break;
+                Poll::Pending => return lane.poll_take(cx).map(Next::Lane),
+            }
+        })
+        .await;
+        match next {
+            Next::Ended => {
+                // A close the session or the router queued follows what was queued before.
+                write_batch(socket, lane.take_rest(), stall).await?;
+                return Ok(());
+            }
+            Next::Lane(taken) => {
+                let written = write_batch(socket, taken.frames, stall).await?;
+                if taken.last {
+                    // The router's close is written: the session ends (and tells the router).
+                    session.ctx().stop();
+                    poll_fn(|cx| Pin::new(&mut *session).poll(cx)).await;
+                    return Ok(());
                 }
-                Next::Lane(batch) => {
-                    let written = write_batch(&socket, batch, stall).await?;
-                    if outbound.link.lane().written(written) {
-                        (outbound.drained)();
-                    }
+                if lane.written(written) {
+                    (outbound.drained)();
                 }
             }
         }
-        drop(frames);
     }
-    // The session (and with it the reader's handle) is gone now that its stream ended.
-    let mut socket = Rc::into_inner(socket).ok_or_else(|| io::Error::other("socket still shared"))?;
-    socket.shutdown().await?;
-    // Boxed, like the stall timer below: a timer's state would otherwise sit in every idle
-    // session's task for its whole life.
-    let _ = Box::pin(tokio::time::timeout(
-        LINGER,
-        poll_fn(|cx| discard_until_eof(&socket, cx)),
-    ))
-    .await;
-    Ok(())
 }
 
 /// Reads and drops whatever the browser still sends until it closes (or fails).
@@ -476,21 +514,4 @@ fn write_some(socket: &TcpStream, batch: &[Bytes]) -> io::Result<usize> {
         used += 1;
     }
     socket.try_write_vectored(&slices[..used])
-}
-
-async fn write_all(socket: &TcpStream, mut rest: &[u8], stall: Duration) -> Result<(), Ended> {
-    while !rest.is_empty() {
-        match socket.try_write(rest) {
-            Ok(0) => return Err(io::Error::from(io::ErrorKind::WriteZero).into()),
-            Ok(written) => rest = &rest[written..],
-            // Only a full socket arms the stall timer, so the usual write costs no timer.
-            Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
-                Box::pin(tokio::time::timeout(stall, socket.writable()))
-                    .await
-                    .map_err(|_| Ended::Stalled(stall))??
-            }
-            Err(error) => return Err(error.into()),
-        }
-    }
-    Ok(())
 }

@@ -181,8 +181,8 @@ async fn a_browser_whose_socket_stays_full_is_dropped_after_client_timeout() {
     let bridge = TestBridge::start_healthy(config).await;
     let mut stalled = sluggish_browser(&bridge).await;
     stalled.subscribe(&["A"]).await;
-    // 1000 × 8 KiB fill its socket; from then on the session cannot write, and since it is no
-    // longer polled its heartbeat cannot run either: only the stalled write can end it.
+    // 1000 × 8 KiB fill its socket; from then on the session cannot write, so the heartbeat's
+    // close (or any frame) cannot reach it either: only the stalled write can end it.
     let messages = padded_events(1000);
     let exchange = bridge.config.amqp.inbound_exchange.clone();
     let publisher =
@@ -236,6 +236,36 @@ async fn a_silent_peer_is_dropped_by_the_heartbeat_and_its_subscriptions_removed
     }
     let close = silent.closed().await.expect("close frame");
     assert_eq!(close.code, CloseCode::Away);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_answers_pings_outlives_many_client_timeouts() {
+    let mut config = test_config("heartbeat-alive");
+    config.ws.heartbeat_interval_ms = 100;
+    config.ws.client_timeout_ms = 300;
+    let bridge = TestBridge::start_healthy(config).await;
+    let mut alive = Browser::connect(&bridge).await;
+    alive.subscribe(&["A"]).await;
+    // Reading is what answers pings (tungstenite queues the pong and sends it on the next
+    // read): 12 pings at 100 ms span four client timeouts, with nothing sent but pongs.
+    let mut pings = 0;
+    while pings < 12 {
+        match alive.next_frame().await {
+            Some(Message::Ping(_)) => pings += 1,
+            other => panic!("only pings come to a quiet session, got {other:?}"),
+        }
+    }
+    let health = bridge.wait_health(200).await;
+    assert_eq!(
+        (health["sessions"].clone(), health["desks"]["A"].clone()),
+        (json!(1), json!(1))
+    );
+    Desktop::connect().publish_json(
+        &bridge.config.amqp.inbound_exchange,
+        "A_new_example",
+        &json!({"n": 1}),
+    );
+    assert_eq!(alive.recv().await["data"], json!({"n": 1}));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -3,7 +3,7 @@
 //!
 //! ```text
 //!  session ──FromSession──▶ router ──PublishJob (PublisherHandle)──▶ publisher
-//!  session ◀──frames (Outbox: Lane), ToSession── router ◀──PublishOutcomes── publisher
+//!  session ◀──frames and close (Outbox: Lane)── router ◀──PublishOutcomes── publisher
 //!  consumer ──DesktopBatch──▶ router ──Verdict──▶ consumer
 //!  publisher ──DesktopReply, PresenceNotice──▶ router
 //!  lib / http ──GetStats, BeginShutdown, CloseAll──▶ router
@@ -11,7 +11,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
@@ -113,74 +113,49 @@ pub struct ReplyFromWeb {
 // ---------------------------------------------------------------------------------------------
 // router → session
 
-/// Something the router sends to a session other than frames (those go through its
-/// [`Lane`]).
-#[derive(Message)]
-#[rtype(result = "()")]
-pub enum ToSession {
-    /// Close the socket with this code and reason.
-    Close(CloseCode, &'static str),
-}
-
-/// A session's link to the router and to its connection: its lane, for frames, and its
-/// mailbox, for closing. One allocation shared by the session, its connection's pump and
-/// every desk the session reads (a mailbox sender per desk would be two allocations each).
+/// A session's link to the router: its lane, for frames and for closing it (a close frame is
+/// the lane's last; the connection's pump stops the session once it is written). One
+/// allocation shared by the session, its pump and every desk the session reads.
 #[derive(Clone)]
-pub struct Outbox(Arc<SessionLink>);
-
-struct SessionLink {
-    lane: Lane,
-    /// Set once the session's actor runs.
-    mailbox: OnceLock<Recipient<ToSession>>,
-}
+pub struct Outbox(Arc<Lane>);
 
 impl Outbox {
-    /// A link around `lane`; the session sets its mailbox when its actor starts.
+    /// A link around `lane`.
     pub fn new(lane: Lane) -> Self {
-        Outbox(Arc::new(SessionLink {
-            lane,
-            mailbox: OnceLock::new(),
-        }))
-    }
-
-    /// Sets the mailbox [`Outbox::close`] writes to (once; later calls change nothing).
-    pub fn set_mailbox(&self, mailbox: Recipient<ToSession>) {
-        let _ = self.0.mailbox.set(mailbox);
+        Outbox(Arc::new(lane))
     }
 
     /// The session's lane.
     pub fn lane(&self) -> &Lane {
-        &self.0.lane
+        &self.0
     }
 
     /// Queues a fan-out frame without waiting; `Full` means the session is too slow.
     pub fn try_frame(&self, frame: &Frame) -> Result<(), QueueError> {
-        self.0.lane.try_push(frame)
+        self.0.try_push(frame)
     }
 
     /// Queues a reply (ack, error, subscribed...) whatever the queue's length: replies are
     /// bounded by the session's own requests, and dropping one would leave a request unanswered.
     pub fn reply(&self, frame: &Frame) {
-        self.0.lane.push(frame);
+        self.0.push(frame);
     }
 
     /// Asks for [`FromSession::Drained`] (said by the connection's pump) once half the
     /// session's byte budget is free.
     /// True when that is already so: then nothing will be said, and the caller goes on now.
     pub fn mark_behind(&self) -> bool {
-        self.0.lane.mark_behind()
+        self.0.mark_behind()
     }
 
     /// True when a frame of `len` bytes fits the byte budget at all (into an empty queue).
     pub fn could_take(&self, len: usize) -> bool {
-        self.0.lane.could_take(len)
+        self.0.could_take(len)
     }
 
-    /// Asks the session to close.
+    /// Closes the session with `code` and `reason`, after what was queued before.
     pub fn close(&self, code: CloseCode, reason: &'static str) {
-        if let Some(mailbox) = self.0.mailbox.get() {
-            mailbox.do_send(ToSession::Close(code, reason));
-        }
+        self.0.finish(&Frame::close(code.into(), reason));
     }
 }
 

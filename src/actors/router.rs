@@ -18,6 +18,7 @@ use actix_web_actors::ws::CloseCode;
 use serde_json::value::to_raw_value;
 use uuid::Uuid;
 
+mod heartbeat;
 mod history;
 mod presence;
 mod requests;
@@ -323,6 +324,7 @@ impl Actor for Router {
     fn started(&mut self, ctx: &mut Context<Self>) {
         ctx.set_mailbox_capacity(self.config.ws.max_queued_requests);
         self.start_presence(ctx);
+        self.start_heartbeat(ctx);
     }
 }
 

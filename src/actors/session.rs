@@ -1,15 +1,24 @@
 //! `WsSession`: one actor per browser.
 //!
-//! It owns the socket: parses each frame once into a [`ClientFrame`], answers protocol errors
-//! itself, forwards subscriptions and publishes to the router ([`FromSession`], never waiting:
-//! a full router intake answers `rate_limited`), and closes when the router asks
-//! ([`ToSession`]). A browser over `ws.max_frames_per_second`, or one the router cannot keep
-//! up with, gets one `rate_limited` error per one-second window, not one per dropped frame.
-//! It pings every `ws.heartbeat_interval_ms` and closes after `ws.client_timeout_ms` of
-//! silence. The router's frames do not pass through it: they go into the session's
-//! [`Lane`], which the connection's pump ([`crate::websocket`]) writes to the socket; the lane's
-//! byte budget is the bounded outbound queue, so a full lane means a slow reader. A socket that
-//! takes nothing for `ws.client_timeout_ms` is dropped by the pump.
+//! It owns the socket's conversation: the connection's pump ([`crate::websocket`]) decodes
+//! what the browser sends and hands each frame to it ([`FromBrowser`]); it parses each text
+//! frame once into a [`ClientFrame`], answers protocol errors itself, and forwards
+//! subscriptions and publishes to the router ([`FromSession`], never waiting: a full router
+//! intake answers `rate_limited`). A browser over `ws.max_frames_per_second`, or one the router
+//! cannot keep up with, gets one `rate_limited` error per one-second window, not one per
+//! dropped frame.
+//!
+//! Everything the browser receives goes through the session's [`Lane`], which the pump writes
+//! to the socket: the session's own frames (welcome, errors, pongs, its close) and the
+//! router's (events, replies, the heartbeat's pings, a close it asks for, which ends the
+//! session once written). The lane's byte budget is the bounded outbound queue, so a full lane
+//! means a slow reader. A socket that takes nothing for `ws.client_timeout_ms` is dropped by
+//! the pump; a browser that sends nothing for as long is closed by the router's heartbeat.
+//!
+//! Why a plain actor `Context` under the pump rather than actix-web-actors'
+//! `WebsocketContext`: the latter keeps its own encoder, frame queue and read buffer in every
+//! session, about a kilobyte of an idle browser's memory, for work the lane and the pump
+//! already do.
 //!
 //! With `auth.mode = "jwt"` the session also enforces its token ([`Access`]): nothing but
 //! `auth` and `ping` before one, the desks' rights on every request, an `expiring` warning a
@@ -20,10 +29,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
-use actix_web_actors::ws::{self, CloseCode, CloseReason, ProtocolError};
+use actix_http::ws::{self, CloseCode, CloseReason, ProtocolError};
 use uuid::Uuid;
 
-use crate::actors::messages::{FromSession, Outbox, Publish, ReplyFromWeb, RouterIntake, ToSession};
+use crate::actors::messages::{FromSession, Outbox, Publish, ReplyFromWeb, RouterIntake};
 use crate::admission::SessionSlot;
 use crate::auth::{AuthError, Identity, Right, Verifier};
 use crate::config::Config;
@@ -93,15 +102,23 @@ impl RateWindow {
     }
 }
 
+/// What the connection's pump read from the browser.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub enum FromBrowser {
+    /// One decoded frame.
+    Frame(ws::Frame),
+    /// The bytes broke the WebSocket protocol; nothing more is read.
+    Broken(ProtocolError),
+}
+
 /// One browser connection.
 pub struct WsSession {
     id: Uuid,
     env: Arc<SessionEnv>,
     access: Access,
-    /// Frames from the router, written by the connection's pump.
+    /// Everything the browser receives, written by the connection's pump.
     outbox: Outbox,
-    /// Last time the peer showed life; refreshed by every frame, pongs included.
-    heartbeat: Instant,
     rate: RateWindow,
     /// A fragmented message being reassembled: (is_text, bytes so far).
     fragments: Option<Box<(bool, Vec<u8>)>>,
@@ -129,7 +146,6 @@ impl WsSession {
             env,
             access,
             outbox,
-            heartbeat: Instant::now(),
             rate: RateWindow::new(Instant::now()),
             fragments: None,
             _slot: slot,
@@ -138,51 +154,45 @@ impl WsSession {
 
     /// Refuses a frame that could not be read; before `auth`, whatever it was, the answer is
     /// `unauthenticated`.
-    fn refuse_frame(&self, ctx: &mut ws::WebsocketContext<Self>, refusal: Refusal) {
+    fn refuse_frame(&self, refusal: Refusal) {
         match self.access {
-            Access::Waiting(_) => self.refuse(ctx, unauthenticated()),
-            _ => self.refuse(ctx, refusal),
+            Access::Waiting(_) => self.refuse(unauthenticated()),
+            _ => self.refuse(refusal),
         }
     }
 
-    fn refuse(&self, ctx: &mut ws::WebsocketContext<Self>, refusal: Refusal) {
+    fn refuse(&self, refusal: Refusal) {
         self.env.metrics.ws_error(refusal.code);
-        ctx.text(refusal.to_frame());
+        self.send(&refusal.framed());
     }
 
-    /// Closes with `code`; the reason is cut to the 123 bytes a close frame may carry, so a
-    /// long one cannot turn the close into an invalid frame (the browser would see 1006).
-    fn close(ctx: &mut ws::WebsocketContext<Self>, code: CloseCode, mut reason: String) {
-        if reason.len() > MAX_CLOSE_REASON {
-            let mut end = MAX_CLOSE_REASON;
-            while !reason.is_char_boundary(end) {
-                end -= 1;
-            }
-            reason.truncate(end);
-        }
-        ctx.close(Some(CloseReason {
-            code,
-            description: Some(reason),
-        }));
+    /// Queues one of the session's own frames, after whatever the router queued before it.
+    fn send(&self, frame: &Frame) {
+        self.outbox.lane().push(frame);
+    }
+
+    /// Closes with `code`: the close frame is the last one written.
+    fn close(&self, ctx: &mut Context<Self>, code: CloseCode, reason: &str) {
+        self.outbox.lane().finish(&close_frame(code, reason));
         ctx.stop();
     }
 
     /// False when this frame exceeds the per-second budget (it is then dropped).
-    fn within_rate(&mut self, ctx: &mut ws::WebsocketContext<Self>) -> bool {
+    fn within_rate(&mut self) -> bool {
         let now = Instant::now();
         if now.duration_since(self.rate.started) >= Duration::from_secs(1) {
             self.rate = RateWindow::new(now);
         }
         self.rate.frames += 1;
         if self.rate.frames > self.env.config.ws.max_frames_per_second {
-            self.dropped(Dropped::RateLimited, ctx);
+            self.dropped(Dropped::RateLimited);
             return false;
         }
         true
     }
 
     /// Counts a dropped frame; the first drop of a window is told to the browser.
-    fn dropped(&mut self, reason: Dropped, ctx: &mut ws::WebsocketContext<Self>) {
+    fn dropped(&mut self, reason: Dropped) {
         self.env.metrics.frame_dropped(reason);
         if std::mem::replace(&mut self.rate.told, true) {
             return;
@@ -197,47 +207,47 @@ impl WsSession {
                                     notice until the second is over: retry later"
                 .to_string(),
         };
-        self.refuse(ctx, Refusal::new(ErrorCode::RateLimited, message));
+        self.refuse(Refusal::new(ErrorCode::RateLimited, message));
     }
 
     /// Hands a request to the router without waiting; a full router intake drops it.
-    fn ask_router(&mut self, request: FromSession, ctx: &mut ws::WebsocketContext<Self>) {
+    fn ask_router(&mut self, request: FromSession) {
         match self.env.router.try_send(request) {
             Ok(()) => {}
-            Err(SendError::Full(_)) => self.dropped(Dropped::RouterBusy, ctx),
+            Err(SendError::Full(_)) => self.dropped(Dropped::RouterBusy),
             // The router stops only at shutdown, which closes this session too.
             Err(SendError::Closed(_)) => {}
         }
     }
 
-    fn on_text(&mut self, text: &str, ctx: &mut ws::WebsocketContext<Self>) {
-        if !self.within_rate(ctx) {
+    fn on_text(&mut self, text: &str, ctx: &mut Context<Self>) {
+        if !self.within_rate() {
             return;
         }
         let frame = match parse_client_frame(text) {
             Ok(frame) => frame,
-            Err(refusal) => return self.refuse_frame(ctx, refusal),
+            Err(refusal) => return self.refuse_frame(refusal),
         };
         match (&self.access, frame) {
-            (_, ClientFrame::Ping) => ctx.text(ServerFrame::Pong.to_text()),
+            (_, ClientFrame::Ping) => self.send(&ServerFrame::Pong.framed()),
             (Access::Closed, _) => {}
             (Access::Waiting(_), ClientFrame::Auth { token }) => self.authenticate(&token, ctx),
-            (Access::Waiting(_), _) => self.refuse(ctx, unauthenticated()),
+            (Access::Waiting(_), _) => self.refuse(unauthenticated()),
             (Access::Signed(_), ClientFrame::Refresh { token }) => self.refresh(&token, ctx),
             (Access::Open, ClientFrame::Auth { .. } | ClientFrame::Refresh { .. }) => {
                 let message = "auth.mode is \"none\" on this bridge: no token is needed";
-                self.refuse(ctx, Refusal::new(ErrorCode::BadRequest, message));
+                self.refuse(Refusal::new(ErrorCode::BadRequest, message));
             }
             (Access::Signed(_), ClientFrame::Auth { .. }) => {
                 let message = "this session is authenticated already; send `refresh` for a new token";
-                self.refuse(ctx, Refusal::new(ErrorCode::BadRequest, message));
+                self.refuse(Refusal::new(ErrorCode::BadRequest, message));
             }
-            (_, request) => self.request(request, ctx),
+            (_, request) => self.request(request),
         }
     }
 
     /// A subscribe, unsubscribe or publish from a session that may send one.
-    fn request(&mut self, frame: ClientFrame, ctx: &mut ws::WebsocketContext<Self>) {
+    fn request(&mut self, frame: ClientFrame) {
         let session = self.id;
         match frame {
             ClientFrame::Subscribe { desks, .. } | ClientFrame::Unsubscribe { desks }
@@ -247,7 +257,7 @@ impl WsSession {
                     "at most {} desks per request (ws.max_desks_per_subscribe)",
                     self.env.config.ws.max_desks_per_subscribe
                 );
-                self.refuse(ctx, Refusal::new(ErrorCode::BadRequest, message));
+                self.refuse(Refusal::new(ErrorCode::BadRequest, message));
             }
             ClientFrame::Subscribe {
                 desks,
@@ -255,7 +265,7 @@ impl WsSession {
                 presence,
             } => match self.allowed(&desks, Right::Subscribe) {
                 // All or nothing: one forbidden desk refuses the whole request.
-                Err(refusal) => self.refuse(ctx, refusal),
+                Err(refusal) => self.refuse(refusal),
                 Ok(()) => {
                     let subscribe = FromSession::Subscribe {
                         session,
@@ -263,19 +273,17 @@ impl WsSession {
                         since: since.map(Box::new),
                         presence,
                     };
-                    self.ask_router(subscribe, ctx)
+                    self.ask_router(subscribe)
                 }
             },
             // Who reads a desk is as private as the desk.
             ClientFrame::Presence { desk, reference } => {
                 match self.allowed(std::slice::from_ref(&desk), Right::Subscribe) {
-                    Err(refusal) => self.refuse(ctx, Refusal { reference, ..refusal }),
-                    Ok(()) => self.ask_router(FromSession::Presence(session, desk, reference), ctx),
+                    Err(refusal) => self.refuse(Refusal { reference, ..refusal }),
+                    Ok(()) => self.ask_router(FromSession::Presence(session, desk, reference)),
                 }
             }
-            ClientFrame::Unsubscribe { desks } => {
-                self.ask_router(FromSession::Unsubscribe(session, desks), ctx)
-            }
+            ClientFrame::Unsubscribe { desks } => self.ask_router(FromSession::Unsubscribe(session, desks)),
             ClientFrame::Publish {
                 desk,
                 event,
@@ -283,8 +291,8 @@ impl WsSession {
                 reference,
                 ttl_ms,
             } => match self.outgoing(desk, event, data, reference, ttl_ms) {
-                Ok(publish) => self.ask_router(FromSession::Publish(publish), ctx),
-                Err(refusal) => self.refuse(ctx, refusal),
+                Ok(publish) => self.ask_router(FromSession::Publish(publish)),
+                Err(refusal) => self.refuse(refusal),
             },
             ClientFrame::Request {
                 desk,
@@ -302,11 +310,11 @@ impl WsSession {
                         DEFAULT_TIMEOUT.as_millis()
                     );
                     let refusal = Refusal::new(ErrorCode::BadRequest, message);
-                    return self.refuse(ctx, Refusal { reference, ..refusal });
+                    return self.refuse(Refusal { reference, ..refusal });
                 }
                 match self.outgoing(desk, event, data, reference, ttl_ms) {
-                    Ok(request) => self.ask_router(FromSession::Request(request, timeout), ctx),
-                    Err(refusal) => self.refuse(ctx, refusal),
+                    Ok(request) => self.ask_router(FromSession::Request(request, timeout)),
+                    Err(refusal) => self.refuse(refusal),
                 }
             }
             ClientFrame::Reply {
@@ -321,7 +329,7 @@ impl WsSession {
                     data,
                     reference,
                 };
-                self.ask_router(FromSession::Reply(reply), ctx);
+                self.ask_router(FromSession::Reply(reply));
             }
             ClientFrame::Ping | ClientFrame::Auth { .. } | ClientFrame::Refresh { .. } => {}
         }
@@ -374,7 +382,7 @@ impl WsSession {
         }
     }
 
-    fn on_continuation(&mut self, item: actix_http::ws::Item, ctx: &mut ws::WebsocketContext<Self>) {
+    fn on_continuation(&mut self, item: actix_http::ws::Item, ctx: &mut Context<Self>) {
         let (is_text, chunk, last) = match item {
             actix_http::ws::Item::FirstText(bytes) => (Some(true), bytes, false),
             actix_http::ws::Item::FirstBinary(bytes) => (Some(false), bytes, false),
@@ -385,10 +393,10 @@ impl WsSession {
             (Some(is_text), _) => self.fragments = Some(Box::new((is_text, chunk.to_vec()))),
             (None, Some((_, buffer))) => buffer.extend_from_slice(&chunk),
             (None, None) => {
-                return Self::close(
+                return self.close(
                     ctx,
                     CloseCode::Protocol,
-                    "continuation frame without a first frame".into(),
+                    "continuation frame without a first frame",
                 )
             }
         }
@@ -398,7 +406,7 @@ impl WsSession {
             .as_ref()
             .is_some_and(|fragments| fragments.1.len() > max)
         {
-            return Self::close(ctx, CloseCode::Size, format!("message exceeds {max} bytes"));
+            return self.close(ctx, CloseCode::Size, &format!("message exceeds {max} bytes"));
         }
         if !last {
             return;
@@ -406,9 +414,9 @@ impl WsSession {
         match self.fragments.take().map(|fragments| *fragments) {
             Some((true, bytes)) => match String::from_utf8(bytes) {
                 Ok(text) => self.on_text(&text, ctx),
-                Err(_) => Self::close(ctx, CloseCode::Invalid, "text message is not valid UTF-8".into()),
+                Err(_) => self.close(ctx, CloseCode::Invalid, NOT_UTF8),
             },
-            _ => self.refuse_frame(ctx, binary_refusal()),
+            _ => self.refuse_frame(binary_refusal()),
         }
     }
 }
@@ -455,7 +463,7 @@ impl WsSession {
     }
 
     /// The `auth` frame of a waiting session: welcome, or 4401.
-    fn authenticate(&mut self, token: &Token, ctx: &mut ws::WebsocketContext<Self>) {
+    fn authenticate(&mut self, token: &Token, ctx: &mut Context<Self>) {
         match self.verifier().verify(&token.0) {
             Ok(identity) => {
                 let peer = match &self.access {
@@ -463,23 +471,31 @@ impl WsSession {
                     _ => None,
                 };
                 self.sign_in(identity, peer, ctx);
-                self.welcome(ctx);
+                self.welcome();
             }
             Err(error) => self.turn_away(error, ctx),
         }
     }
 
     /// Counts and logs a refused token, tells the browser why, and closes with 4401.
-    fn turn_away(&mut self, error: AuthError, ctx: &mut ws::WebsocketContext<Self>) {
+    fn turn_away(&mut self, error: AuthError, ctx: &mut Context<Self>) {
         self.env.metrics.auth_failed(&self.peer(), &error);
-        self.refuse(ctx, Refusal::new(ErrorCode::Unauthorized, error.to_string()));
+        let refusal = Refusal::new(ErrorCode::Unauthorized, error.to_string());
+        self.shut_out(ctx, refusal, "unauthorized");
+    }
+
+    /// Tells the browser `refusal` and closes with 4401; nothing queued for it before is
+    /// written, nor anything after.
+    fn shut_out(&mut self, ctx: &mut Context<Self>, refusal: Refusal, reason: &str) {
+        self.env.metrics.ws_error(refusal.code);
         self.access = Access::Closed;
-        self.outbox.lane().close();
-        Self::close(ctx, CloseCode::Other(CLOSE_UNAUTHORIZED), "unauthorized".into());
+        let close = close_frame(CloseCode::Other(CLOSE_UNAUTHORIZED), reason);
+        self.outbox.lane().end_with(&[refusal.framed(), close]);
+        ctx.stop();
     }
 
     /// Holds `identity` and arms its timers: `expiring` a minute before `exp`, the close at it.
-    fn sign_in(&mut self, identity: Identity, peer: Peer, ctx: &mut ws::WebsocketContext<Self>) {
+    fn sign_in(&mut self, identity: Identity, peer: Peer, ctx: &mut Context<Self>) {
         let remaining = life(&identity);
         let expires_at = identity.expires_at;
         // do_send: the router must know who this is (and what it may read) whatever its
@@ -490,8 +506,8 @@ impl WsSession {
             .do_send(FromSession::Identify(self.id, user, rights));
         let warn_in = remaining.saturating_sub(Duration::from_secs(60));
         let timers = [
-            ctx.run_later(warn_in, move |_, ctx| {
-                ctx.text(ServerFrame::Expiring { expires_at }.to_text());
+            ctx.run_later(warn_in, move |session, _| {
+                session.send(&ServerFrame::Expiring { expires_at }.framed());
             }),
             ctx.run_later(remaining, |session, ctx| session.expire(ctx)),
         ];
@@ -511,13 +527,13 @@ impl WsSession {
 
     /// `refresh`: the same user's newer token replaces the rights and the expiry; desks it no
     /// longer allows are left (the router says so with `reason: permission`).
-    fn refresh(&mut self, token: &Token, ctx: &mut ws::WebsocketContext<Self>) {
+    fn refresh(&mut self, token: &Token, ctx: &mut Context<Self>) {
         let identity = match self.verifier().verify(&token.0) {
             Ok(identity) => identity,
             Err(error) => {
                 self.env.metrics.auth_failed(&self.peer(), &error);
                 let message = format!("{error}; the current token stays in force until it expires");
-                return self.refuse(ctx, Refusal::new(ErrorCode::Unauthorized, message));
+                return self.refuse(Refusal::new(ErrorCode::Unauthorized, message));
             }
         };
         let Access::Signed(signed) = &self.access else {
@@ -526,27 +542,25 @@ impl WsSession {
         if identity.user != signed.identity.user {
             let error = AuthError::OtherUser;
             self.env.metrics.auth_failed(&self.peer(), &error);
-            return self.refuse(ctx, Refusal::new(ErrorCode::Forbidden, error.to_string()));
+            return self.refuse(Refusal::new(ErrorCode::Forbidden, error.to_string()));
         }
         let (expires_at, peer) = (identity.expires_at, signed.peer);
-        ctx.text(ServerFrame::Refreshed { expires_at }.to_text());
+        self.send(&ServerFrame::Refreshed { expires_at }.framed());
         // Tells the router the new rights too (desks no longer allowed are left).
         self.sign_in(identity, peer, ctx);
     }
 
     /// `exp` has come: `token_expired`, close 4401, and nothing more for this browser.
-    fn expire(&mut self, ctx: &mut ws::WebsocketContext<Self>) {
+    fn expire(&mut self, ctx: &mut Context<Self>) {
         if !matches!(self.access, Access::Signed(_)) {
             return;
         }
         let message = "your token expired: reconnect with a new one";
-        self.refuse(ctx, Refusal::new(ErrorCode::TokenExpired, message));
-        self.access = Access::Closed;
-        self.outbox.lane().close();
-        Self::close(ctx, CloseCode::Other(CLOSE_UNAUTHORIZED), "token expired".into());
+        let refusal = Refusal::new(ErrorCode::TokenExpired, message);
+        self.shut_out(ctx, refusal, "token expired");
     }
 
-    fn welcome(&self, ctx: &mut ws::WebsocketContext<Self>) {
+    fn welcome(&self) {
         let session = self.id.to_string();
         let signed = match &self.access {
             Access::Signed(signed) => Some(&signed.identity),
@@ -559,11 +573,11 @@ impl WsSession {
             user: signed.map(|identity| &*identity.user),
             expires_at: signed.map(|identity| identity.expires_at),
         };
-        ctx.text(welcome.to_text());
+        self.send(&welcome.framed());
     }
 
     /// No `auth` frame in `auth.timeout_ms`: 4401.
-    fn auth_timed_out(&mut self, ctx: &mut ws::WebsocketContext<Self>) {
+    fn auth_timed_out(&mut self, ctx: &mut Context<Self>) {
         if matches!(self.access, Access::Waiting(_)) {
             self.turn_away(AuthError::Timeout, ctx);
         }
@@ -585,94 +599,90 @@ fn binary_refusal() -> Refusal {
 }
 
 impl Actor for WsSession {
-    type Context = ws::WebsocketContext<Self>;
+    type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
-        self.outbox.set_mailbox(ctx.address().recipient());
-        let outbox = self.outbox.clone();
+        // The welcome is the first frame: queued before the router knows the session.
+        if !matches!(self.access, Access::Waiting(_)) {
+            self.welcome();
+        }
         // do_send: connect and disconnect must never be dropped, whatever the intake holds.
-        self.env.router.do_send(FromSession::Connect(self.id, outbox));
+        self.env
+            .router
+            .do_send(FromSession::Connect(self.id, self.outbox.clone()));
         match std::mem::replace(&mut self.access, Access::Open) {
-            Access::Signed(signed) => {
-                self.sign_in(signed.identity, signed.peer, ctx);
-                self.welcome(ctx);
-            }
+            Access::Signed(signed) => self.sign_in(signed.identity, signed.peer, ctx),
             Access::Waiting(peer) => {
                 self.access = Access::Waiting(peer);
                 let timeout = Duration::from_millis(self.env.config.auth.timeout_ms);
                 ctx.run_later(timeout, |session, ctx| session.auth_timed_out(ctx));
             }
-            access => {
-                self.access = access;
-                self.welcome(ctx);
-            }
+            access => self.access = access,
         }
-        let timeout = Duration::from_millis(self.env.config.ws.client_timeout_ms);
-        ctx.run_interval(
-            Duration::from_millis(self.env.config.ws.heartbeat_interval_ms),
-            move |session, ctx| {
-                if session.heartbeat.elapsed() > timeout {
-                    log::info!("session {}: no frame for {timeout:?}, closing", session.id);
-                    Self::close(ctx, CloseCode::Away, "heartbeat timeout".into());
-                } else {
-                    ctx.ping(b"");
-                }
-            },
-        );
     }
 
-    fn stopping(&mut self, _: &mut Self::Context) -> Running {
+    fn stopping(&mut self, ctx: &mut Self::Context) -> Running {
+        // actix also asks when no address of the actor is left, which for a session is always
+        // (its pump drives it, nobody sends to it): it lives until it or its pump stops it.
+        if ctx.state() == ActorState::Running {
+            return Running::Continue;
+        }
         self.outbox.lane().close();
         self.env.router.do_send(FromSession::Disconnect(self.id));
         Running::Stop
     }
 }
 
-impl Handler<ToSession> for WsSession {
+impl Handler<FromBrowser> for WsSession {
     type Result = ();
 
-    fn handle(&mut self, msg: ToSession, ctx: &mut Self::Context) {
-        // After what the router queued before it: through the lane, which the pump writes
-        // to its end once the session has stopped.
-        let ToSession::Close(code, reason) = msg;
-        self.outbox.lane().finish(&Frame::close(code.into(), reason));
-        ctx.stop();
-    }
-}
-
-impl StreamHandler<Result<ws::Message, ProtocolError>> for WsSession {
-    fn handle(&mut self, msg: Result<ws::Message, ProtocolError>, ctx: &mut Self::Context) {
-        let msg = match msg {
-            Ok(msg) => msg,
-            Err(ProtocolError::Overflow) => {
+    fn handle(&mut self, msg: FromBrowser, ctx: &mut Self::Context) {
+        let frame = match msg {
+            FromBrowser::Frame(frame) => frame,
+            FromBrowser::Broken(ProtocolError::Overflow) => {
                 let max = self.env.config.ws.max_frame_bytes;
-                return Self::close(ctx, CloseCode::Size, format!("frame exceeds {max} bytes"));
+                return self.close(ctx, CloseCode::Size, &format!("frame exceeds {max} bytes"));
             }
-            // actix-web-actors reports a text frame that is not UTF-8 as an I/O error naming
-            // UTF-8; RFC 6455 asks for 1007, as for a fragmented message (`on_continuation`).
-            Err(ProtocolError::Io(error)) if error.to_string().contains("utf-8") => {
-                return Self::close(ctx, CloseCode::Invalid, "text message is not valid UTF-8".into());
-            }
-            Err(error) => {
+            FromBrowser::Broken(error) => {
                 log::debug!("session {}: protocol error: {error}", self.id);
-                return Self::close(ctx, CloseCode::Protocol, error.to_string());
+                return self.close(ctx, CloseCode::Protocol, &error.to_string());
             }
         };
-        self.heartbeat = Instant::now();
-        match msg {
-            ws::Message::Text(text) => self.on_text(&text, ctx),
-            ws::Message::Binary(_) => {
-                if self.within_rate(ctx) {
-                    self.refuse_frame(ctx, binary_refusal());
+        match frame {
+            ws::Frame::Text(bytes) => match std::str::from_utf8(&bytes) {
+                Ok(text) => self.on_text(text, ctx),
+                // RFC 6455 asks for 1007, as for a fragmented message (`on_continuation`).
+                Err(_) => self.close(ctx, CloseCode::Invalid, NOT_UTF8),
+            },
+            ws::Frame::Binary(_) => {
+                if self.within_rate() {
+                    self.refuse_frame(binary_refusal());
                 }
             }
-            ws::Message::Continuation(item) => self.on_continuation(item, ctx),
-            ws::Message::Ping(bytes) => ctx.pong(&bytes),
-            ws::Message::Pong(_) | ws::Message::Nop => {}
-            ws::Message::Close(reason) => {
-                ctx.close(reason);
+            ws::Frame::Continuation(item) => self.on_continuation(item, ctx),
+            ws::Frame::Ping(bytes) => self.send(&Frame::pong(&bytes)),
+            ws::Frame::Pong(_) => {}
+            ws::Frame::Close(reason) => {
+                // The answer repeats the browser's code, as RFC 6455 asks.
+                let answer = match reason {
+                    Some(CloseReason { code, .. }) => Frame::close(code.into(), ""),
+                    None => Frame::close_without_code(),
+                };
+                self.outbox.lane().finish(&answer);
                 ctx.stop();
             }
         }
     }
+}
+
+const NOT_UTF8: &str = "text message is not valid UTF-8";
+
+/// A close frame with `code` and `reason`, the reason cut to the 123 bytes a close frame may
+/// carry, so that a long one cannot make the frame invalid (the browser would see 1006).
+fn close_frame(code: CloseCode, reason: &str) -> Frame {
+    let mut end = reason.len().min(MAX_CLOSE_REASON);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    Frame::close(code.into(), &reason[..end])
 }
