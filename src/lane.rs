@@ -123,18 +123,22 @@ impl Frame {
     }
 
     /// `frames` back to back in one buffer (copied once), to be queued as one.
-    pub fn join(frames: &[Frame]) -> Frame {
-        match frames {
-            [one] => one.clone(),
-            _ => {
-                let len = frames.iter().map(Frame::len).sum();
-                let mut joined = BytesMut::with_capacity(len);
-                for frame in frames {
-                    joined.extend_from_slice(&frame.0);
-                }
-                Frame(joined.freeze())
-            }
+    pub fn join<'a, I>(frames: I) -> Frame
+    where
+        I: IntoIterator<Item = &'a Frame>,
+        I::IntoIter: Clone,
+    {
+        let frames = frames.into_iter();
+        let mut rest = frames.clone();
+        if let (Some(one), None) = (rest.next(), rest.next()) {
+            return one.clone();
         }
+        let len = frames.clone().map(Frame::len).sum();
+        let mut joined = BytesMut::with_capacity(len);
+        for frame in frames {
+            joined.extend_from_slice(&frame.0);
+        }
+        Frame(joined.freeze())
     }
 
     /// Bytes on the wire.

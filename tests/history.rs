@@ -451,3 +451,84 @@ async fn since_without_history_is_a_clear_error() {
     bridge.shut_down().await;
     common::amqp::delete_topology(&config);
 }
+
+#[actix_web::test]
+async fn live_runs_keep_each_desks_order_with_targeted_events_and_web_publishes_between() {
+    // With history on, the router queues consecutive live events of one desk (and one
+    // publisher) as one buffer: a change of desk, a targeted event or another publisher must
+    // end the run. Each desk is its own stream, so the order to keep is each desk's.
+    let config = history_config("liveruns");
+    let bridge = ready_bridge(config.clone()).await;
+    let mut reader = Browser::connect(&bridge).await;
+    reader.subscribe(&["A", "B"]).await;
+    let mut writer = Browser::connect(&bridge).await;
+    writer.subscribe(&["A"]).await;
+    let mut to_reader = amiquip::FieldTable::new();
+    to_reader.insert(
+        "x-to-session".into(),
+        amiquip::AmqpValue::LongString(reader.session.clone()),
+    );
+    let desk_of = |seq: u64| if (seq / 7) % 2 == 0 { "A" } else { "B" };
+    let targeted = |seq: u64| seq % 50 == 25;
+    let messages: Vec<(String, Value, amiquip::AmqpProperties)> = (0..600)
+        .map(|seq| {
+            let properties = if targeted(seq) {
+                amiquip::AmqpProperties::default().with_headers(to_reader.clone())
+            } else {
+                amiquip::AmqpProperties::default()
+            };
+            (
+                key(desk_of(seq), "new_example"),
+                json!({ "seq": seq }),
+                properties,
+            )
+        })
+        .collect();
+    let exchange = config.amqp.inbound_exchange.clone();
+    let desktop = std::thread::spawn(move || Desktop::connect().publish_many_with(&exchange, &messages));
+    for w in 0..30 {
+        let publish = json!({"op": "publish", "desk": "A", "event": "new_example", "data": {"w": w}, "ref": format!("w{w}")});
+        writer.send(publish).await;
+    }
+    desktop.join().expect("desktop published");
+
+    // The reader: every event once, in order per desk and per publisher.
+    let mut last: std::collections::HashMap<(String, &str), u64> = Default::default();
+    for _ in 0..630 {
+        let event = reader.recv().await;
+        assert_eq!(event["op"], "event", "{event}");
+        let desk = event["desk"].as_str().unwrap_or_default().to_string();
+        let (field, value) = match (event["data"]["seq"].as_u64(), event["data"]["w"].as_u64()) {
+            (Some(seq), None) => ("seq", seq),
+            (None, Some(w)) => ("w", w),
+            _ => panic!("unexpected event {event}"),
+        };
+        let expected = last.get(&(desk.clone(), field)).map_or(0, |last| last + 1);
+        let expected = match field {
+            // Desktop events of a desk are every seq of that desk, in order.
+            "seq" => (expected..600).find(|seq| desk_of(*seq) == desk).unwrap_or(600),
+            _ => expected,
+        };
+        assert_eq!(value, expected, "in order per desk and publisher: {event}");
+        last.insert((desk, field), value);
+    }
+    reader.assert_quiet().await;
+
+    // The writer: one ack per publish, every untargeted desktop event of A, never its own.
+    let desktop_a = (0..600)
+        .filter(|seq| desk_of(*seq) == "A" && !targeted(*seq))
+        .count();
+    let (mut acks, mut events) = (0, 0);
+    while acks < 30 || events < desktop_a {
+        let frame = writer.recv().await;
+        match frame["op"].as_str() {
+            Some("ack") => acks += 1,
+            Some("event") if frame["data"]["seq"].is_u64() => events += 1,
+            _ => panic!("the writer gets acks and desktop events only: {frame}"),
+        }
+    }
+    writer.assert_quiet().await;
+    drop((reader, writer));
+    bridge.shut_down().await;
+    delete_history(&config);
+}

@@ -532,9 +532,7 @@ impl Handler<DesktopBatch> for Router {
         // A run of events for one desk is queued to each subscriber as one buffer; a change of
         // desk or a targeted event ends the run, so every browser keeps the delivery order.
         let mut run = Run::default();
-        // A quarter of the byte budget at most: a run never refuses a reader that would have
-        // taken its events one by one.
-        let max_run = MAX_RUN_BYTES.min(self.config.ws.outbound_queue_bytes / 4);
+        let max_run = self.max_run();
         let mut verdicts = Vec::with_capacity(batch.events.len());
         for mut msg in batch.events {
             let transformed = self.transform(&msg.desk, &msg.event, Direction::ToWeb, &mut msg.data);
@@ -605,6 +603,13 @@ struct Run {
 const MAX_RUN_BYTES: usize = 64 * 1024;
 
 impl Router {
+    /// The most bytes of events queued to a browser as one buffer: a quarter of the byte budget
+    /// at most, so that a run never refuses a reader that would have taken its events one by
+    /// one.
+    fn max_run(&self) -> usize {
+        MAX_RUN_BYTES.min(self.config.ws.outbound_queue_bytes / 4)
+    }
+
     /// Queues the run's frames to the desk's subscribers as one buffer.
     fn flush_run(&mut self, run: &mut Run) {
         if run.frames.is_empty() {

@@ -567,14 +567,36 @@ impl Router {
         }
     }
 
-    /// A batch of live stream items.
+    /// A batch of live stream items. Consecutive events of one desk (and one publisher) are
+    /// queued to each live subscriber as one buffer, as desktop batches are without history;
+    /// anything else ends the run first, so every browser keeps the stream's order.
     pub(super) fn stream_items(&mut self, items: Vec<StreamItem>) {
+        let mut run = LiveRun::default();
+        let max_run = self.max_run();
         for item in items {
             match item {
-                StreamItem::Opened(opened) => self.opened(opened),
-                StreamItem::Event(event) => self.live_event(event),
+                StreamItem::Opened(opened) => {
+                    self.flush_live(&mut run);
+                    self.opened(opened);
+                }
+                StreamItem::Event(event) => {
+                    let Some((desk, logged)) = self.live_event(event, &mut run) else {
+                        continue;
+                    };
+                    if run.desk != desk
+                        || run.except != logged.except
+                        || run.bytes + logged.frame.len() > max_run
+                    {
+                        self.flush_live(&mut run);
+                        run.desk = desk;
+                        run.except = logged.except;
+                    }
+                    run.bytes += logged.frame.len();
+                    run.events.push(logged);
+                }
             }
         }
+        self.flush_live(&mut run);
     }
 
     fn opened(&mut self, opened: DeskOpened) {
@@ -639,18 +661,15 @@ impl Router {
         )
     }
 
-    fn live_event(&mut self, mut event: StreamEvent) {
-        let Some(state) = self
+    /// Logs a live event; returns it (with its desk) for the run to queue to the desk's live
+    /// subscribers. A targeted event is delivered at once (after the run so far) instead.
+    fn live_event(&mut self, mut event: StreamEvent, run: &mut LiveRun) -> Option<(String, Logged)> {
+        let state = self
             .history
             .as_ref()
-            .and_then(|history| history.desks.get(&event.desk))
-        else {
-            return;
-        };
+            .and_then(|history| history.desks.get(&event.desk))?;
         let epoch = state.epoch.clone();
-        let Some(frame) = self.history_frame(&mut event, epoch.as_deref()) else {
-            return;
-        };
+        let frame = self.history_frame(&mut event, epoch.as_deref())?;
         let StreamEvent {
             desk,
             event: name,
@@ -662,13 +681,12 @@ impl Router {
         } = event;
         if let Some(to) = to {
             // Addressed to someone now: not history for everyone.
+            self.flush_live(run);
             self.deliver_targeted(&to, (&desk, &name, &id), &frame);
-            return;
+            return None;
         }
         let history = self.history();
-        let Some(state) = history.desks.get_mut(&desk) else {
-            return;
-        };
+        let state = history.desks.get_mut(&desk)?;
         let key = state
             .conflate_key
             .as_deref()
@@ -682,43 +700,58 @@ impl Router {
         };
         // In the log first: a session that falls behind on this very event is fed from it.
         state.log.push(logged.clone());
-        let receivers = self.fan_out_logged(&desk, &logged);
-        if from_session.is_some() {
-            self.metrics.web_event(receivers);
-        } else {
-            self.metrics.desktop_event(receivers);
-        }
-        self.feed_behind(&desk, &logged);
+        Some((desk, logged))
     }
 
-    /// Queues a live event to the desk's live subscribers; one too slow to take it falls
-    /// behind (or is closed, by the desk's policy).
-    fn fan_out_logged(&mut self, desk: &str, logged: &Logged) -> usize {
-        let (delivered, failed) = self.offer(desk, &logged.frame, logged.except);
-        if failed.is_empty() {
-            return delivered;
-        }
-        let policy = self.history().desks.get(desk).map(|state| state.policy);
+    /// Queues the run's events to the desk's live subscribers as one buffer; one too slow to
+    /// take it falls behind at the run's first event (or is closed, by the desk's policy).
+    /// Then the sessions behind on the desk hear of each event.
+    fn flush_live(&mut self, run: &mut LiveRun) {
+        let Some(first) = run.events.first() else {
+            return;
+        };
+        let desk = std::mem::take(&mut run.desk);
+        let joined = Frame::join(run.events.iter().map(|logged| &logged.frame));
+        let (delivered, failed) = self.offer(&desk, &joined, run.except);
+        let policy = self.history().desks.get(&desk).map(|state| state.policy);
+        let mut with_room = Vec::new();
         for (session, error) in failed {
             match (policy, error) {
                 (Some(SlowPolicy::CatchUp | SlowPolicy::Latest), QueueError::Full) => {
-                    self.fall_behind(session, desk, logged, policy == Some(SlowPolicy::Latest));
+                    let latest = policy == Some(SlowPolicy::Latest);
+                    if self.fall_behind(session, &desk, first, latest) {
+                        with_room.push(session);
+                    }
                 }
-                _ => self.drop_failed(vec![(session, error)], desk),
+                _ => self.drop_failed(vec![(session, error)], &desk),
             }
         }
-        delivered
+        for logged in run.events.drain(..) {
+            if logged.except.is_some() {
+                self.metrics.web_event(delivered);
+            } else {
+                self.metrics.desktop_event(delivered);
+            }
+            self.feed_behind(&desk, &logged);
+        }
+        run.bytes = 0;
+        // Only once the whole run is behind them: fed now, they could go live again halfway
+        // through it and miss the rest.
+        for session in with_room {
+            self.feed(session, &desk);
+        }
     }
 
     /// A live session could not take `logged`: from now on it is fed from the log (catch_up)
-    /// or gets the newest value per key (latest).
-    fn fall_behind(&mut self, session: Uuid, desk: &str, logged: &Logged, latest: bool) {
+    /// or gets the newest value per key (latest). True when it has room already: the caller
+    /// feeds it.
+    fn fall_behind(&mut self, session: Uuid, desk: &str, logged: &Logged, latest: bool) -> bool {
         let Some(outbox) = self
             .desks
             .get_mut(desk)
             .and_then(|subscribers| subscribers.remove(&session))
         else {
-            return;
+            return false;
         };
         let max_bytes = self.config.ws.outbound_queue_bytes;
         let mut conflated = None;
@@ -736,9 +769,7 @@ impl Router {
         if let Some(state) = self.history().desks.get_mut(desk) {
             state.behind.insert(session, behind);
         }
-        if self.wait_for_room(session, desk) {
-            self.feed(session, desk);
-        }
+        self.wait_for_room(session, desk)
     }
 
     /// A live event for the sessions behind on its desk: `latest` ones keep it as their newest
@@ -784,6 +815,16 @@ impl Router {
             }
         }
     }
+}
+
+/// Consecutive live events of one desk from one publisher (or none: desktop events), logged
+/// and framed, not yet queued to the live subscribers.
+#[derive(Default)]
+struct LiveRun {
+    desk: String,
+    except: Option<Uuid>,
+    events: Vec<Logged>,
+    bytes: usize,
 }
 
 /// Where a resumed desk starts, from what the log holds and what `since` asks.
