@@ -468,7 +468,7 @@ async fn live_runs_keep_each_desks_order_with_targeted_events_and_web_publishes_
         "x-to-session".into(),
         amiquip::AmqpValue::LongString(reader.session.clone()),
     );
-    let desk_of = |seq: u64| if (seq / 7) % 2 == 0 { "A" } else { "B" };
+    let desk_of = |seq: u64| if (seq / 7).is_multiple_of(2) { "A" } else { "B" };
     let targeted = |seq: u64| seq % 50 == 25;
     let messages: Vec<(String, Value, amiquip::AmqpProperties)> = (0..600)
         .map(|seq| {
