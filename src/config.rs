@@ -209,8 +209,8 @@ pub struct WsConfig {
     pub client_timeout_ms: u64,
     /// Frames queued for one browser before it is closed as too slow (1013); 0 (the default)
     /// sets no frame limit, so that a burst of small events cannot close a browser that keeps
-    /// up: the byte budget governs. A run of one desk's desktop events queued together (up to
-    /// 64 KiB) counts as one.
+    /// up: the byte budget governs. A run of one desk's events queued together (desktop
+    /// events; with history on, live stream events; up to 64 KiB) counts as one.
     pub outbound_queue_frames: usize,
     /// Bytes queued for one browser (each frame counted with its queueing overhead) before it
     /// is closed as too slow (1013).

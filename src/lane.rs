@@ -1,6 +1,6 @@
 //! A session's outbound lane: server frames already in WebSocket framing, queued by the router
-//! (on its own thread) and written to the socket by the connection's pump, all that waits in
-//! one write.
+//! (on its own thread) and by the session itself, and written to the socket by the
+//! connection's pump, all that waits in one write.
 //!
 //! Why not the session actor's mailbox: a mailbox message costs two heap allocations (the
 //! envelope and the queue node, freed on another thread), a wake of the session and a copy
@@ -10,7 +10,7 @@
 //! vectored write.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
@@ -235,7 +235,7 @@ impl Lane {
         }
     }
 
-    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+    fn state(&self) -> MutexGuard<'_, State> {
         // A panic while holding the lock leaves only a queue of bytes behind: still usable.
         self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
@@ -275,14 +275,10 @@ impl Lane {
         self.queue(state, frame);
     }
 
-    fn queue(&self, mut state: std::sync::MutexGuard<'_, State>, frame: &Frame) {
+    fn queue(&self, mut state: MutexGuard<'_, State>, frame: &Frame) {
         state.frames.push(frame.0.clone());
         // Only the first frame of a batch wakes the pump; the rest ride along.
-        let waker = state.waker.take();
-        drop(state);
-        if let Some(waker) = waker {
-            waker.wake();
-        }
+        wake_pump(state);
     }
 
     /// Every queued frame (in order), or `Pending` with the pump registered to be woken.
@@ -302,7 +298,12 @@ impl Lane {
         })
     }
 
-    /// The browser sent something: it is alive.
+    /// True until the lane is finishing or closed.
+    pub fn is_open(&self) -> bool {
+        self.state().ending == Ending::Open
+    }
+
+    /// The browser sent something, or took bytes the socket could not: it is alive.
     pub fn saw_life(&self) {
         self.seen.store(clock_ms(), Ordering::Relaxed);
     }
@@ -364,10 +365,11 @@ impl Lane {
 
     /// Drops what waits and ends the lane with `last` (an error, then a close): for a session
     /// that may receive nothing more (its token expired or never came), which must still be
-    /// told why. Nothing happens to a lane that is already ending.
+    /// told why. This replaces a close the router queued, which an expired token would
+    /// otherwise hold back; nothing happens to a closed lane.
     pub fn end_with(&self, last: &[Frame]) {
         let mut state = self.state();
-        if state.ending != Ending::Open {
+        if state.ending == Ending::Closed {
             return;
         }
         state.ending = Ending::Finishing;
@@ -377,17 +379,13 @@ impl Lane {
         state.frames.clear();
         state.frames.extend(last.iter().map(|frame| frame.0.clone()));
         let added: usize = last.iter().map(Frame::cost).sum();
-        let waker = state.waker.take();
-        drop(state);
         self.queued.fetch_add(added, Ordering::AcqRel);
         self.queued.fetch_sub(dropped, Ordering::AcqRel);
-        if let Some(waker) = waker {
-            waker.wake();
-        }
+        wake_pump(state);
     }
 
     /// Nothing more is queued; unless the lane is finishing, nothing more is written either
-    /// and what waits is dropped. (The pump ends when the session's own output ends.)
+    /// and what waits is dropped. (The pump ends when the session stops.)
     pub fn close(&self) {
         let mut state = self.state();
         if state.ending == Ending::Finishing {
@@ -395,12 +393,8 @@ impl Lane {
         }
         state.ending = Ending::Closed;
         let dropped = cost_of(&std::mem::take(&mut state.frames));
-        let waker = state.waker.take();
-        drop(state);
         self.queued.fetch_sub(dropped, Ordering::AcqRel);
-        if let Some(waker) = waker {
-            waker.wake();
-        }
+        wake_pump(state);
     }
 
     /// From `at` on (the token's `exp`), nothing more is written; `None` lifts the limit
@@ -408,11 +402,16 @@ impl Lane {
     pub fn expire_at(&self, at: Option<Instant>) {
         let mut state = self.state();
         state.expires = at;
-        let waker = state.waker.take();
-        drop(state);
-        if let Some(waker) = waker {
-            waker.wake();
-        }
+        wake_pump(state);
+    }
+}
+
+/// Releases the lane's lock, then wakes the pump if it waits.
+fn wake_pump(mut state: MutexGuard<'_, State>) {
+    let waker = state.waker.take();
+    drop(state);
+    if let Some(waker) = waker {
+        waker.wake();
     }
 }
 
@@ -466,7 +465,6 @@ mod tests {
         lane.try_push(&Frame::text("event")).expect("room");
         lane.expire_at(Some(Instant::now()));
         lane.end_with(&[Frame::text("expired"), Frame::close(4401, "token expired")]);
-        lane.end_with(&[Frame::text("again")]);
         let Poll::Ready(batch) = lane.poll_take(&mut cx) else {
             panic!("the last frames wait");
         };
@@ -480,6 +478,23 @@ mod tests {
             0,
             "the dropped event was released"
         );
+    }
+
+    #[test]
+    fn an_expired_token_still_gets_its_close_when_the_router_closed_first() {
+        let lane = Lane::new(1 << 20, 0);
+        let waker = Waker::from(Arc::new(Count(AtomicUsize::new(0))));
+        let mut cx = Context::from_waker(&waker);
+        lane.expire_at(Some(Instant::now()));
+        lane.finish(&Frame::close(1013, "slow"));
+        assert!(lane.poll_take(&mut cx).is_pending(), "nothing leaves after exp");
+        lane.end_with(&[Frame::close(4401, "token expired")]);
+        let Poll::Ready(batch) = lane.poll_take(&mut cx) else {
+            panic!("the session's last word is written");
+        };
+        assert!(batch.last);
+        assert_eq!(&batch.frames[0][2..4], 4401u16.to_be_bytes());
+        assert_eq!(batch.frames.len(), 1);
     }
 
     #[test]

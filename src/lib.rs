@@ -283,6 +283,8 @@ impl Bridge {
             log::warn!(
                 "shutdown_timeout_ms ({timeout:?}) reached with connections still closing; leaving them"
             );
+            // The server must stop all the same; its workers drop what still runs.
+            self.server.stop(false).await;
         }
         log::info!("deskbridge stopped in {:?}", started.elapsed());
     }

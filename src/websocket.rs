@@ -245,8 +245,9 @@ fn run(
 }
 
 /// The session actor, run by its connection's pump, and stopped when dropped however the
-/// pump ends (a failed write included): actix stops a dropped actor only while someone still
-/// holds its address, which nobody does, and the router must hear of every session's end.
+/// pump ends (a failed write included): actix stops a dropped actor only while it counts as
+/// alive (an address or a timer left), which a session without timers (`auth.mode = "none"`)
+/// never is, and the router must hear of every session's end.
 struct SessionActor(ContextFut<WsSession, ActorCtx<WsSession>>);
 
 impl SessionActor {
@@ -436,11 +437,11 @@ async fn pump(
         match next {
             Next::Ended => {
                 // A close the session or the router queued follows what was queued before.
-                write_batch(socket, lane.take_rest(), stall).await?;
+                write_batch(socket, lane, lane.take_rest(), stall).await?;
                 return Ok(());
             }
             Next::Lane(taken) => {
-                let written = write_batch(socket, taken.frames, stall).await?;
+                let written = write_batch(socket, lane, taken.frames, stall).await?;
                 if taken.last {
                     // The router's close is written: the session ends (and tells the router).
                     session.ctx().stop();
@@ -475,7 +476,12 @@ const MAX_SLICES: usize = 64;
 
 /// Writes every frame of `batch`, many per syscall; returns their cost to the lane's byte
 /// budget.
-async fn write_batch(socket: &TcpStream, mut batch: Vec<Bytes>, stall: Duration) -> Result<usize, Ended> {
+async fn write_batch(
+    socket: &TcpStream,
+    lane: &lane::Lane,
+    mut batch: Vec<Bytes>,
+    stall: Duration,
+) -> Result<usize, Ended> {
     let cost = lane::cost_of(&batch);
     // The first frame not yet fully written.
     let mut next = 0;
@@ -496,7 +502,10 @@ async fn write_batch(socket: &TcpStream, mut batch: Vec<Bytes>, stall: Duration)
             Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
                 Box::pin(tokio::time::timeout(stall, socket.writable()))
                     .await
-                    .map_err(|_| Ended::Stalled(stall))??
+                    .map_err(|_| Ended::Stalled(stall))??;
+                // Room again means the browser took bytes: alive, however long this batch is
+                // (the pump reads nothing, so its pongs are not seen, until it is written).
+                lane.saw_life();
             }
             Err(error) => return Err(error.into()),
         }

@@ -6,7 +6,8 @@
 //! `ws.max_queued_requests` deep, bounds what browsers can pile up; the AMQP consumer sends
 //! [`DesktopBatch`]es and gets a [`Verdict`] for each event; the AMQP publisher sends
 //! [`PublishOutcomes`]. Every frame it sends is serialized once and the bytes are shared; a
-//! session whose queue is full is closed (1013), never waited for.
+//! session whose queue is full is closed (1013), never waited for. It also runs the WebSocket
+//! heartbeat for every session at once (`heartbeat.rs`).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
@@ -334,6 +335,12 @@ impl Handler<FromSession> for Router {
     fn handle(&mut self, msg: FromSession, ctx: &mut Context<Self>) {
         match msg {
             FromSession::Connect(session, outbox) => {
+                if self.shutting_down {
+                    // Its handshake ended after the server stopped accepting: nothing would
+                    // ever close it, and shutdown would wait for it.
+                    outbox.close(CloseCode::Away, "server shutting down");
+                    return;
+                }
                 let entry = SessionEntry {
                     outbox,
                     desks: HashSet::new(),

@@ -173,7 +173,12 @@ impl WsSession {
 
     /// Closes with `code`: the close frame is the last one written.
     fn close(&self, ctx: &mut Context<Self>, code: CloseCode, reason: &str) {
-        self.outbox.lane().finish(&close_frame(code, reason));
+        self.end(ctx, &close_frame(code, reason));
+    }
+
+    /// Queues `last` (a close frame) as the last frame and stops.
+    fn end(&self, ctx: &mut Context<Self>, last: &Frame) {
+        self.outbox.lane().finish(last);
         ctx.stop();
     }
 
@@ -668,8 +673,7 @@ impl Handler<FromBrowser> for WsSession {
                     Some(CloseReason { code, .. }) => Frame::close(code.into(), ""),
                     None => Frame::close_without_code(),
                 };
-                self.outbox.lane().finish(&answer);
-                ctx.stop();
+                self.end(ctx, &answer);
             }
         }
     }

@@ -27,6 +27,10 @@ impl Router {
         let ping = Frame::ping();
         for (id, entry) in &self.sessions {
             let lane = entry.outbox.lane();
+            if !lane.is_open() {
+                // Closing already; its pump ends it.
+                continue;
+            }
             if lane.silent_for() > timeout {
                 log::info!("session {id}: no frame for {timeout:?}, closing");
                 entry.outbox.close(CloseCode::Away, "heartbeat timeout");

@@ -698,8 +698,6 @@ impl Router {
             except: from_session,
             key,
         };
-        // In the log first: a session that falls behind on this very event is fed from it.
-        state.log.push(logged.clone());
         Some((desk, logged))
     }
 
@@ -711,6 +709,13 @@ impl Router {
             return;
         };
         let desk = std::mem::take(&mut run.desk);
+        // In the log first, and only this run: a session that falls behind on it is fed from
+        // the log up to its end, and goes live for the next run, which must not be there yet.
+        if let Some(state) = self.history().desks.get_mut(&desk) {
+            for logged in &run.events {
+                state.log.push(logged.clone());
+            }
+        }
         let joined = Frame::join(run.events.iter().map(|logged| &logged.frame));
         let (delivered, failed) = self.offer(&desk, &joined, run.except);
         let policy = self.history().desks.get(&desk).map(|state| state.policy);
