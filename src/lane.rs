@@ -42,8 +42,10 @@ const OPCODE_PING: u8 = 0x89;
 const OPCODE_PONG: u8 = 0x8A;
 
 impl Frame {
-    /// `text` as one unmasked, final text frame (RFC 6455 §5.2).
-    pub fn text(text: &str) -> Frame {
+    /// `text` as one unmasked, final text frame (RFC 6455 §5.2); for tests (the bridge
+    /// serializes straight into frames, [`Frame::json`]).
+    #[cfg(test)]
+    pub(crate) fn text(text: &str) -> Frame {
         let mut buffer = BytesMut::with_capacity(MAX_HEADER + text.len());
         buffer.extend_from_slice(&[0; MAX_HEADER]);
         buffer.extend_from_slice(text.as_bytes());

@@ -7,7 +7,6 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use bytestring::ByteString;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use serde_json::Value;
@@ -273,11 +272,6 @@ impl Refusal {
         self.error_frame().framed()
     }
 
-    /// This refusal as a serialized `error` frame.
-    pub fn to_frame(&self) -> ByteString {
-        self.error_frame().to_text()
-    }
-
     fn error_frame(&self) -> ServerFrame<'_> {
         ServerFrame::Error {
             reference: self.reference.as_deref(),
@@ -460,18 +454,10 @@ pub struct HttpError {
 }
 
 impl ServerFrame<'_> {
-    /// Serializes the frame once; the result is cheap to clone and share among sessions.
-    pub fn to_text(&self) -> ByteString {
-        // Serializing these types cannot fail: every key is a string and no value is a
-        // non-finite float (serde_json::Value cannot hold one).
-        serde_json::to_string(self)
-            .expect("server frames always serialize")
-            .into()
-    }
-
     /// Serializes the frame once, framed for the wire; shared by every session it goes to.
     pub fn framed(&self) -> Frame {
-        // As in `to_text`: these types always serialize.
+        // Serializing these types cannot fail: every key is a string and no value is a
+        // non-finite float (serde_json::Value cannot hold one).
         Frame::json(self).expect("server frames always serialize")
     }
 }
@@ -766,8 +752,7 @@ mod tests {
             ),
         ];
         for (frame, expected) in cases {
-            let text = frame.to_text();
-            let got: Value = serde_json::from_str(&text).expect("valid JSON");
+            let got = serde_json::to_value(&frame).expect("server frames serialize");
             assert_eq!(got, expected);
         }
     }
@@ -859,7 +844,7 @@ mod tests {
                     Err(refusal) => {
                         prop_assert_ne!(refusal.code, ErrorCode::BadJson, "valid JSON is never bad_json");
                         prop_assert!(!refusal.message.is_empty());
-                        let _ = refusal.to_frame();
+                        let _ = refusal.framed();
                     }
                 }
             }

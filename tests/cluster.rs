@@ -467,12 +467,8 @@ async fn read_to_last(
 async fn resume(bridge: SocketAddr, seen: &[Seen]) -> Browser {
     let last = seen.last().expect("a resume follows events");
     let mut browser = Browser::connect_to(bridge).await;
-    browser
-        .send(json!({"op": "subscribe", "desks": ["A"],
-                     "since": {"A": {"offset": last.offset, "epoch": last.epoch}}}))
-        .await;
     assert_eq!(
-        browser.recv().await,
+        browser.resume(last.offset, &last.epoch).await,
         json!({"op": "subscribed", "desks": ["A"], "recovered": {"A": true}}),
         "a resume across a failover is recovered: the stream kept its epoch and every offset"
     );

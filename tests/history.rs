@@ -183,10 +183,8 @@ async fn a_browser_resumes_with_since_and_gets_exactly_what_it_missed_then_live(
     publish_desktop(&config, 11, 25);
     let last = seen[9].1;
     let mut back = Browser::connect(&bridge).await;
-    back.send(json!({"op": "subscribe", "desks": ["A"], "since": {"A": {"offset": last, "epoch": epoch}}}))
-        .await;
     assert_eq!(
-        back.recv().await,
+        back.resume(last, &epoch).await,
         json!({"op": "subscribed", "desks": ["A"], "recovered": {"A": true}})
     );
     let missed = events(&mut back, 26).await;
@@ -227,10 +225,8 @@ async fn a_resume_older_than_memory_is_read_from_the_stream_on_another_instance(
     let second = ready_bridge(config.clone()).await;
     let mut back = Browser::connect(&second).await;
     let last = seen[4].1;
-    back.send(json!({"op": "subscribe", "desks": ["A"], "since": {"A": {"offset": last, "epoch": epoch}}}))
-        .await;
     assert_eq!(
-        back.recv().await,
+        back.resume(last, &epoch).await,
         json!({"op": "subscribed", "desks": ["A"], "recovered": {"A": true}})
     );
     let missed = events(&mut back, 61).await;
@@ -253,10 +249,7 @@ async fn another_epoch_is_not_recovered_and_delivery_starts_at_the_first_retaine
     let bridge = ready_bridge(config.clone()).await;
     publish_desktop(&config, 0, 4);
     let mut browser = Browser::connect(&bridge).await;
-    browser
-        .send(json!({"op": "subscribe", "desks": ["A"], "since": {"A": {"offset": 2, "epoch": "another-life"}}}))
-        .await;
-    let reply = browser.recv().await;
+    let reply = browser.resume(2, "another-life").await;
     assert_eq!(reply["recovered"], json!({"A": false}), "{reply}");
     let first = reply["first_offset"]["A"].as_u64().expect("first_offset");
     let all = events(&mut browser, 4).await;

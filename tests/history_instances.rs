@@ -429,12 +429,8 @@ async fn browsers_of_a_killed_instance_resume_on_another_with_every_event_once()
     for seen in &before {
         let last = seen.last().expect("each browser saw events before the kill");
         let mut browser = Browser::connect(&survivor).await;
-        browser
-            .send(json!({"op": "subscribe", "desks": ["A"],
-                         "since": {"A": {"offset": last.offset, "epoch": last.epoch}}}))
-            .await;
         assert_eq!(
-            browser.recv().await,
+            browser.resume(last.offset, &last.epoch).await,
             json!({"op": "subscribed", "desks": ["A"], "recovered": {"A": true}}),
             "a resume from offset {} (n = {}) on the surviving instance",
             last.offset,
@@ -579,10 +575,7 @@ async fn a_resume_from_before_retention_is_not_recovered_and_starts_at_the_first
     );
 
     let mut back = Browser::connect(&bridge).await;
-    back.send(json!({"op": "subscribe", "desks": ["A"],
-                     "since": {"A": {"offset": last.offset, "epoch": last.epoch}}}))
-        .await;
-    let reply = back.recv().await;
+    let reply = back.resume(last.offset, &last.epoch).await;
     assert_eq!(
         reply,
         json!({"op": "subscribed", "desks": ["A"], "recovered": {"A": false},

@@ -538,8 +538,7 @@ impl Handler<DesktopBatch> for Router {
     fn handle(&mut self, batch: DesktopBatch, _: &mut Context<Self>) {
         // A run of events for one desk is queued to each subscriber as one buffer; a change of
         // desk or a targeted event ends the run, so every browser keeps the delivery order.
-        let mut run = Run::default();
-        let max_run = self.max_run();
+        let mut run = Run::new(self.max_run());
         let mut verdicts = Vec::with_capacity(batch.events.len());
         for mut msg in batch.events {
             let transformed = self.transform(&msg.desk, &msg.event, Direction::ToWeb, &mut msg.data);
@@ -562,12 +561,11 @@ impl Handler<DesktopBatch> for Router {
                     .framed();
                     match msg.to.as_deref() {
                         None => {
-                            if run.desk != msg.desk || run.bytes + frame.len() > max_run {
+                            if run.ends_before(&msg.desk, None, frame.len()) {
                                 self.flush_run(&mut run);
-                                run.desk = std::mem::take(&mut msg.desk);
+                                run.start(std::mem::take(&mut msg.desk), None);
                             }
-                            run.bytes += frame.len();
-                            run.frames.push(frame);
+                            run.push(frame.len(), frame);
                         }
                         Some(to) => {
                             self.flush_run(&mut run);
@@ -598,12 +596,49 @@ impl Handler<DesktopBatch> for Router {
     }
 }
 
-/// Consecutive desktop events of one desk, framed, not yet queued.
-#[derive(Default)]
-struct Run {
+/// Consecutive events of one desk from one publisher (`None`: desktop events), framed, not yet
+/// queued: they go to each subscriber as one buffer.
+struct Run<T> {
     desk: String,
-    frames: Vec<Frame>,
+    except: Option<Uuid>,
+    events: Vec<T>,
     bytes: usize,
+    max_bytes: usize,
+}
+
+impl<T> Run<T> {
+    /// An empty run of at most `max_bytes` (see [`Router::max_run`]).
+    fn new(max_bytes: usize) -> Self {
+        Run {
+            desk: String::new(),
+            except: None,
+            events: Vec::new(),
+            bytes: 0,
+            max_bytes,
+        }
+    }
+
+    /// True when an event of `desk` from `except`, `len` bytes framed, cannot join this run.
+    fn ends_before(&self, desk: &str, except: Option<Uuid>, len: usize) -> bool {
+        self.desk != desk || self.except != except || self.bytes + len > self.max_bytes
+    }
+
+    /// Begins the next run (the last one was flushed).
+    fn start(&mut self, desk: String, except: Option<Uuid>) {
+        self.desk = desk;
+        self.except = except;
+    }
+
+    fn push(&mut self, len: usize, event: T) {
+        self.bytes += len;
+        self.events.push(event);
+    }
+
+    /// The desk and events, leaving the run empty.
+    fn take(&mut self) -> (String, Vec<T>) {
+        self.bytes = 0;
+        (std::mem::take(&mut self.desk), std::mem::take(&mut self.events))
+    }
 }
 
 /// Largest run queued as one buffer (also at most a quarter of `ws.outbound_queue_bytes`).
@@ -618,14 +653,13 @@ impl Router {
     }
 
     /// Queues the run's frames to the desk's subscribers as one buffer.
-    fn flush_run(&mut self, run: &mut Run) {
-        if run.frames.is_empty() {
+    fn flush_run(&mut self, run: &mut Run<Frame>) {
+        if run.events.is_empty() {
             return;
         }
-        let joined = Frame::join(&run.frames);
-        run.bytes = 0;
-        let receivers = self.fan_out(&run.desk, &joined, None);
-        for _ in run.frames.drain(..) {
+        let (desk, frames) = run.take();
+        let receivers = self.fan_out(&desk, &Frame::join(&frames), None);
+        for _ in &frames {
             self.metrics.desktop_event(receivers);
         }
     }

@@ -152,6 +152,19 @@ impl WsSession {
         }
     }
 
+    /// The link whose lane holds everything this session's browser receives, for the connection's
+    /// pump.
+    pub fn outbox(&self) -> Outbox {
+        self.outbox.clone()
+    }
+
+    /// What the pump calls once a session that fell behind has room again: the router is
+    /// told, and feeds it.
+    pub fn drained_notice(&self) -> impl Fn() + 'static {
+        let (router, id) = (Arc::clone(&self.env.router), self.id);
+        move || router.do_send(FromSession::Drained(id))
+    }
+
     /// Refuses a frame that could not be read; before `auth`, whatever it was, the answer is
     /// `unauthenticated`.
     fn refuse_frame(&self, refusal: Refusal) {
@@ -439,19 +452,6 @@ impl WsSession {
             .verifier
             .as_ref()
             .expect("auth.mode = jwt has a verifier")
-    }
-
-    /// The link whose lane the router queues this session's frames in, for the connection's
-    /// pump.
-    pub fn outbox(&self) -> Outbox {
-        self.outbox.clone()
-    }
-
-    /// What the pump calls once a session that fell behind has room again: the router is
-    /// told, and feeds it.
-    pub fn drained_notice(&self) -> impl Fn() + 'static {
-        let (router, id) = (Arc::clone(&self.env.router), self.id);
-        move || router.do_send(FromSession::Drained(id))
     }
 
     /// Where this session's browser is, for log lines.

@@ -468,12 +468,11 @@ impl StreamReader {
 
     /// Ends a replay and sends the router what it read.
     fn finish_replay(&mut self, mut active: ActiveReplay<'_>, channel: &Channel) -> Result<(), AmqpError> {
-        // The broker has sent up to a prefetch past this step: keep it for this answer rather
-        // than read it again in the next step (measured: +43 % replay rate, -37 % broker CPU).
+        // The broker has sent up to a prefetch (1 000) past this step: keep it for this answer,
+        // even past `replay_batch`, rather than read it again in the next step (measured: +43 %
+        // replay rate, -37 % broker CPU).
         let mut sent = Vec::new();
         history::cancel_keeping(&active.consumer, |delivery| sent.push(delivery))?;
-        // Past `replay_batch` too: a step holds at most the prefetch (1 000) more, and reading
-        // them again in the next step cost 43 % of the replay rate.
         for delivery in sent {
             if active.read.complete {
                 active.last = Some(delivery);

@@ -157,6 +157,16 @@ impl Browser {
         }
     }
 
+    /// Subscribes to desk A resuming after `offset` of stream life `epoch`; returns the answer
+    /// (`subscribed`, saying whether the resume was recovered).
+    pub async fn resume(&mut self, offset: u64, epoch: &str) -> Value {
+        self.send(
+            json!({"op": "subscribe", "desks": ["A"], "since": {"A": {"offset": offset, "epoch": epoch}}}),
+        )
+        .await;
+        self.recv().await
+    }
+
     /// Reads until the server closes; returns the close frame.
     pub async fn closed(&mut self) -> Option<CloseFrame<'static>> {
         let deadline = tokio::time::Instant::now() + DEADLINE;

@@ -18,7 +18,7 @@ use crate::lane::Frame;
 use actix_web_actors::ws::CloseCode;
 use uuid::Uuid;
 
-use super::Router;
+use super::{Router, Run};
 use crate::actors::messages::{
     DeskOpened, Outbox, QueueError, ReplayHandle, ReplayRequest, Replayed, ReplayedEvents, StreamEvent,
     StreamItem,
@@ -571,8 +571,7 @@ impl Router {
     /// queued to each live subscriber as one buffer, as desktop batches are without history;
     /// anything else ends the run first, so every browser keeps the stream's order.
     pub(super) fn stream_items(&mut self, items: Vec<StreamItem>) {
-        let mut run = LiveRun::default();
-        let max_run = self.max_run();
+        let mut run = Run::new(self.max_run());
         for item in items {
             match item {
                 StreamItem::Opened(opened) => {
@@ -583,16 +582,11 @@ impl Router {
                     let Some((desk, logged)) = self.live_event(event, &mut run) else {
                         continue;
                     };
-                    if run.desk != desk
-                        || run.except != logged.except
-                        || run.bytes + logged.frame.len() > max_run
-                    {
+                    if run.ends_before(&desk, logged.except, logged.frame.len()) {
                         self.flush_live(&mut run);
-                        run.desk = desk;
-                        run.except = logged.except;
+                        run.start(desk, logged.except);
                     }
-                    run.bytes += logged.frame.len();
-                    run.events.push(logged);
+                    run.push(logged.frame.len(), logged);
                 }
             }
         }
@@ -663,7 +657,7 @@ impl Router {
 
     /// Logs a live event; returns it (with its desk) for the run to queue to the desk's live
     /// subscribers. A targeted event is delivered at once (after the run so far) instead.
-    fn live_event(&mut self, mut event: StreamEvent, run: &mut LiveRun) -> Option<(String, Logged)> {
+    fn live_event(&mut self, mut event: StreamEvent, run: &mut Run<Logged>) -> Option<(String, Logged)> {
         let state = self
             .history
             .as_ref()
@@ -704,20 +698,21 @@ impl Router {
     /// Queues the run's events to the desk's live subscribers as one buffer; one too slow to
     /// take it falls behind at the run's first event (or is closed, by the desk's policy).
     /// Then the sessions behind on the desk hear of each event.
-    fn flush_live(&mut self, run: &mut LiveRun) {
-        let Some(first) = run.events.first() else {
+    fn flush_live(&mut self, run: &mut Run<Logged>) {
+        let except = run.except;
+        let (desk, events) = run.take();
+        let Some(first) = events.first() else {
             return;
         };
-        let desk = std::mem::take(&mut run.desk);
         // In the log first, and only this run: a session that falls behind on it is fed from
         // the log up to its end, and goes live for the next run, which must not be there yet.
         if let Some(state) = self.history().desks.get_mut(&desk) {
-            for logged in &run.events {
+            for logged in &events {
                 state.log.push(logged.clone());
             }
         }
-        let joined = Frame::join(run.events.iter().map(|logged| &logged.frame));
-        let (delivered, failed) = self.offer(&desk, &joined, run.except);
+        let joined = Frame::join(events.iter().map(|logged| &logged.frame));
+        let (delivered, failed) = self.offer(&desk, &joined, except);
         let policy = self.history().desks.get(&desk).map(|state| state.policy);
         let mut with_room = Vec::new();
         for (session, error) in failed {
@@ -731,15 +726,14 @@ impl Router {
                 _ => self.drop_failed(vec![(session, error)], &desk),
             }
         }
-        for logged in run.events.drain(..) {
+        for logged in &events {
             if logged.except.is_some() {
                 self.metrics.web_event(delivered);
             } else {
                 self.metrics.desktop_event(delivered);
             }
-            self.feed_behind(&desk, &logged);
+            self.feed_behind(&desk, logged);
         }
-        run.bytes = 0;
         // Only once the whole run is behind them: fed now, they could go live again halfway
         // through it and miss the rest.
         for session in with_room {
@@ -820,16 +814,6 @@ impl Router {
             }
         }
     }
-}
-
-/// Consecutive live events of one desk from one publisher (or none: desktop events), logged
-/// and framed, not yet queued to the live subscribers.
-#[derive(Default)]
-struct LiveRun {
-    desk: String,
-    except: Option<Uuid>,
-    events: Vec<Logged>,
-    bytes: usize,
 }
 
 /// Where a resumed desk starts, from what the log holds and what `since` asks.
