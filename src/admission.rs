@@ -1,8 +1,8 @@
-//! Who may open a session: the origin check and the session limits (all together, per IP).
-//! A [`SessionSlot`] is a place under both limits, held for the life of a session.
+//! Who may open a session: the origin check and the session limits (all together, per
+//! address). A [`SessionSlot`] is a place under both limits, held for the life of a session.
 
 use std::collections::HashMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv6Addr};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use crate::metrics::Metrics;
@@ -36,8 +36,10 @@ impl Admission {
         }
     }
 
-    /// Takes a place for a session from `ip`, or says which limit is reached.
+    /// Takes a place for a session from `ip` (counted by [`address_key`]), or says which limit
+    /// is reached.
     pub fn admit(self: &Arc<Self>, ip: Option<IpAddr>) -> Result<SessionSlot, Refused> {
+        let ip = ip.map(address_key);
         if let Some(ip) = ip {
             // The map holds plain counts: a panic elsewhere cannot leave it inconsistent.
             let mut per_ip = self.per_ip.lock().unwrap_or_else(PoisonError::into_inner);
@@ -81,6 +83,20 @@ impl Drop for SessionSlot {
     fn drop(&mut self) {
         self.admission.metrics.session_closed();
         self.admission.release(self.ip);
+    }
+}
+
+/// The address `ws.max_sessions_per_ip` counts `ip` under: an IPv4 address alone, an IPv6
+/// address by its /64. One subscriber gets at least a /64 from its provider, so counting each
+/// IPv6 address alone would give one attacker 2^64 shares. An IPv4-mapped IPv6 address (a
+/// dual-stack socket's IPv4 peer) counts as its IPv4 address.
+pub fn address_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(Ipv6Addr::from_bits(v6.to_bits() & !u128::from(u64::MAX))),
+        },
     }
 }
 
@@ -163,6 +179,33 @@ mod tests {
                 "{origin:?} via {host:?} with {allowed:?}"
             );
         }
+    }
+
+    #[test]
+    fn ipv6_addresses_count_by_their_64_and_ipv4_alone() {
+        let key = |text: &str| address_key(text.parse().expect("an address")).to_string();
+        let cases = [
+            ("10.0.0.1", "10.0.0.1"),
+            ("10.0.0.2", "10.0.0.2"),
+            ("2001:db8:1:2:3:4:5:6", "2001:db8:1:2::"),
+            ("2001:db8:1:2:ffff:ffff:ffff:ffff", "2001:db8:1:2::"),
+            ("2001:db8:1:3::1", "2001:db8:1:3::"),
+            ("::1", "::"),
+            ("::ffff:192.0.2.7", "192.0.2.7"),
+        ];
+        for (ip, expected) in cases {
+            assert_eq!(key(ip), expected, "{ip}");
+        }
+        let admission = Arc::new(Admission::new(Arc::new(Metrics::new()), 10, 2));
+        let ip = |text: &str| Some(text.parse::<IpAddr>().expect("an address"));
+        let _a = admission.admit(ip("2001:db8::1")).expect("1st of the /64");
+        let _b = admission.admit(ip("2001:db8::2")).expect("2nd of the /64");
+        assert_eq!(
+            admission.admit(ip("2001:db8::ffff:3")).err(),
+            Some(Refused::PerIp),
+            "a third address of the same /64"
+        );
+        admission.admit(ip("2001:db8:0:1::1")).expect("another /64");
     }
 
     #[test]

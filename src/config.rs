@@ -228,8 +228,13 @@ pub struct WsConfig {
     /// host:port = Host), `["*"]` any, else exact origins like `https://desk.example.com`. A
     /// handshake without `Origin` (not a browser) is always allowed.
     pub allowed_origins: Vec<String>,
-    /// Concurrent sessions from one IP address; further upgrades get 429.
+    /// Concurrent sessions from one IP address (an IPv6 address counts by its /64); further
+    /// upgrades get 429.
     pub max_sessions_per_ip: usize,
+    /// On a loopback bind, the `Host` names a handshake may carry besides loopback ones
+    /// (`localhost`, 127.0.0.0/8, `[::1]`); others get 403 (DNS rebinding). `name` allows any
+    /// port, `name:port` that port only. Not checked on other binds.
+    pub allowed_hosts: Vec<String>,
 }
 
 /// `[auth]`: identity and permissions.
@@ -378,6 +383,7 @@ impl Default for WsConfig {
             max_queued_requests: 65_536,
             allowed_origins: Vec::new(),
             max_sessions_per_ip: 256,
+            allowed_hosts: Vec::new(),
         }
     }
 }
@@ -581,13 +587,18 @@ impl Config {
         Ok(())
     }
 
+    /// True when `bind` is a loopback address: only this machine reaches the bridge, and a
+    /// handshake's `Host` must say so (`ws.allowed_hosts`).
+    pub fn loopback_bind(&self) -> bool {
+        self.bind
+            .parse::<std::net::SocketAddr>()
+            .is_ok_and(|addr| addr.ip().is_loopback())
+    }
+
     /// Who may connect: an open bridge only on loopback unless explicitly allowed; origins that
     /// parse.
     fn check_access(&self) -> Result<(), ConfigError> {
-        let loopback = self
-            .bind
-            .parse::<std::net::SocketAddr>()
-            .is_ok_and(|addr| addr.ip().is_loopback());
+        let loopback = self.loopback_bind();
         if self.auth.mode == AuthMode::None && !loopback && !self.auth.allow_anonymous {
             return invalid(
                 "auth.mode",
@@ -598,6 +609,14 @@ impl Config {
                     self.bind
                 ),
             );
+        }
+        for host in &self.ws.allowed_hosts {
+            if crate::host::split_host(host).is_none() {
+                return invalid(
+                    "ws.allowed_hosts",
+                    format!("`{host}` is not a host name like desk.example.com or desk.example.com:8080"),
+                );
+            }
         }
         for origin in &self.ws.allowed_origins {
             if origin == "*" {
@@ -843,6 +862,12 @@ mod tests {
                 "[ws]\nallowed_origins = [\"*\", \"https://a.example\"]",
                 "ws.allowed_origins",
             ),
+            ("[ws]\nallowed_hosts = [\"*\"]", "ws.allowed_hosts"),
+            (
+                "[ws]\nallowed_hosts = [\"https://desk.example.com\"]",
+                "ws.allowed_hosts",
+            ),
+            ("[ws]\nallowed_hosts = [\"desk:http\"]", "ws.allowed_hosts"),
             (
                 "[[transforms]]\ndesk = \"Z\"\ndirection = \"to_web\"",
                 "transforms[0].desk",
@@ -888,6 +913,7 @@ mod tests {
             "bind = \"0.0.0.0:8080\"\n[auth]\nmode = \"jwt\"",
             "bind = \"[::1]:8080\"",
             "[ws]\nallowed_origins = [\"https://desk.example.com\", \"http://127.0.0.1:8080\"]",
+            "[ws]\nallowed_hosts = [\"desk.example.com\", \"desk.example.com:8443\", \"[fd00::1]:80\"]",
         ] {
             parse(text).unwrap_or_else(|e| panic!("{text:?}: {e}"));
         }

@@ -32,6 +32,10 @@ pub struct Frame(Bytes);
 
 /// The longest frame header: opcode byte, length byte, 64-bit length.
 const MAX_HEADER: usize = 10;
+/// Close code 1013 (try again later): the browser reads too slowly.
+const CLOSE_TRY_AGAIN: u16 = 1013;
+/// The reason of a close for answers left unread.
+const UNREAD_ANSWERS: &str = "too slow: outbound queue full (answers not read)";
 /// FIN and the text opcode.
 const OPCODE_TEXT: u8 = 0x81;
 /// FIN and the close opcode.
@@ -266,15 +270,30 @@ impl Lane {
         Ok(())
     }
 
-    /// Queues a reply (ack, error, subscribed...) whatever the budget: replies are bounded by
-    /// the session's own requests, and dropping one would leave a request unanswered.
-    pub fn push(&self, frame: &Frame) {
-        let state = self.state();
+    /// Queues an answer (ack, error, pong, `presence`, a desktop's reply, a ping...), whatever
+    /// the frame limit. Answers count in the byte budget like events (they leave less room
+    /// for events), and have a second budget's worth of room beyond it: a reader being caught
+    /// up from the history has its budget full of events and must still get its answers. A
+    /// browser that asks and never reads would otherwise grow its lane without bound; dropping
+    /// one answer would leave a request unanswered, so past that the lane ends instead, with
+    /// close 1013 as for any slow reader, and `Full` tells the caller to count it.
+    pub fn push(&self, frame: &Frame) -> Result<(), QueueError> {
+        let mut state = self.state();
         if state.ending != Ending::Open {
-            return;
+            return Err(QueueError::Gone);
         }
-        self.queued.fetch_add(frame.cost(), Ordering::Relaxed);
+        let cost = frame.cost();
+        let room = self.max_bytes.saturating_mul(2);
+        if (self.queued.fetch_add(cost, Ordering::Relaxed) & !BEHIND) + cost > room {
+            self.queued.fetch_sub(cost, Ordering::Relaxed);
+            let close = Frame::close(CLOSE_TRY_AGAIN, UNREAD_ANSWERS);
+            state.ending = Ending::Finishing;
+            self.queued.fetch_add(close.cost(), Ordering::Relaxed);
+            self.queue(state, &close);
+            return Err(QueueError::Full);
+        }
         self.queue(state, frame);
+        Ok(())
     }
 
     fn queue(&self, mut state: MutexGuard<'_, State>, frame: &Frame) {
@@ -553,6 +572,29 @@ mod tests {
     }
 
     #[test]
+    fn answers_count_against_the_budget_and_past_it_end_the_lane_with_1013() {
+        let answer = Frame::text(&"x".repeat(100));
+        let lane = Lane::new(2 * answer.cost(), 1);
+        for _ in 0..2 {
+            lane.push(&answer)
+                .expect("within the budget, past the frame limit");
+        }
+        assert_eq!(
+            lane.try_push(&answer),
+            Err(QueueError::Full),
+            "no room for events"
+        );
+        for _ in 0..2 {
+            lane.push(&answer).expect("answers have a second budget's worth");
+        }
+        assert_eq!(lane.push(&answer), Err(QueueError::Full));
+        assert_eq!(lane.push(&answer), Err(QueueError::Gone), "the lane is finishing");
+        let rest = lane.take_rest();
+        assert_eq!(rest.len(), 5, "four answers, then the close");
+        assert_eq!(&rest[4][..4], [0x88, rest[4].len() as u8 - 2, 0x03, 0xF5]);
+    }
+
+    #[test]
     fn the_frame_limit_and_closing_refuse() {
         let lane = Lane::new(1 << 20, 2);
         let frame = Frame::text("e");
@@ -569,7 +611,7 @@ mod tests {
         let lane = Lane::new(1 << 20, 0);
         let waker = Waker::from(Arc::new(Count(AtomicUsize::new(0))));
         let mut cx = Context::from_waker(&waker);
-        lane.push(&Frame::text("late"));
+        lane.push(&Frame::text("late")).expect("room");
         lane.expire_at(Some(Instant::now()));
         assert!(lane.poll_take(&mut cx).is_pending());
         lane.expire_at(None);

@@ -10,7 +10,9 @@
 //! - what the actors talk through and report to: [`amqp`] (connect, topology), [`link`]
 //!   (link state for `/health`), [`metrics`], [`port_watch`], [`backoff`], [`tag_queue`].
 //! - pure types and rules, no I/O: [`protocol`] (wire types), [`config`], [`catalog`] (desks,
-//!   events, routing keys), [`transform`], [`broker_url`], [`panics`], [`fd_limit`].
+//!   events, routing keys), [`transform`], [`broker_url`], [`panics`], [`fd_limit`],
+//!   [`frame_limit`] (`ws.max_frame_bytes` on frame headers), [`host`] (the loopback `Host`
+//!   check).
 //!
 //! [`start`] wires them together and returns a [`Bridge`]; `main.rs` only parses the
 //! configuration, calls it and waits for a signal.
@@ -26,7 +28,9 @@ pub mod config;
 pub mod delivery;
 pub mod desk_log;
 pub mod fd_limit;
+pub mod frame_limit;
 pub mod history;
+pub mod host;
 pub mod http;
 pub mod lane;
 pub mod link;

@@ -228,7 +228,7 @@ struct FlowLabels {
 }
 
 /// Why a WebSocket handshake can be refused before a session exists (label values).
-pub const HANDSHAKE_REFUSALS: [&str; 2] = ["origin", "too_many_per_ip"];
+pub const HANDSHAKE_REFUSALS: [&str; 3] = ["origin", "too_many_per_ip", "host"];
 
 /// Upper bounds (seconds) of the confirm-latency histogram buckets.
 const LATENCY_BUCKETS: [f64; 12] = [
@@ -606,6 +606,13 @@ impl Metrics {
         log::warn!("closing session {session}: its outbound queue is full (slow reader on desk {desk})");
     }
 
+    /// A session left so many answers (pongs, errors, replies, `presence`...) unread that
+    /// they filled its byte budget; it is closed with 1013, counted as a slow reader.
+    pub fn answers_unread(&self, session: &uuid::Uuid) {
+        self.sessions_slow.inc();
+        log::warn!("closing session {session}: its outbound queue is full of answers it does not read");
+    }
+
     /// A browser took no bytes for `ws.client_timeout_ms` and its connection was dropped.
     pub fn session_stalled(&self, peer: Option<std::net::SocketAddr>, stall: Duration) {
         self.sessions_stalled.inc();
@@ -809,6 +816,7 @@ mod tests {
             "deskbridge_amqp_worker_panics_total{link=\"publisher\"} 0",
             "deskbridge_transform_panics_total 0",
             "deskbridge_publish_confirm_seconds_count 0",
+            "deskbridge_handshakes_refused_total{reason=\"host\"} 0",
         ] {
             assert!(text.lines().any(|l| l == line), "missing `{line}` in:\n{text}");
         }

@@ -33,6 +33,8 @@ use crate::actors::messages::Outbox;
 use crate::actors::session::{FromBrowser, WsSession};
 use crate::admission::{origin_allowed, Refused, SessionSlot};
 use crate::auth::Identity;
+use crate::frame_limit::FrameLimit;
+use crate::host::host_allowed;
 use crate::lane;
 use crate::protocol::HttpError;
 use crate::state::AppState;
@@ -129,15 +131,21 @@ fn answer(req: &Request, state: &AppState) -> Result<Accepted, Response<BoxBody>
         .finish()
         .map_into_boxed_body();
     let peer = Peer(req.peer_addr());
-    let header = |name| {
-        req.head()
-            .headers()
-            .get(name)
-            .and_then(|value| value.to_str().ok())
-    };
-    let allowed = &state.config.ws.allowed_origins;
-    if !origin_allowed(header(header::ORIGIN), header(header::HOST), allowed) {
-        let origin = header(header::ORIGIN).unwrap_or_default();
+    let host = single_header(req, &header::HOST, "Host");
+    let ws = &state.config.ws;
+    if state.config.loopback_bind() {
+        if let Err(message) = check_host(host, &ws.allowed_hosts) {
+            state.metrics.handshake_refused(&peer, "host", &message);
+            return Err(json(StatusCode::FORBIDDEN, "host_not_allowed", message));
+        }
+    }
+    let origin = single_header(req, &header::ORIGIN, "Origin").map_err(|problem| {
+        let message = format!("{problem}: a browser sends it once, as text");
+        state.metrics.handshake_refused(&peer, "origin", &message);
+        json(StatusCode::FORBIDDEN, "origin_not_allowed", message)
+    })?;
+    if !origin_allowed(origin, host.ok().flatten(), &ws.allowed_origins) {
+        let origin = origin.unwrap_or_default();
         state.metrics.handshake_refused(&peer, "origin", origin);
         let message = format!("pages from {origin} may not connect here (ws.allowed_origins)");
         return Err(json(StatusCode::FORBIDDEN, "origin_not_allowed", message));
@@ -159,6 +167,49 @@ fn answer(req: &Request, state: &AppState) -> Result<Accepted, Response<BoxBody>
         slot,
         identity,
     })
+}
+
+/// Why a header that a browser sends once, as text, was refused.
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+enum BadHeader {
+    /// It came more than once: which one to check would be a guess.
+    #[error("the {0} header comes more than once")]
+    Twice(&'static str),
+    /// Its value is not visible ASCII text.
+    #[error("the {0} header is not text")]
+    NotText(&'static str),
+}
+
+/// The one value of header `name` (called `label` in refusals), if any; a header that comes
+/// twice, or whose value is not text, is refused rather than read in part.
+fn single_header<'r>(
+    req: &'r Request,
+    name: &header::HeaderName,
+    label: &'static str,
+) -> Result<Option<&'r str>, BadHeader> {
+    let mut values = req.head().headers().get_all(name);
+    let Some(value) = values.next() else {
+        return Ok(None);
+    };
+    if values.next().is_some() {
+        return Err(BadHeader::Twice(label));
+    }
+    value.to_str().map(Some).map_err(|_| BadHeader::NotText(label))
+}
+
+/// On a loopback bind, refuses a `Host` that is neither a loopback name nor listed
+/// (`ws.allowed_hosts`): the message says why. A request without `Host` is not a browser's,
+/// and is let through like one without `Origin`.
+fn check_host(host: Result<Option<&str>, BadHeader>, allowed: &[String]) -> Result<(), String> {
+    match host {
+        Err(problem) => Err(format!("{problem}: a browser sends it once, as text")),
+        Ok(Some(host)) if !host_allowed(host, allowed) => Err(format!(
+            "this bridge listens on a loopback address and is not known as `{host}` \
+             (ws.allowed_hosts); a page from a domain that resolves to this machine may not \
+             connect (DNS rebinding)"
+        )),
+        Ok(_) => Ok(()),
+    }
 }
 
 /// The `token` query parameter, if the request has one (empty counts: it is refused).
@@ -216,6 +267,7 @@ fn run(
     };
     let mut reader = Reader {
         decoder: actix_http::ws::Codec::new().max_size(state.config.ws.max_frame_bytes),
+        limit: FrameLimit::new(state.config.ws.max_frame_bytes),
         pending: early.map(BytesMut::from).unwrap_or_default(),
         open: true,
     };
@@ -291,6 +343,8 @@ enum Next {
 /// What the browser sent, turned into WebSocket frames for the session.
 struct Reader {
     decoder: actix_http::ws::Codec,
+    /// `ws.max_frame_bytes` on each header, before the decoder waits for the payload.
+    limit: FrameLimit,
     /// The start of a frame not yet whole (or what came with the handshake); empty, and
     /// holding no memory, between frames.
     pending: BytesMut,
@@ -321,6 +375,13 @@ impl Reader {
             if !self.open {
                 return Poll::Pending;
             }
+            // The header alone says whether the frame fits: its payload is never buffered.
+            if let Err(error) = self.limit.check(&self.pending) {
+                session.ctx().notify(FromBrowser::Broken(error));
+                self.open = false;
+                self.pending = BytesMut::new();
+                return Poll::Ready(Read::Frame);
+            }
             let decoded = self.decoder.decode(&mut self.pending);
             if self.pending.is_empty() {
                 // Frames handed on share the read's allocation; this keeps none of it.
@@ -328,6 +389,7 @@ impl Reader {
             }
             match decoded {
                 Ok(Some(frame)) => {
+                    self.limit.passed(&frame);
                     session.ctx().notify(FromBrowser::Frame(frame));
                     return Poll::Ready(Read::Frame);
                 }

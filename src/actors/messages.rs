@@ -135,10 +135,10 @@ impl Outbox {
         self.0.try_push(frame)
     }
 
-    /// Queues a reply (ack, error, subscribed...) whatever the queue's length: replies are
-    /// bounded by the session's own requests, and dropping one would leave a request unanswered.
-    pub fn reply(&self, frame: &Frame) {
-        self.0.push(frame);
+    /// Queues a reply (ack, error, subscribed...) within the byte budget, whatever the frame
+    /// limit; `Full` means the session left its answers unread and is being closed (1013).
+    pub fn reply(&self, frame: &Frame) -> Result<(), QueueError> {
+        self.0.push(frame)
     }
 
     /// Asks for [`FromSession::Drained`] (said by the connection's pump) once half the

@@ -102,7 +102,9 @@ impl Router {
 
     fn reply(&self, session: Uuid, frame: Frame) {
         if let Some(entry) = self.sessions.get(&session) {
-            entry.outbox.reply(&frame);
+            if entry.outbox.reply(&frame) == Err(QueueError::Full) {
+                self.metrics.answers_unread(&session);
+            }
         }
     }
 

@@ -36,7 +36,7 @@ use crate::actors::messages::{FromSession, Outbox, Publish, ReplyFromWeb, Router
 use crate::admission::SessionSlot;
 use crate::auth::{AuthError, Identity, Right, Verifier};
 use crate::config::Config;
-use crate::lane::{Frame, Lane};
+use crate::lane::{Frame, Lane, QueueError};
 use crate::metrics::{Dropped, Metrics};
 use crate::protocol::{
     parse_client_frame, ClientFrame, ErrorCode, Refusal, ServerFrame, Token, CLOSE_UNAUTHORIZED,
@@ -181,7 +181,9 @@ impl WsSession {
 
     /// Queues one of the session's own frames, after whatever the router queued before it.
     fn send(&self, frame: &Frame) {
-        self.outbox.lane().push(frame);
+        if self.outbox.lane().push(frame) == Err(QueueError::Full) {
+            self.env.metrics.answers_unread(&self.id);
+        }
     }
 
     /// Closes with `code`: the close frame is the last one written.
@@ -665,8 +667,17 @@ impl Handler<FromBrowser> for WsSession {
                 }
             }
             ws::Frame::Continuation(item) => self.on_continuation(item, ctx),
-            ws::Frame::Ping(bytes) => self.send(&Frame::pong(&bytes)),
-            ws::Frame::Pong(_) => {}
+            // Control frames count like any other: a ping flood would otherwise have the
+            // bridge write a pong for each. Over the limit a ping gets no pong (the window's
+            // `rate_limited` says why), and the browser's heartbeat is its own business.
+            ws::Frame::Ping(bytes) => {
+                if self.within_rate() {
+                    self.send(&Frame::pong(&bytes));
+                }
+            }
+            ws::Frame::Pong(_) => {
+                self.within_rate();
+            }
             ws::Frame::Close(reason) => {
                 // The answer repeats the browser's code, as RFC 6455 asks.
                 let answer = match reason {

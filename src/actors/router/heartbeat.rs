@@ -12,7 +12,7 @@ use actix::prelude::*;
 use actix_web_actors::ws::CloseCode;
 
 use super::Router;
-use crate::lane::Frame;
+use crate::lane::{Frame, QueueError};
 
 impl Router {
     /// Starts the sweep.
@@ -34,8 +34,8 @@ impl Router {
             if lane.silent_for() > timeout {
                 log::info!("session {id}: no frame for {timeout:?}, closing");
                 entry.outbox.close(CloseCode::Away, "heartbeat timeout");
-            } else {
-                lane.push(&ping);
+            } else if lane.push(&ping) == Err(QueueError::Full) {
+                self.metrics.answers_unread(id);
             }
         }
     }
