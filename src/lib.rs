@@ -11,6 +11,7 @@
 //!   (link state for `/health`), [`metrics`], [`port_watch`], [`backoff`], [`tag_queue`].
 //! - pure types and rules, no I/O: [`protocol`] (wire types), [`config`], [`catalog`] (desks,
 //!   events, routing keys), [`transform`], [`broker_url`], [`panics`], [`fd_limit`].
+//! - beside them, for the binary only: [`probe`] (`deskbridge health`, the image's health check).
 //!
 //! [`start`] wires them together and returns a [`Bridge`]; `main.rs` only parses the
 //! configuration, calls it and waits for a signal.
@@ -34,6 +35,7 @@ pub mod metrics;
 pub mod panics;
 pub mod port_watch;
 pub mod presence;
+pub mod probe;
 pub mod protocol;
 pub mod state;
 pub mod tag_queue;
