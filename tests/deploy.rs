@@ -388,3 +388,19 @@ fn durations_as_compose_writes_them() {
         assert_eq!(duration_ms(text), ms, "{text}");
     }
 }
+
+#[test]
+fn docs_deploy_md_shows_each_deploy_file_as_it_is() {
+    let docs = read(&Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/deploy.md"));
+    let mut files = yaml_files(Path::new(DEPLOY));
+    files.push(Path::new(DEPLOY).join("deskbridge.toml"));
+    files.push(Path::new(DEPLOY).join("nginx.conf"));
+    for file in files {
+        let text = read(&file);
+        assert!(
+            docs.contains(text.trim_end()),
+            "docs/deploy.md shows {} as it is now: copy the file into its code block",
+            file.display()
+        );
+    }
+}
