@@ -13,6 +13,7 @@
 //!   events, routing keys), [`transform`], [`broker_url`], [`panics`], [`fd_limit`],
 //!   [`frame_limit`] (`ws.max_frame_bytes` on frame headers), [`host`] (the loopback `Host`
 //!   check).
+//! - beside them, for the binary only: [`probe`] (`deskbridge health`, the image's health check).
 //!
 //! [`start`] wires them together and returns a [`Bridge`]; `main.rs` only parses the
 //! configuration, calls it and waits for a signal.
@@ -38,6 +39,7 @@ pub mod metrics;
 pub mod panics;
 pub mod port_watch;
 pub mod presence;
+pub mod probe;
 pub mod protocol;
 pub mod state;
 pub mod tag_queue;

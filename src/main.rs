@@ -1,13 +1,15 @@
 //! `deskbridge` binary: parse configuration, start the bridge, stop it on SIGINT/SIGTERM; or,
-//! with `token`, mint a development token.
+//! with `token`, mint a development token; with `health`, probe a running bridge (the image's
+//! `HEALTHCHECK`).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use deskbridge::auth::{self, Claims};
 use deskbridge::config::{AuthMode, Config, Overrides, Secret};
-use deskbridge::{StartError, Transforms};
+use deskbridge::{probe, StartError, Transforms};
 
 /// Routes messages between browsers (WebSocket) and desktop apps (RabbitMQ).
 #[derive(Parser)]
@@ -47,6 +49,18 @@ enum Command {
         #[arg(long, default_value_t = 3600)]
         ttl: u64,
     },
+    /// Probe the bridge this configuration describes: GET PATH on the port of `bind` over
+    /// loopback; exit 0 on 200, else 1 with the reason. For container health checks (the
+    /// image has no curl): `deskbridge health` (liveness), `deskbridge health --path /health`
+    /// (ready: both AMQP links up).
+    Health {
+        /// The path to GET.
+        #[arg(long, default_value = "/health/live")]
+        path: String,
+        /// Seconds allowed for the connect and for each read and write.
+        #[arg(long, default_value_t = 3)]
+        timeout: u64,
+    },
 }
 
 #[actix_web::main]
@@ -69,6 +83,7 @@ async fn main() -> ExitCode {
     };
     match cli.command {
         Some(Command::Token { sub, desks, ttl }) => mint(&config, sub, desks, ttl),
+        Some(Command::Health { path, timeout }) => health(&config, &path, Duration::from_secs(timeout)),
         None => run(config).await,
     }
 }
@@ -92,6 +107,16 @@ fn mint(config: &Config, sub: String, desks: Vec<(String, Vec<auth::Right>)>, tt
         Err(error) => {
             eprintln!("deskbridge token: {error}");
             ExitCode::from(2)
+        }
+    }
+}
+
+fn health(config: &Config, path: &str, timeout: Duration) -> ExitCode {
+    match probe::target(&config.bind).and_then(|addr| probe::get(addr, path, timeout)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("deskbridge health: {error}");
+            ExitCode::FAILURE
         }
     }
 }

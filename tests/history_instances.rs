@@ -5,21 +5,20 @@
 mod common;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use amiquip::ConsumerMessage;
 use deskbridge::config::Config;
 use deskbridge::history::{consume_from, Marker, Start};
 use serde_json::{json, Value};
-use tokio_tungstenite::tungstenite::Message;
 
 use common::amqp::{delete_quietly, HistoryCleanup};
 use common::bridge::{history_config, wait_attached_at};
+use common::history::{
+    assert_every_event_once, events, events_through, events_until_closed, publish_desktop, Publisher, Seen,
+};
 use common::process::BridgeProcess;
-use common::{key, Browser, Desktop, Listener, TestBridge, DEADLINE};
+use common::{Browser, Listener, TestBridge, DEADLINE};
 
 /// Deletes a queue when dropped (a SIGKILLed bridge leaves its reply queue behind for 120 s).
 struct QueueCleanup(Option<String>);
@@ -37,104 +36,6 @@ async fn ready_bridge(config: Config) -> TestBridge {
     let bridge = TestBridge::start_healthy(config).await;
     wait_attached_at(bridge.addr, &["A", "B"]).await;
     bridge
-}
-
-/// Publishes desktop events `{"n": from}` … on desk A, each padded with `pad` bytes, and waits
-/// for the broker's confirms.
-fn publish_desktop(config: &Config, from: u64, count: u64, pad: usize) {
-    let padding = "x".repeat(pad);
-    let messages: Vec<(String, Value)> = (from..from + count)
-        .map(|n| (key("A", "new_example"), json!({"n": n, "pad": padding})))
-        .collect();
-    Desktop::connect().publish_many(&config.amqp.inbound_exchange, &messages);
-}
-
-/// A desktop event as a browser saw it.
-#[derive(Debug, Clone, PartialEq)]
-struct Seen {
-    n: u64,
-    offset: u64,
-    epoch: String,
-}
-
-/// `frame` as a desktop event of desk A, or a failure naming it.
-fn desktop_event(frame: &Value) -> Seen {
-    assert_eq!(
-        (frame["op"].as_str(), frame["desk"].as_str()),
-        (Some("event"), Some("A")),
-        "expected an event of desk A, got {frame}"
-    );
-    Seen {
-        n: frame["data"]["n"]
-            .as_u64()
-            .unwrap_or_else(|| panic!("no data.n in {frame}")),
-        offset: frame["offset"]
-            .as_u64()
-            .unwrap_or_else(|| panic!("no offset in {frame}")),
-        epoch: frame["epoch"]
-            .as_str()
-            .unwrap_or_else(|| panic!("no epoch in {frame}"))
-            .to_owned(),
-    }
-}
-
-/// The next `count` frames, each a desktop event of desk A.
-async fn events(browser: &mut Browser, count: usize) -> Vec<Seen> {
-    let mut got = Vec::with_capacity(count);
-    for _ in 0..count {
-        got.push(desktop_event(&browser.recv().await));
-    }
-    got
-}
-
-/// Desktop events of desk A until the one with `data.n >= n` (included).
-async fn events_through(browser: &mut Browser, n: u64) -> Vec<Seen> {
-    let mut got = Vec::new();
-    loop {
-        let event = desktop_event(&browser.recv().await);
-        let done = event.n >= n;
-        got.push(event);
-        if done {
-            return got;
-        }
-    }
-}
-
-/// Desktop events of desk A until the bridge's socket ends (its process was killed).
-async fn events_until_gone(browser: &mut Browser) -> Vec<Seen> {
-    let mut got = Vec::new();
-    loop {
-        match browser.next_frame().await {
-            Some(Message::Text(text)) => {
-                let frame: Value = serde_json::from_str(&text).expect("server sends JSON");
-                got.push(desktop_event(&frame));
-            }
-            Some(Message::Ping(_) | Message::Pong(_)) => {}
-            Some(Message::Close(_)) | None => return got,
-            Some(other) => panic!("unexpected frame from the killed bridge: {other:?}"),
-        }
-    }
-}
-
-/// Fails unless `events` are `{"n": 0}` … `{"n": count - 1}`, each once, in order, at strictly
-/// growing offsets of one epoch.
-fn assert_every_event_once(who: &str, events: &[Seen], count: u64) {
-    let numbers: Vec<u64> = events.iter().map(|event| event.n).collect();
-    if numbers != (0..count).collect::<Vec<_>>() {
-        let mut seen = HashSet::new();
-        let duplicates: Vec<u64> = numbers.iter().copied().filter(|n| !seen.insert(*n)).collect();
-        let missing: Vec<u64> = (0..count).filter(|n| !seen.contains(n)).collect();
-        let disorder = numbers.windows(2).find(|pair| pair[0] >= pair[1]);
-        panic!(
-            "{who}: not every event 0..{count} once in order: {} events, duplicates {duplicates:?}, \
-             missing {missing:?}, first out of order {disorder:?}",
-            numbers.len()
-        );
-    }
-    let backwards = events.windows(2).find(|pair| pair[0].offset >= pair[1].offset);
-    assert!(backwards.is_none(), "{who}: offsets must grow: {backwards:?}");
-    let epochs: HashSet<&str> = events.iter().map(|event| event.epoch.as_str()).collect();
-    assert_eq!(epochs.len(), 1, "{who}: one epoch throughout: {epochs:?}");
 }
 
 /// An event as a browser saw it, desktop or web, labelled by what the test put in it.
@@ -309,65 +210,6 @@ async fn three_instances_deliver_desktop_and_web_events_once_in_one_order_with_t
     }
 }
 
-/// A desktop app publishing `{"n": 0}`, `{"n": 1}`, … on desk A on its own thread, batch after
-/// confirmed batch, until stopped.
-struct Publisher {
-    stop: Arc<AtomicBool>,
-    /// Events confirmed by the broker so far.
-    published: Arc<AtomicU64>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl Publisher {
-    const BATCH: u64 = 10;
-
-    /// Starts publishing to the inbound exchange of `config`.
-    fn start(config: &Config) -> Publisher {
-        let stop = Arc::new(AtomicBool::new(false));
-        let published = Arc::new(AtomicU64::new(0));
-        let (thread_stop, thread_published) = (Arc::clone(&stop), Arc::clone(&published));
-        let config = config.clone();
-        let thread = std::thread::spawn(move || {
-            while !thread_stop.load(Ordering::Relaxed) {
-                let from = thread_published.load(Ordering::Relaxed);
-                publish_desktop(&config, from, Publisher::BATCH, 0);
-                thread_published.store(from + Publisher::BATCH, Ordering::Relaxed);
-                // Pacing, not waiting: about 2000 events/s keeps the stream flowing through the
-                // whole test without burying three browsers on a shared 2-core machine.
-                std::thread::sleep(Duration::from_millis(5));
-            }
-        });
-        Publisher {
-            stop,
-            published,
-            thread: Some(thread),
-        }
-    }
-
-    /// Events the broker confirmed so far.
-    fn published(&self) -> u64 {
-        self.published.load(Ordering::Relaxed)
-    }
-
-    /// Stops after the batch in progress; how many events were published in all.
-    fn stop(mut self) -> u64 {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(thread) = self.thread.take() {
-            thread.join().expect("the publisher thread ran without failing");
-        }
-        self.published()
-    }
-}
-
-impl Drop for Publisher {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
-}
-
 /// The instance `session` is connected to, from its `session.subscribed` presence message.
 fn instance_of(presence: &Listener, session: &str) -> String {
     loop {
@@ -417,7 +259,7 @@ async fn browsers_of_a_killed_instance_resume_on_another_with_every_event_once()
     let at_kill = publisher.published();
     tokio::task::block_in_place(|| doomed.kill());
     for (browser, seen) in browsers.iter_mut().zip(&mut before) {
-        seen.extend(events_until_gone(browser).await);
+        seen.extend(events_until_closed(browser).await.0);
     }
     // Well past what the survivor keeps in memory, so the resumes start in the stream.
     common::wait_until("500 more events published after the kill", || {

@@ -13,6 +13,8 @@
 //! - `browser`: `Browser`, a WebSocket client of `/ws`;
 //! - `cluster`: `Cluster`, a three-node RabbitMQ cluster of the test's own (`scripts/cluster.sh`);
 //! - `desktop`: `Desktop` (publishes) and `Listener` (consumes), the desktop app's side;
+//! - `history`: desk A's numbered desktop events followed across instances (`Publisher`, `Seen`,
+//!   `assert_every_event_once`);
 //! - `private_broker`: `PrivateBroker`, a RabbitMQ node of the test's own (TLS, free ports);
 //! - `webdriver`: `Chrome`, headless Chromium driven over WebDriver (the console, the browser client).
 #![allow(dead_code)]
@@ -22,6 +24,7 @@ pub mod bridge;
 pub mod browser;
 pub mod cluster;
 pub mod desktop;
+pub mod history;
 pub mod http;
 pub mod private_broker;
 pub mod process;
