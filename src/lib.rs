@@ -113,6 +113,9 @@ pub struct Bridge {
 /// they are up.
 pub async fn start(config: Config, mut transforms: Transforms) -> Result<Bridge, StartError> {
     let verifier = Verifier::from_config(&config.auth).map_err(StartError::Keys)?;
+    // The port first: an actor started before a failed bind would run its `started` after the
+    // runtime is gone, and panic there instead of leaving only the bind error.
+    let (addr, listeners) = bind_http(&config)?;
     let config = Arc::new(config);
     let catalog = Arc::new(Catalog::new(&config.desks, &config.events));
     transforms.resolve(catalog.desks(), catalog.events());
@@ -155,7 +158,7 @@ pub async fn start(config: Config, mut transforms: Transforms) -> Result<Bridge,
         session_tasks: TaskTracker::new(),
     });
     let session_tasks = state.session_tasks.clone();
-    let (addr, server) = serve_http(&config, state)?;
+    let server = serve_http(&config, state, listeners, addr)?;
 
     // The AMQP workers start only once the port is ours: a failed start leaves nothing running.
     let (publisher, consumer) = spawn_workers(
@@ -231,15 +234,8 @@ fn spawn_workers(
     Ok((publisher, consumer))
 }
 
-/// Binds the configured address and builds the HTTP server on it (not yet running).
-fn serve_http(
-    config: &Config,
-    state: web::Data<AppState>,
-) -> Result<(SocketAddr, actix_web::dev::Server), StartError> {
-    let workers = match config.workers {
-        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
-        n => n,
-    };
+/// Binds the configured address: the listeners and the address they serve on.
+fn bind_http(config: &Config) -> Result<(SocketAddr, Vec<std::net::TcpListener>), StartError> {
     let bind_error = |source| StartError::Bind {
         addr: config.bind.clone(),
         source,
@@ -247,8 +243,24 @@ fn serve_http(
     let listeners = http::bind(&config.bind).map_err(bind_error)?;
     // `bind` returns at least one listener, and a bound listener has an address.
     let addr = listeners[0].local_addr().map_err(bind_error)?;
-    let server = http::server(state, listeners, workers, config.shutdown_timeout()).map_err(bind_error)?;
-    Ok((addr, server))
+    Ok((addr, listeners))
+}
+
+/// Builds the HTTP server on the bound `listeners` (not yet running).
+fn serve_http(
+    config: &Config,
+    state: web::Data<AppState>,
+    listeners: Vec<std::net::TcpListener>,
+    addr: SocketAddr,
+) -> Result<actix_web::dev::Server, StartError> {
+    let workers = match config.workers {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    };
+    http::server(state, listeners, workers, config.shutdown_timeout()).map_err(|source| StartError::Bind {
+        addr: addr.to_string(),
+        source,
+    })
 }
 
 impl Bridge {

@@ -138,7 +138,8 @@ async fn run(config: Config) -> ExitCode {
     let transforms = Transforms::from_rules(&config.transforms);
     let bridge = match deskbridge::start(config, transforms).await {
         Ok(bridge) => bridge,
-        Err(error @ StartError::Keys(_)) => {
+        // What the operator chose cannot work (a taken port, unusable keys): fix and rerun.
+        Err(error @ (StartError::Keys(_) | StartError::Bind { .. })) => {
             eprintln!("deskbridge: {error}");
             return ExitCode::from(2);
         }
