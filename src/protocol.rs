@@ -575,6 +575,17 @@ mod tests {
                     ttl_ms: None,
                 },
             ),
+            (
+                r#"{"op":"request","desk":"A","event":"new_example","data":{"px":101.50},"timeout_ms":5000,"ttl_ms":60000}"#,
+                ClientFrame::Request {
+                    desk: "A".into(),
+                    event: "new_example".into(),
+                    data: serde_json::from_str(r#"{"px":101.50}"#).unwrap_or_default(),
+                    reference: None,
+                    timeout_ms: Some(5000),
+                    ttl_ms: Some(60000),
+                },
+            ),
         ];
         for (text, expected) in cases {
             assert_eq!(parse_client_frame(text), Ok(expected), "{text}");

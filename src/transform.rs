@@ -77,13 +77,14 @@ fn wildcard() -> String {
 
 impl Transform for TransformRule {
     fn apply(&self, data: &mut Data) -> Result<(), TransformError> {
+        // `shift_remove`: the other fields keep their order (a renamed one moves to the end).
         for (old, new) in &self.rename {
-            if let Some(value) = data.remove(old) {
+            if let Some(value) = data.shift_remove(old) {
                 data.insert(new.clone(), value);
             }
         }
         for field in &self.drop {
-            data.remove(field);
+            data.shift_remove(field);
         }
         for (field, value) in &self.set {
             data.insert(field.clone(), value.clone());

@@ -189,6 +189,88 @@ async fn transforms_apply_in_both_directions() {
         .await;
 }
 
+/// Numbers as desktop apps and browsers write them: trailing zeros, more digits than an f64
+/// holds, more than a u64 holds, a negative zero, nested ones. (An exponent keeps its value and
+/// digits, but its letter and sign are written `e+`/`e-`: serde_json's exact-number mode.)
+const EXACT: &str = r#"{"px":101.50,"qty":1000,"big":123456789012345678901234567890,"f":0.1000000000000000055511151231257827,"neg":-0.0,"nested":{"px":[99.990,1.0e-7]}}"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn numbers_travel_exactly_as_written_both_ways_with_and_without_transforms() {
+    let mut config = test_config("exact-numbers");
+    // Desk A has a rule each way; desk B has none.
+    let rules = r#"
+        [[transforms]]
+        desk = "A"
+        direction = "to_web"
+        set = { via = "A" }
+
+        [[transforms]]
+        desk = "A"
+        direction = "to_desktop"
+        rename = { px = "Px" }
+    "#;
+    #[derive(serde::Deserialize)]
+    struct Rules {
+        transforms: Vec<TransformRule>,
+    }
+    config.transforms = toml::from_str::<Rules>(rules).expect("rules parse").transforms;
+    let bridge = TestBridge::start_healthy(config).await;
+    let mut browser = Browser::connect(&bridge).await;
+    let mut peer = Browser::connect(&bridge).await;
+    browser.subscribe(&["A", "B"]).await;
+    peer.subscribe(&["A", "B"]).await;
+    let listener = Listener::bind(
+        &bridge.config.amqp.outbound_exchange,
+        &["A_new_example", "B_new_example"],
+    );
+    let mut desktop = Desktop::connect();
+    let inbound = bridge.config.amqp.inbound_exchange.clone();
+    let exact_fields = &EXACT[1..EXACT.len() - 1];
+
+    // Desktop → web.
+    let props = || AmqpProperties::default().with_content_type("application/json".into());
+    desktop.publish_with(&inbound, "B_new_example", EXACT.as_bytes(), props());
+    let event = browser.recv_text().await;
+    assert!(
+        event.contains(&format!(r#""data":{EXACT}"#)),
+        "desk B, no transform: {event}"
+    );
+    desktop.publish_with(&inbound, "A_new_example", EXACT.as_bytes(), props());
+    let event = browser.recv_text().await;
+    assert!(
+        event.contains(&format!(r#""data":{{{exact_fields},"via":"A"}}"#)),
+        "desk A, after a transform: {event}"
+    );
+    assert_eq!(peer.recv().await["desk"], "B");
+    assert_eq!(peer.recv().await["desk"], "A");
+
+    // Web → desktop, and web → web. (A rename moves the renamed field to the end.)
+    let renamed = r#"{"qty":1000,"big":123456789012345678901234567890,"f":0.1000000000000000055511151231257827,"neg":-0.0,"nested":{"px":[99.990,1.0e-7]},"Px":101.50}"#;
+    for (desk, expected_body) in [("B", EXACT), ("A", renamed)] {
+        browser
+            .send_text(&format!(
+                r#"{{"op":"publish","desk":"{desk}","event":"new_example","ref":"{desk}","data":{EXACT}}}"#
+            ))
+            .await;
+        let ack = browser.recv().await;
+        assert_eq!(
+            (ack["op"].as_str(), ack["ref"].as_str()),
+            (Some("ack"), Some(desk)),
+            "{ack}"
+        );
+        let body = String::from_utf8(listener.next().body).expect("UTF-8 body");
+        assert_eq!(
+            body, expected_body,
+            "desk {desk}: the desktop gets the numbers as written"
+        );
+        let event = peer.recv_text().await;
+        assert!(
+            event.contains(&format!(r#""data":{EXACT}"#)),
+            "desk {desk}, web → web: {event}"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn code_registered_transforms_run() {
     struct Stamp;

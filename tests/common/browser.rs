@@ -142,6 +142,11 @@ impl Browser {
     /// The next JSON text frame (pings are answered by tungstenite and skipped; the deadline
     /// covers the whole wait, so heartbeats cannot stretch it).
     pub async fn recv(&mut self) -> Value {
+        serde_json::from_str(&self.recv_text().await).expect("server sends JSON")
+    }
+
+    /// The next text frame as the bridge wrote it, for tests of exact text (numbers).
+    pub async fn recv_text(&mut self) -> String {
         let deadline = tokio::time::Instant::now() + DEADLINE;
         loop {
             let message = tokio::time::timeout_at(deadline, self.ws.next())
@@ -150,7 +155,7 @@ impl Browser {
                 .expect("socket still open")
                 .expect("valid websocket frame");
             match message {
-                Message::Text(text) => return serde_json::from_str(&text).expect("server sends JSON"),
+                Message::Text(text) => return text,
                 Message::Ping(_) | Message::Pong(_) => continue,
                 other => panic!("expected a text frame, got {other:?}"),
             }
