@@ -10,7 +10,8 @@
 //! - what the actors talk through and report to: [`amqp`] (connect, topology), [`link`]
 //!   (link state for `/health`), [`metrics`], [`port_watch`], [`backoff`], [`tag_queue`].
 //! - pure types and rules, no I/O: [`protocol`] (wire types), [`config`], [`catalog`] (desks,
-//!   events, routing keys), [`transform`], [`broker_url`], [`panics`], [`fd_limit`].
+//!   events, routing keys), [`transform`], [`broker_url`], [`panics`], [`fd_limit`],
+//!   [`log_text`] (untrusted text made safe for a log line).
 //!
 //! [`start`] wires them together and returns a [`Bridge`]; `main.rs` only parses the
 //! configuration, calls it and waits for a signal.
@@ -30,6 +31,7 @@ pub mod history;
 pub mod http;
 pub mod lane;
 pub mod link;
+pub mod log_text;
 pub mod metrics;
 pub mod panics;
 pub mod port_watch;

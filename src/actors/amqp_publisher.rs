@@ -343,8 +343,9 @@ impl AmqpPublisher {
             reply_channel.queue_delete(self.reply_queue.as_str(), QueueDeleteOptions::default())
         {
             log::warn!(
-                "amqp publisher: could not delete reply queue `{}`: {error}",
-                self.reply_queue
+                "amqp publisher: could not delete reply queue `{}`: {}",
+                self.reply_queue,
+                crate::log_text::Untrusted(&error)
             );
         }
         drained
