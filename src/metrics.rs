@@ -66,15 +66,19 @@ pub enum PublishFailure {
     Shutdown,
     /// The bridge shut down before the message was ever handed to the broker.
     NotSent,
+    /// The broker refused this one message by closing the channel over it (406 above its
+    /// `max_message_size` or for an invalid property, 404 for a missing exchange).
+    Refused,
 }
 
 impl PublishFailure {
-    const ALL: [PublishFailure; 5] = [
+    const ALL: [PublishFailure; 6] = [
         PublishFailure::BufferFull,
         PublishFailure::Expired,
         PublishFailure::Nacked,
         PublishFailure::Shutdown,
         PublishFailure::NotSent,
+        PublishFailure::Refused,
     ];
 
     /// Label value.
@@ -85,6 +89,7 @@ impl PublishFailure {
             PublishFailure::Nacked => "nacked",
             PublishFailure::Shutdown => "shutdown",
             PublishFailure::NotSent => "not_sent",
+            PublishFailure::Refused => "refused",
         }
     }
 
@@ -103,6 +108,9 @@ impl PublishFailure {
             }
             PublishFailure::NotSent => {
                 "the bridge shut down before the message reached the broker; it was not sent"
+            }
+            PublishFailure::Refused => {
+                "the broker refused this message (too large for its max_message_size, or a property it does not accept); it was not sent and retrying will not help"
             }
         }
     }

@@ -267,3 +267,82 @@ async fn a_session_may_hold_only_ws_max_pending_requests_unanswered() {
     slow.next();
     hoarder.assert_quiet().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_the_broker_refuses_fails_alone_and_holds_nobody_else() {
+    use common::private_broker::{NodeOptions, PrivateBroker};
+    // A broker that takes at most 4 KiB per message: a larger publish closes its channel with
+    // 406 PRECONDITION_FAILED, a refusal of that one message.
+    let node = tokio::task::block_in_place(|| {
+        PrivateBroker::start(NodeOptions {
+            max_message_size: Some(4096),
+            ..NodeOptions::default()
+        })
+    });
+    let mut config = test_config("poison");
+    config.amqp.urls = vec![url(&node.amqp_url())];
+    let bridge = TestBridge::start_healthy(config).await;
+    let outbound = bridge.config.amqp.outbound_exchange.clone();
+    let desktop = Listener::bind_at(&node.amqp_url(), &outbound, &["A_new_example", "B_new_example"]);
+    let mut mallory = Browser::connect(&bridge).await;
+    let mut bob = Browser::connect(&bridge).await;
+    let publish = |desk: &str, data: Value, reference: &str| json!({"op": "publish", "desk": desk, "event": "new_example", "data": data, "ref": reference});
+    let poison = json!({"blob": "x".repeat(8 * 1024)});
+
+    // The poison alone, then pipelined between two good messages, while bob publishes on B.
+    mallory.send(publish("A", poison.clone(), "m1")).await;
+    bob.send(publish("B", json!({"n": 1}), "b1")).await;
+    mallory.send(publish("A", json!({"n": 2}), "m2")).await;
+    mallory.send(publish("A", poison, "m3")).await;
+    mallory.send(publish("A", json!({"n": 4}), "m4")).await;
+    let started = std::time::Instant::now();
+    let ack = bob.recv().await;
+    assert_eq!(
+        (ack["op"].as_str(), ack["ref"].as_str()),
+        (Some("ack"), Some("b1")),
+        "{ack}"
+    );
+    let waited = started.elapsed();
+    assert!(
+        waited < std::time::Duration::from_secs(5),
+        "bob's publish was held {waited:?}"
+    );
+
+    let mut answers = std::collections::BTreeMap::new();
+    for _ in 0..4 {
+        let answer = mallory.recv().await;
+        answers.insert(answer["ref"].as_str().unwrap_or_default().to_owned(), answer);
+    }
+    for refused in ["m1", "m3"] {
+        let error = &answers[refused];
+        assert_eq!(error["code"], "broker_unavailable", "{error}");
+        assert!(
+            error["message"].as_str().is_some_and(|m| m.contains("refused")),
+            "{error}"
+        );
+    }
+    for good in ["m2", "m4"] {
+        assert_eq!(answers[good]["op"], "ack", "{}", answers[good]);
+    }
+    // At least once: a good message published alongside the poison may come twice (same
+    // message_id), as after any channel loss; the poison never comes.
+    let mut seen = std::collections::BTreeSet::new();
+    while seen.len() < 3 {
+        let body: Value = serde_json::from_slice(&desktop.next().body).unwrap_or(Value::Null);
+        assert!(body.get("blob").is_none(), "a refused message was delivered");
+        seen.insert(body["n"].as_u64().unwrap_or_default());
+    }
+    assert_eq!(seen, [1, 2, 4].into(), "every good message was delivered");
+    bridge
+        .wait_metric("deskbridge_publish_failures_total{reason=\"refused\"} 2")
+        .await;
+    bridge
+        .wait_metric("deskbridge_amqp_reconnects_total{link=\"publisher\"} 0")
+        .await;
+    let health = bridge.wait_health(200).await;
+    assert_eq!(health["status"], "ok", "{health}");
+    while desktop.waiting() > 0 {
+        let body: Value = serde_json::from_slice(&desktop.next().body).unwrap_or(Value::Null);
+        assert!(body.get("blob").is_none(), "a refused message was delivered");
+    }
+}
