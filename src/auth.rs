@@ -176,6 +176,9 @@ pub enum AuthError {
     /// A `refresh` carried another user's token.
     #[error("a refresh must carry a token for the same user (sub)")]
     OtherUser,
+    /// The header lists `crit` extensions; this bridge understands none (RFC 7515 §4.1.11).
+    #[error("the token's header has `crit` extensions, which this bridge does not understand")]
+    Critical,
 }
 
 impl AuthError {
@@ -193,11 +196,12 @@ impl AuthError {
             AuthError::Claims(_) => "claims",
             AuthError::Timeout => "timeout",
             AuthError::OtherUser => "other_user",
+            AuthError::Critical => "critical",
         }
     }
 
     /// Every reason, for metrics that exist from start-up.
-    pub const REASONS: [&'static str; 11] = [
+    pub const REASONS: [&'static str; 12] = [
         "missing",
         "malformed",
         "algorithm",
@@ -209,6 +213,7 @@ impl AuthError {
         "claims",
         "timeout",
         "other_user",
+        "critical",
     ];
 }
 
@@ -354,11 +359,13 @@ fn validation(algorithm: Algorithm, jwt: &JwtConfig) -> Validation {
     validation
 }
 
-/// The `alg` a token's header names, read without trusting anything else in it.
+/// The `alg` a token's header names, read without trusting anything else in it; a header with
+/// `crit` is refused, since a recipient must understand every extension listed there.
 fn header_algorithm(token: &str) -> Result<String, AuthError> {
     #[derive(Deserialize)]
     struct Alg {
         alg: String,
+        crit: Option<serde::de::IgnoredAny>,
     }
     let header = token
         .split('.')
@@ -367,9 +374,12 @@ fn header_algorithm(token: &str) -> Result<String, AuthError> {
     let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
         .decode(header.trim_end_matches('='))
         .map_err(|e| AuthError::Malformed(format!("header is not base64url: {e}")))?;
-    serde_json::from_slice::<Alg>(&bytes)
-        .map(|header| header.alg)
-        .map_err(|e| AuthError::Malformed(format!("header is not a JWT header: {e}")))
+    let header = serde_json::from_slice::<Alg>(&bytes)
+        .map_err(|e| AuthError::Malformed(format!("header is not a JWT header: {e}")))?;
+    match header.crit {
+        Some(_) => Err(AuthError::Critical),
+        None => Ok(header.alg),
+    }
 }
 
 fn classify(error: jsonwebtoken::errors::Error) -> AuthError {

@@ -224,6 +224,10 @@ pub struct WsConfig {
     /// Browser requests waiting for the router, all sessions together; past it a request is
     /// answered `rate_limited` at once instead of queueing without bound.
     pub max_queued_requests: usize,
+    /// Browser `request`s one session may have waiting for their answer; past it a request is
+    /// answered `rate_limited`. High enough that a real app never meets it: it only stops a
+    /// session from holding the router's memory with requests nobody answers.
+    pub max_pending_requests: usize,
     /// Origins whose pages may open a WebSocket: `[]` only the bridge's own origin (Origin
     /// host:port = Host), `["*"]` any, else exact origins like `https://desk.example.com`. A
     /// handshake without `Origin` (not a browser) is always allowed.
@@ -381,6 +385,7 @@ impl Default for WsConfig {
             max_desks_per_subscribe: 64,
             max_frames_per_second: 1000,
             max_queued_requests: 65_536,
+            max_pending_requests: 1000,
             allowed_origins: Vec::new(),
             max_sessions_per_ip: 256,
             allowed_hosts: Vec::new(),
@@ -725,6 +730,7 @@ impl Config {
             ),
             ("ws.max_frames_per_second", self.ws.max_frames_per_second as u64),
             ("ws.max_queued_requests", self.ws.max_queued_requests as u64),
+            ("ws.max_pending_requests", self.ws.max_pending_requests as u64),
             ("ws.max_sessions_per_ip", self.ws.max_sessions_per_ip as u64),
             ("auth.timeout_ms", self.auth.timeout_ms),
         ] {

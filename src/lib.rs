@@ -12,7 +12,7 @@
 //! - pure types and rules, no I/O: [`protocol`] (wire types), [`config`], [`catalog`] (desks,
 //!   events, routing keys), [`transform`], [`broker_url`], [`panics`], [`fd_limit`],
 //!   [`frame_limit`] (`ws.max_frame_bytes` on frame headers), [`host`] (the loopback `Host`
-//!   check).
+//!   check), [`log_text`] (untrusted text made safe for a log line).
 //! - beside them, for the binary only: [`probe`] (`deskbridge health`, the image's health check).
 //!
 //! [`start`] wires them together and returns a [`Bridge`]; `main.rs` only parses the
@@ -35,6 +35,7 @@ pub mod host;
 pub mod http;
 pub mod lane;
 pub mod link;
+pub mod log_text;
 pub mod metrics;
 pub mod panics;
 pub mod port_watch;

@@ -12,6 +12,7 @@ use serde::Serialize;
 
 use crate::backoff::Backoff;
 use crate::config::AmqpConfig;
+use crate::log_text::Untrusted;
 use crate::metrics::{Link, LinkGauges, Metrics};
 
 /// Where a link stands.
@@ -95,6 +96,8 @@ impl LinkState {
 
     /// Records a new status; logs only when it differs from the previous one, so a retry
     /// loop against a broker that stays down logs once (the retries log at debug level).
+    /// `detail` is the bridge's own diagnosis, written whole: the broker's part in it is an
+    /// AMQP short string (at most 255 bytes), and its hints must not be cut.
     pub fn set(&self, status: LinkStatus, detail: &str) {
         let previous = self.status.swap(status as u8, Ordering::AcqRel);
         self.gauges.up.set(i64::from(status == LinkStatus::Up));
@@ -158,7 +161,11 @@ impl LinkState {
         self.gauges.blocked.set(i64::from(blocked));
         if self.blocked.swap(blocked, Ordering::AcqRel) != blocked {
             if blocked {
-                log::warn!("amqp {} link blocked by the broker: {reason}", self.name);
+                log::warn!(
+                    "amqp {} link blocked by the broker: {}",
+                    self.name,
+                    Untrusted(reason)
+                );
             } else {
                 log::info!("amqp {} link unblocked", self.name);
             }

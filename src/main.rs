@@ -63,9 +63,19 @@ enum Command {
     },
 }
 
+/// Modules of our dependencies that write credentials to their DEBUG or TRACE lines: amiquip
+/// logs the AMQP handshake's `StartOk`, whose `response` is `\0user\0password` in clear.
+const SECRET_LOGGERS: [&str; 1] = ["amiquip::io_loop::handshake_state"];
+
 #[actix_web::main]
 async fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let mut logger = env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"));
+    // Set after RUST_LOG, so that no directive there (`amiquip=trace`, `trace`, or this module
+    // by name) can lift them: these modules log secrets below INFO.
+    for module in SECRET_LOGGERS {
+        logger.filter_module(module, log::LevelFilter::Info);
+    }
+    logger.init();
     let cli = Cli::parse();
     let overrides = Overrides {
         bind: cli.bind,

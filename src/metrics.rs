@@ -15,6 +15,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
+use crate::log_text::Untrusted;
 use crate::protocol::ErrorCode;
 
 /// Content type of [`Metrics::render`]'s output.
@@ -65,15 +66,19 @@ pub enum PublishFailure {
     Shutdown,
     /// The bridge shut down before the message was ever handed to the broker.
     NotSent,
+    /// The broker refused this one message by closing the channel over it (406 above its
+    /// `max_message_size` or for an invalid property, 404 for a missing exchange).
+    Refused,
 }
 
 impl PublishFailure {
-    const ALL: [PublishFailure; 5] = [
+    const ALL: [PublishFailure; 6] = [
         PublishFailure::BufferFull,
         PublishFailure::Expired,
         PublishFailure::Nacked,
         PublishFailure::Shutdown,
         PublishFailure::NotSent,
+        PublishFailure::Refused,
     ];
 
     /// Label value.
@@ -84,6 +89,7 @@ impl PublishFailure {
             PublishFailure::Nacked => "nacked",
             PublishFailure::Shutdown => "shutdown",
             PublishFailure::NotSent => "not_sent",
+            PublishFailure::Refused => "refused",
         }
     }
 
@@ -102,6 +108,9 @@ impl PublishFailure {
             }
             PublishFailure::NotSent => {
                 "the bridge shut down before the message reached the broker; it was not sent"
+            }
+            PublishFailure::Refused => {
+                "the broker refused this message (too large for its max_message_size, or a property it does not accept); it was not sent and retrying will not help"
             }
         }
     }
@@ -204,10 +213,17 @@ struct OutcomeLabels {
 }
 
 /// How a browser's `request` ended (`deskbridge_requests_total{outcome}`).
-pub const REQUEST_OUTCOMES: [&str; 5] = ["answered", "timeout", "no_responder", "bad_reply", "failed"];
+pub const REQUEST_OUTCOMES: [&str; 6] = [
+    "answered",
+    "timeout",
+    "no_responder",
+    "bad_reply",
+    "failed",
+    "rate_limited",
+];
 
 /// How a desktop app's request to browsers ended (`deskbridge_desktop_requests_total{outcome}`).
-pub const DESKTOP_REQUEST_OUTCOMES: [&str; 3] = ["answered", "expired", "unknown"];
+pub const DESKTOP_REQUEST_OUTCOMES: [&str; 4] = ["answered", "expired", "unknown", "forbidden"];
 
 /// What became of presence messages (`deskbridge_presence_messages_total{outcome}`).
 pub const PRESENCE_OUTCOMES: [&str; 4] = ["published", "failed", "received", "garbage"];
@@ -603,6 +619,7 @@ impl Metrics {
     /// A session fell behind and was closed with 1013.
     pub fn session_slow(&self, session: &uuid::Uuid, desk: &str) {
         self.sessions_slow.inc();
+        let desk = Untrusted(desk);
         log::warn!("closing session {session}: its outbound queue is full (slow reader on desk {desk})");
     }
 
@@ -636,6 +653,7 @@ impl Metrics {
     /// A delivery from RabbitMQ was rejected.
     pub fn rejected(&self, reason: RejectReason, routing_key: &str, detail: &str) {
         self.rejects.inc(reason);
+        let (routing_key, detail) = (Untrusted(routing_key), Untrusted(detail));
         log::warn!(
             "rejected delivery with routing key `{routing_key}` ({}): {detail}",
             reason.as_str()
@@ -650,8 +668,11 @@ impl Metrics {
     /// A targeted desktop message found none of its sessions; acked, not delivered.
     pub fn undeliverable(&self, desk: &str, session: Option<&str>, user: Option<&str>) {
         self.undeliverable.inc();
+        let desk = Untrusted(desk);
+        let session = Untrusted(format_args!("{session:?}"));
+        let user = Untrusted(format_args!("{user:?}"));
         log::info!(
-            "dropped a message for desk {desk}: no connected session matches x-to-session {session:?} / x-to-user {user:?}"
+            "dropped a message for desk {desk}: no connected session matches x-to-session {session} / x-to-user {user}"
         );
     }
 
@@ -668,8 +689,9 @@ impl Metrics {
     /// A reply matched no waiting request; dropped.
     pub fn late_reply(&self, correlation_id: Option<&str>) {
         self.late_replies.inc();
+        let correlation_id = Untrusted(format_args!("{correlation_id:?}"));
         log::info!(
-            "dropped a reply for no waiting request (late or repeated): correlation_id {correlation_id:?}"
+            "dropped a reply for no waiting request (late or repeated): correlation_id {correlation_id}"
         );
     }
 
@@ -688,6 +710,7 @@ impl Metrics {
     /// Another instance went silent and was dropped from the presence view.
     pub fn presence_instance_lost(&self, instance: &str, silent: Duration, sessions: usize) {
         self.presence_instances_lost.inc();
+        let instance = Untrusted(instance);
         log::warn!(
             "instance {instance} sent no presence heartbeat for {silent:?}: its {sessions} session(s) left the presence view"
         );
@@ -696,12 +719,14 @@ impl Metrics {
     /// A desktop message arrived after its expiration; acked, not delivered.
     pub fn expired(&self, routing_key: &str) {
         self.expired.inc();
+        let routing_key = Untrusted(routing_key);
         log::debug!("dropped an expired message with routing key `{routing_key}`");
     }
 
     /// A stream message could not be delivered; it is skipped (a stream keeps it, unread).
     pub fn history_skipped(&self, reason: RejectReason, stream: &str, offset: u64, detail: &str) {
         self.history_skipped.inc(reason);
+        let (stream, detail) = (Untrusted(stream), Untrusted(detail));
         log::warn!(
             "skipped message at offset {offset} of stream `{stream}` ({}): {detail}",
             reason.as_str()
@@ -726,6 +751,7 @@ impl Metrics {
     /// A code-registered transform panicked.
     pub fn transform_panicked(&self, desk: &str, event: &str, message: &str) {
         self.transform_panics.inc();
+        let (desk, event, message) = (Untrusted(desk), Untrusted(event), Untrusted(message));
         log::error!("a transform for {desk}/{event} panicked ({message}); the message is refused");
     }
 
@@ -758,12 +784,14 @@ impl Metrics {
     /// A token was refused; logged once here, never with the token.
     pub fn auth_failed(&self, peer: &dyn std::fmt::Display, error: &crate::auth::AuthError) {
         self.auth_failures.inc(error.reason());
+        let error = Untrusted(error);
         log::warn!("refused the token of {peer}: {error}");
     }
 
     /// A handshake was refused (`reason` from [`HANDSHAKE_REFUSALS`]).
     pub fn handshake_refused(&self, peer: &dyn std::fmt::Display, reason: &'static str, detail: &str) {
         self.handshakes_refused.inc(reason);
+        let detail = Untrusted(detail);
         log::warn!("refused a WebSocket handshake from {peer} ({reason}): {detail}");
     }
 

@@ -47,7 +47,7 @@ pub enum ClientFrame {
         #[serde(rename = "ref", default)]
         reference: Option<String>,
         /// Milliseconds the message stays worth delivering (AMQP `expiration`).
-        #[serde(default)]
+        #[serde(default, deserialize_with = "ttl_ms")]
         ttl_ms: Option<u64>,
     },
     /// Ask the desktop apps of a desk something; the first answer comes back as `reply`.
@@ -65,7 +65,7 @@ pub enum ClientFrame {
         #[serde(default)]
         timeout_ms: Option<u64>,
         /// Milliseconds the request stays worth answering (AMQP `expiration`).
-        #[serde(default)]
+        #[serde(default, deserialize_with = "ttl_ms")]
         ttl_ms: Option<u64>,
     },
     /// Answer a desktop app's request (an `event` that carried `reply_id`).
@@ -462,6 +462,20 @@ impl ServerFrame<'_> {
     }
 }
 
+/// The largest `ttl_ms` RabbitMQ takes as a message's `expiration` (ten years); the broker
+/// refuses a larger one by closing the channel, which must not happen on a browser's word.
+pub const MAX_TTL_MS: u64 = 315_360_000_000;
+
+/// `ttl_ms`, refused above [`MAX_TTL_MS`] while the frame is parsed.
+fn ttl_ms<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<u64>, D::Error> {
+    match Option::<u64>::deserialize(deserializer)? {
+        Some(ttl) if ttl > MAX_TTL_MS => Err(serde::de::Error::custom(format!(
+            "`ttl_ms` must be at most {MAX_TTL_MS} (RabbitMQ's largest expiration)"
+        ))),
+        ttl => Ok(ttl),
+    }
+}
+
 /// Parses one text frame from a browser, or explains precisely what is wrong with it.
 pub fn parse_client_frame(text: &str) -> Result<ClientFrame, Refusal> {
     // serde also reads an internally tagged enum from an array whose first element is the tag
@@ -635,6 +649,16 @@ mod tests {
             ),
             (
                 r#"{"op":"publish","desk":1,"event":"e","data":{}}"#,
+                ErrorCode::BadRequest,
+                None,
+            ),
+            (
+                r#"{"op":"publish","desk":"A","event":"e","data":{},"ttl_ms":315360000001,"ref":"t1"}"#,
+                ErrorCode::BadRequest,
+                Some("t1"),
+            ),
+            (
+                r#"{"op":"request","desk":"A","event":"e","data":{},"ttl_ms":1000000000000000}"#,
                 ErrorCode::BadRequest,
                 None,
             ),

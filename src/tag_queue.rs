@@ -61,6 +61,11 @@ impl<T> TagQueue<T> {
         self.items.drain(..).map(|(_, item)| item)
     }
 
+    /// How many items are outstanding.
+    pub fn len(&self) -> usize {
+        self.items.len()
+    }
+
     /// True when nothing is outstanding.
     pub fn is_empty(&self) -> bool {
         self.items.is_empty()

@@ -511,3 +511,74 @@ async fn a_desktop_message_for_a_user_reaches_their_sessions_that_may_read_the_d
     kiosk.assert_quiet().await; // heidi, but this token may not read desk A
     ivan.assert_quiet().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_needs_the_request_right_and_publish_does_not_grant_it() {
+    let bridge = TestBridge::start_healthy(jwt_config("reqright")).await;
+    let _pricing =
+        common::desktop::Responder::start(&bridge.config.amqp.outbound_exchange, &["A_new_example"], |_| {
+            br#"{"price":1}"#.to_vec()
+        });
+    let request = |reference: &str| json!({"op": "request", "desk": "A", "event": "new_example", "data": {}, "ref": reference});
+    let publisher = hs256(&claims("pat", 300, json!({"A": ["publish"]})));
+    let mut pat = signed_in(&bridge, &publisher).await;
+    pat.send(request("q1")).await;
+    let error = pat.recv().await;
+    assert_eq!(
+        (error["code"].as_str(), error["ref"].as_str()),
+        (Some("forbidden"), Some("q1")),
+        "the publish right does not let a browser ask desktop apps: {error}"
+    );
+
+    let asker = hs256(&claims("quinn", 300, json!({"A": ["request"]})));
+    let mut quinn = signed_in(&bridge, &asker).await;
+    quinn.send(request("q2")).await;
+    let reply = quinn.recv().await;
+    assert_eq!(
+        (reply["op"].as_str(), reply["ref"].as_str()),
+        (Some("reply"), Some("q2")),
+        "the request right alone is enough: {reply}"
+    );
+    bridge
+        .wait_metric("deskbridge_requests_total{outcome=\"answered\"} 1")
+        .await;
+    pat.assert_quiet().await;
+}
+
+/// A validly signed HS256 token whose header carries these fields besides `alg`.
+fn hs256_with_header(extra: Value, claims: &Value) -> String {
+    use base64::Engine as _;
+    let b64 = |v: &Value| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string());
+    let mut header = json!({"alg": "HS256", "typ": "JWT"});
+    if let (Some(header), Some(extra)) = (header.as_object_mut(), extra.as_object()) {
+        header.extend(extra.clone());
+    }
+    let message = format!("{}.{}", b64(&header), b64(claims));
+    let key = EncodingKey::from_secret(SECRET.as_bytes());
+    let signature =
+        jsonwebtoken::crypto::sign(message.as_bytes(), &key, Algorithm::HS256).expect("sign test token");
+    format!("{message}.{signature}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_with_critical_header_extensions_is_refused() {
+    let bridge = TestBridge::start_healthy(jwt_config("crit")).await;
+    let rights = claims("rita", 300, json!({"*": ["subscribe"]}));
+    let plain = hs256_with_header(json!({}), &rights);
+    let _rita = signed_in(&bridge, &plain).await;
+
+    // RFC 7515 §4.1.11: a recipient that does not understand an extension listed in `crit`
+    // must refuse the token, however well it is signed.
+    let critical = hs256_with_header(json!({"crit": ["b64"], "b64": false}), &rights);
+    let mut mallory = Browser::unauthenticated(handshake(ws_url(bridge.addr)).await.expect("upgrade"));
+    mallory.send(json!({"op": "auth", "token": critical})).await;
+    let error = mallory.recv().await;
+    assert_eq!(error["code"], "unauthorized", "{error}");
+    assert_eq!(
+        mallory.closed().await.map(|c| c.code),
+        Some(CloseCode::from(4401))
+    );
+    bridge
+        .wait_metric("deskbridge_auth_failures_total{reason=\"critical\"} 1")
+        .await;
+}

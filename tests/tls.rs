@@ -20,7 +20,12 @@ const BRIDGE: &str = env!("CARGO_BIN_EXE_deskbridge");
 
 /// Starts a node with a TLS listener (off the async runtime's worker, which it would stall).
 fn start_node(clients: ClientCertificates) -> PrivateBroker {
-    tokio::task::block_in_place(|| PrivateBroker::start(NodeOptions { tls: Some(clients) }))
+    tokio::task::block_in_place(|| {
+        PrivateBroker::start(NodeOptions {
+            tls: Some(clients),
+            ..NodeOptions::default()
+        })
+    })
 }
 
 /// A bridge config for `broker`'s TLS listener, trusting the node's CA.

@@ -9,6 +9,14 @@
 //! connection dies — or when the confirms stop matching what was published — are published
 //! again first after reconnect, with the same `message_id` (at-least-once: a desktop app may
 //! see one twice and can drop it by id).
+//!
+//! A message the broker refuses (it closes the channel over it: 406 for a message above its
+//! `max_message_size` or with an invalid property, 404 for a missing exchange) fails alone:
+//! its browser is told, the channel is reopened on the same connection, and the others go on.
+//! With one message in flight the refused one is known; with several it is not (the broker
+//! confirms asynchronously, so earlier ones may be unconfirmed too), so those are published
+//! again one at a time, and the one that closes the channel alone is the one refused. The
+//! connection, the link state and every other user's messages are left alone.
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
@@ -16,8 +24,8 @@ use std::time::{Duration, Instant};
 
 use actix::Recipient;
 use amiquip::{
-    AmqpProperties, AmqpValue, Channel, Confirm, ConfirmSmoother, Connection, ConsumerOptions, FieldTable,
-    Publish, QueueDeleteOptions, Return,
+    AmqpProperties, AmqpValue, Channel, Confirm, ConfirmSmoother, Connection, ConnectionBlockedNotification,
+    ConsumerMessage, ConsumerOptions, FieldTable, Publish, QueueDeleteOptions, Return,
 };
 use crossbeam_channel::{select, Receiver};
 
@@ -30,6 +38,7 @@ use crate::amqp::{self, AmqpError};
 use crate::broker_url::BrokerUrl;
 use crate::config::Config;
 use crate::link::LinkLife;
+use crate::log_text::Untrusted;
 use crate::metrics::{Link, PublishFailure};
 use crate::presence;
 use crate::tag_queue::{OutOfStep, TagQueue};
@@ -56,6 +65,9 @@ pub struct AmqpPublisher {
     buffer: VecDeque<PublishJob>,
     /// Jobs published on the current channel and awaiting their confirm.
     pipeline: Pipeline,
+    /// How many jobs at the front of `buffer` are suspected of a refusal and go out one at a
+    /// time, each after the previous one's confirm.
+    suspects: usize,
 }
 
 impl AmqpPublisher {
@@ -83,6 +95,7 @@ impl AmqpPublisher {
             instance,
             buffer: VecDeque::new(),
             pipeline: Pipeline::default(),
+            suspects: 0,
         }
     }
 }
@@ -182,6 +195,38 @@ fn lost(what: impl Into<String>) -> AmqpError {
     AmqpError::Lost(what.into())
 }
 
+/// The channel messages are published on, and what it reports.
+struct Outbound {
+    channel: Channel,
+    confirms: Receiver<Confirm>,
+    returns: Receiver<Return>,
+}
+
+/// What the connection delivers besides confirms; it outlives the publish channels.
+struct Inbound<'a> {
+    reply_channel: &'a Channel,
+    replies: &'a Receiver<ConsumerMessage>,
+    presence: &'a Receiver<ConsumerMessage>,
+    blocked: &'a Receiver<ConnectionBlockedNotification>,
+}
+
+/// How serving one publish channel ended.
+enum ChannelEnd {
+    /// Asked to stop; everything is settled.
+    Stopped,
+    /// The channel closed: with the error a call on it returned, if one did.
+    Closed(Option<amiquip::Error>),
+}
+
+/// A channel closed by the broker over something published on it (`code`, `message`), or
+/// else the connection's loss.
+fn refusal(error: amiquip::Error) -> Result<(u16, String), AmqpError> {
+    match error {
+        amiquip::Error::ServerClosedChannel { code, message, .. } => Ok((code, message)),
+        other => Err(other.into()),
+    }
+}
+
 impl LinkWork for AmqpPublisher {
     const LINK: Link = Link::Publisher;
 
@@ -209,6 +254,7 @@ impl LinkWork for AmqpPublisher {
         loop {
             while self.buffer.front().is_some_and(|job| job.expired(ttl)) {
                 if let Some(job) = self.buffer.pop_front() {
+                    self.suspects = self.suspects.saturating_sub(1);
                     self.finish_one(job, Err(PublishFailure::Expired));
                 }
             }
@@ -253,7 +299,8 @@ impl AmqpPublisher {
         self.pipeline = Pipeline::default();
     }
 
-    /// Serves one channel: buffered jobs first, then new ones as they come.
+    /// Serves one connection: buffered jobs first, then new ones as they come. A publish
+    /// channel the broker closes over one message is replaced (see the module docs).
     fn publish_all(
         &mut self,
         connection: &mut Connection,
@@ -262,12 +309,7 @@ impl AmqpPublisher {
         life: &mut LinkLife,
     ) -> Result<(), AmqpError> {
         let blocked = connection.listen_for_connection_blocked()?;
-        let channel = connection.open_channel(None)?;
-        // Listen before enabling, so that no confirm or return can be missed.
-        let confirms = channel.listen_for_publisher_confirms()?;
-        let returns = channel.listen_for_returns()?;
-        channel.enable_publisher_confirms()?;
-        amqp::declare_outbound(&channel, &self.config.amqp)?;
+        let mut outbound = self.open_outbound(connection)?;
         // Answers to this instance's requests: on a channel of their own, acked once handed on.
         let reply_channel = connection.open_channel(None)?;
         amqp::declare_reply_queue(&reply_channel, &self.reply_queue)?;
@@ -280,50 +322,158 @@ impl AmqpPublisher {
         let exchange = &self.config.amqp.outbound_exchange;
         life.up(&format!("({url}, exchange `{exchange}`)"));
 
-        self.send_buffered(&channel)?;
+        let inbound = Inbound {
+            reply_channel: &reply_channel,
+            replies: replies.receiver(),
+            presence: presence.receiver(),
+            blocked: &blocked,
+        };
+        loop {
+            let error = match self.serve_channel(&outbound, &inbound, stop, life)? {
+                ChannelEnd::Stopped => return Ok(()),
+                ChannelEnd::Closed(error) => error,
+            };
+            // Confirms that came before the close still settle their messages, so that only
+            // what the broker never confirmed is suspected.
+            if let Some(first) = outbound.confirms.try_iter().next() {
+                self.confirm(first, &outbound.confirms, &outbound.returns)?;
+            }
+            // A server-closed channel has already gone from the connection, so this sends
+            // nothing: it only hands back the broker's reason, if a call has not taken it.
+            let closed = outbound.channel.close();
+            let error = error.or(closed.err()).unwrap_or(amiquip::Error::EventLoopDropped);
+            let (code, message) = refusal(error)?;
+            self.refused(code, &message)?;
+            outbound = self.open_outbound(connection)?;
+        }
+    }
+
+    /// A publish channel with confirms, and the outbound exchange declared on it.
+    fn open_outbound(&self, connection: &mut Connection) -> Result<Outbound, AmqpError> {
+        let channel = connection.open_channel(None)?;
+        // Listen before enabling, so that no confirm or return can be missed.
+        let confirms = channel.listen_for_publisher_confirms()?;
+        let returns = channel.listen_for_returns()?;
+        channel.enable_publisher_confirms()?;
+        amqp::declare_outbound(&channel, &self.config.amqp)?;
+        Ok(Outbound {
+            channel,
+            confirms,
+            returns,
+        })
+    }
+
+    /// The broker closed the publish channel with `code`: fails the one message it refused,
+    /// or marks the suspects when several were in flight. Nothing in flight means nothing to
+    /// blame: then the link starts over, with its backoff.
+    fn refused(&mut self, code: u16, message: &str) -> Result<(), AmqpError> {
+        let reason = Untrusted(message);
+        match self.pipeline.in_flight.len() {
+            0 => Err(lost(format!(
+                "the broker closed the publish channel with nothing in flight ({code}: {reason})"
+            ))),
+            1 => {
+                let refused: Vec<PublishJob> = self.pipeline.in_flight.drain().map(|f| f.job).collect();
+                self.pipeline = Pipeline::default();
+                for job in refused {
+                    log::warn!(
+                        "amqp publisher: the broker refused message {} for `{}` ({code}: {reason}); \
+                         it fails alone and the channel is reopened",
+                        job.id,
+                        Untrusted(&job.routing_key)
+                    );
+                    self.suspects = self.suspects.saturating_sub(1);
+                    self.finish_one(job, Err(PublishFailure::Refused));
+                }
+                Ok(())
+            }
+            suspects => {
+                log::info!(
+                    "amqp publisher: the broker closed the channel over one of {suspects} messages \
+                     ({code}: {reason}); publishing them one at a time to find it"
+                );
+                self.requeue_in_flight();
+                self.suspects = suspects;
+                Ok(())
+            }
+        }
+    }
+
+    /// Publishes on `outbound` until asked to stop or until the channel closes.
+    fn serve_channel(
+        &mut self,
+        outbound: &Outbound,
+        inbound: &Inbound<'_>,
+        stop: &StopSignal,
+        life: &mut LinkLife,
+    ) -> Result<ChannelEnd, AmqpError> {
+        let Outbound {
+            channel,
+            confirms,
+            returns,
+        } = outbound;
+        let reply_channel = inbound.reply_channel;
+        if let Err(error) = self.send_buffered(channel) {
+            return Ok(ChannelEnd::Closed(Some(error)));
+        }
         loop {
             select! {
                 recv(self.jobs) -> job => match job {
                     Ok(job) => {
                         self.buffer.push_back(job);
-                        self.send_buffered(&channel)?;
+                        if let Err(error) = self.send_buffered(channel) {
+                            return Ok(ChannelEnd::Closed(Some(error)));
+                        }
                     }
                     // The router is gone: nothing more will come.
-                    Err(_) => return self.stop(&reply_channel, &confirms, &returns, Instant::now()),
+                    Err(_) => {
+                        self.stop(reply_channel, confirms, returns, Instant::now())?;
+                        return Ok(ChannelEnd::Stopped);
+                    }
                 },
-                recv(replies.receiver()) -> message => {
+                recv(inbound.replies) -> message => {
                     let mut delivery = amqp::delivered(message)?;
                     self.replies.do_send(DesktopReply {
                         correlation_id: delivery.properties.correlation_id().clone(),
                         body: std::mem::take(&mut delivery.body),
                     });
-                    delivery.ack(&reply_channel)?;
+                    delivery.ack(reply_channel)?;
                 }
-                recv(presence.receiver()) -> message => {
+                recv(inbound.presence) -> message => {
                     let delivery = amqp::delivered(message)?;
                     let notice = presence::parse(&delivery.routing_key, &delivery.body);
                     // Our own messages: the router applied them when it sent them.
                     if !notice.as_ref().is_ok_and(|notice| notice.instance() == self.instance) {
                         self.presence.do_send(PresenceNotice(notice));
                     }
-                    delivery.ack(&reply_channel)?;
+                    delivery.ack(reply_channel)?;
                 }
                 recv(confirms) -> confirm => match confirm {
-                    Ok(confirm) => self.confirm(confirm, &confirms, &returns)?,
-                    Err(_) => return Err(lost("the channel closed (confirm stream ended)")),
+                    Ok(confirm) => {
+                        self.confirm(confirm, confirms, returns)?;
+                        // Suspects go out one at a time, each once the one before is confirmed;
+                        // the jobs behind them wait meanwhile.
+                        if !self.buffer.is_empty() {
+                            if let Err(error) = self.send_buffered(channel) {
+                                return Ok(ChannelEnd::Closed(Some(error)));
+                            }
+                        }
+                    }
+                    Err(_) => return Ok(ChannelEnd::Closed(None)),
                 },
                 recv(returns) -> returned => match returned {
                     Ok(returned) => note_return(returned, &mut self.pipeline.returned),
-                    Err(_) => return Err(lost("the channel closed (return stream ended)")),
+                    Err(_) => return Ok(ChannelEnd::Closed(None)),
                 },
-                recv(blocked) -> notification => track_blocked(life.state(), notification)?,
+                recv(inbound.blocked) -> notification => track_blocked(life.state(), notification)?,
                 recv(stop) -> deadline => {
                     let deadline = deadline.unwrap_or_else(|_| Instant::now());
                     // What the router accepted before it stopped taking publishes (the last
                     // presence messages among them) still goes out.
                     self.buffer.extend(self.jobs.try_iter());
-                    self.send_buffered(&channel)?;
-                    return self.stop(&reply_channel, &confirms, &returns, deadline);
+                    self.send_buffered(channel)?;
+                    self.stop(reply_channel, confirms, returns, deadline)?;
+                    return Ok(ChannelEnd::Stopped);
                 }
             }
         }
@@ -343,8 +493,9 @@ impl AmqpPublisher {
             reply_channel.queue_delete(self.reply_queue.as_str(), QueueDeleteOptions::default())
         {
             log::warn!(
-                "amqp publisher: could not delete reply queue `{}`: {error}",
-                self.reply_queue
+                "amqp publisher: could not delete reply queue `{}`: {}",
+                self.reply_queue,
+                crate::log_text::Untrusted(&error)
             );
         }
         drained
@@ -353,15 +504,19 @@ impl AmqpPublisher {
     /// Publishes the buffered jobs in order, each tracked until its confirm; expired ones end
     /// as such. A job leaves the buffer only once published, so neither a failing channel nor
     /// a panic can lose it.
-    fn send_buffered(&mut self, channel: &Channel) -> Result<(), AmqpError> {
+    fn send_buffered(&mut self, channel: &Channel) -> Result<(), amiquip::Error> {
         let ttl = self.ttl();
         while let Some(job) = self.buffer.front() {
+            if self.suspects > 0 && !self.pipeline.in_flight.is_empty() {
+                break;
+            }
             let expired = job.expired(ttl);
             if !expired {
                 self.publish(channel, job)?;
             }
             let Some(job) = self.buffer.pop_front() else { break };
             if expired {
+                self.suspects = self.suspects.saturating_sub(1);
                 self.finish_one(job, Err(PublishFailure::Expired));
             } else {
                 self.pipeline.sent(job);
@@ -447,6 +602,8 @@ impl AmqpPublisher {
                 break;
             }
         }
+        // Suspects go out one at a time: whatever settled here was one.
+        self.suspects = self.suspects.saturating_sub(settled.len());
         self.report(settled);
         result
     }

@@ -310,7 +310,7 @@ impl WsSession {
                 data,
                 reference,
                 ttl_ms,
-            } => match self.outgoing(desk, event, data, reference, ttl_ms) {
+            } => match self.outgoing(Right::Publish, desk, event, data, reference, ttl_ms) {
                 Ok(publish) => self.ask_router(FromSession::Publish(publish)),
                 Err(refusal) => self.refuse(refusal),
             },
@@ -332,7 +332,7 @@ impl WsSession {
                     let refusal = Refusal::new(ErrorCode::BadRequest, message);
                     return self.refuse(Refusal { reference, ..refusal });
                 }
-                match self.outgoing(desk, event, data, reference, ttl_ms) {
+                match self.outgoing(Right::Request, desk, event, data, reference, ttl_ms) {
                     Ok(request) => self.ask_router(FromSession::Request(request, timeout)),
                     Err(refusal) => self.refuse(refusal),
                 }
@@ -355,16 +355,18 @@ impl WsSession {
         }
     }
 
-    /// A `publish` or `request` for the router, if the token may publish on `desk`.
+    /// A `publish` or `request` for the router, if the token grants `right` (`publish` or
+    /// `request`, spec v2 A) on `desk`.
     fn outgoing(
         &self,
+        right: Right,
         desk: String,
         event: String,
         data: crate::transform::Data,
         reference: Option<String>,
         ttl_ms: Option<u64>,
     ) -> Result<Publish, Refusal> {
-        if let Err(refusal) = self.allowed(std::slice::from_ref(&desk), Right::Publish) {
+        if let Err(refusal) = self.allowed(std::slice::from_ref(&desk), right) {
             return Err(Refusal { reference, ..refusal });
         }
         Ok(Publish {
@@ -651,7 +653,8 @@ impl Handler<FromBrowser> for WsSession {
                 return self.close(ctx, CloseCode::Size, &format!("frame exceeds {max} bytes"));
             }
             FromBrowser::Broken(error) => {
-                log::debug!("session {}: protocol error: {error}", self.id);
+                let detail = crate::log_text::Untrusted(&error);
+                log::debug!("session {}: protocol error: {detail}", self.id);
                 return self.close(ctx, CloseCode::Protocol, &error.to_string());
             }
         };

@@ -39,6 +39,8 @@ pub enum ClientCertificates {
 pub struct NodeOptions {
     /// A TLS listener (beside the plain one), and how it treats client certificates.
     pub tls: Option<ClientCertificates>,
+    /// `max_message_size`: larger publishes close their channel with 406 PRECONDITION_FAILED.
+    pub max_message_size: Option<u32>,
 }
 
 /// Throwaway PEM files made with the `openssl` CLI: a CA, a server certificate for `localhost`
@@ -284,6 +286,9 @@ impl PrivateBroker {
             "listeners.tcp.1 = 127.0.0.1:{}\nloopback_users = none\nlog.console = false\n",
             self.amqp_port
         );
+        if let Some(bytes) = options.max_message_size {
+            conf.push_str(&format!("max_message_size = {bytes}\n"));
+        }
         if let (Some(clients), Some(port), Some(certs)) = (options.tls, self.tls_port, &self.certificates) {
             conf.push_str(&format!(
                 "listeners.ssl.1 = 127.0.0.1:{port}\n\

@@ -160,9 +160,18 @@ impl BridgeProcess {
     /// `DEADLINE`). From then on its WARN and ERROR lines are copied to stderr as
     /// `  bridge: <line>`. `Err` when the binary cannot be started at all.
     pub fn launch(binary: impl AsRef<OsStr>, config: &Config) -> std::io::Result<BridgeProcess> {
+        BridgeProcess::launch_logging(binary, config, "warn,deskbridge=info")
+    }
+
+    /// [`BridgeProcess::launch`] with this `RUST_LOG`.
+    pub fn launch_logging(
+        binary: impl AsRef<OsStr>,
+        config: &Config,
+        rust_log: &str,
+    ) -> std::io::Result<BridgeProcess> {
         let file = ConfigFile::write(&config_toml(config));
         let mut child = bridge_command(binary, file.path())
-            .env("RUST_LOG", "warn,deskbridge=info")
+            .env("RUST_LOG", rust_log)
             .stderr(Stdio::piped())
             .spawn()?;
         let log = Log::default();

@@ -26,6 +26,7 @@ use crate::actors::messages::{
 use crate::config::{Config, SlowPolicy};
 use crate::desk_log::{DeskLog, Logged};
 use crate::history::Start;
+use crate::log_text::Untrusted;
 use crate::metrics::RejectReason;
 use crate::presence::Reason;
 use crate::protocol::{ErrorCode, EventData, Origin, Refusal, ServerFrame, Since};
@@ -417,7 +418,8 @@ impl Router {
     /// One event is larger than the session's whole byte budget: it can never take it.
     fn too_big(&mut self, session: Uuid, desk: &str) {
         log::warn!(
-            "closing session {session}: an event of desk {desk} is larger than ws.outbound_queue_bytes"
+            "closing session {session}: an event of desk {} is larger than ws.outbound_queue_bytes",
+            Untrusted(desk)
         );
         if let Some(entry) = self.sessions.get(&session) {
             entry.outbox.close(
@@ -458,6 +460,7 @@ impl Router {
         let events = match result {
             Ok(events) => events,
             Err(error) => {
+                let (desk, error) = (Untrusted(desk), Untrusted(error));
                 log::warn!("replay of desk {desk} for session {session} failed: {error}");
                 return self.history_unavailable(session);
             }
@@ -555,6 +558,7 @@ impl Router {
         behind.after = cursor;
         match progress {
             Progress::Done if stuck => {
+                let desk = Untrusted(desk);
                 log::warn!("replay of desk {desk} for session {session} read nothing; closing it");
                 self.history_unavailable(session);
             }

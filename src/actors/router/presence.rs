@@ -21,6 +21,7 @@ use super::Router;
 use crate::actors::messages::{JobKind, PresenceNotice, PublishJob, QueueError};
 use crate::amqp::unix_now_ms;
 use crate::config::AuthMode;
+use crate::log_text::Untrusted;
 use crate::presence::{self, Change, Heartbeat, Member, Notice, Reason, SessionChange, Stopped};
 use crate::protocol::{Present, Refusal, ServerFrame};
 
@@ -444,6 +445,7 @@ impl Handler<PresenceNotice> for Router {
             }
             Err(error) => {
                 self.metrics.presence("garbage");
+                let error = Untrusted(error);
                 log::warn!("ignored a message on the presence exchange: {error}");
             }
         }

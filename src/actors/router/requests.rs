@@ -19,6 +19,7 @@ use uuid::Uuid;
 
 use super::Router;
 use crate::actors::messages::{DesktopReply, JobKind, Publish, PublishJob, ReplyFromWeb};
+use crate::auth::Right;
 use crate::delivery::ReplyTo;
 use crate::metrics::PublishFailure;
 use crate::protocol::{ErrorCode, Refusal, ServerFrame, MAX_TIMEOUT};
@@ -32,6 +33,8 @@ pub const ASK_TTL: Duration = MAX_TIMEOUT;
 pub(super) struct Requests {
     /// Browser requests by id (= correlation id).
     waiting: HashMap<String, Waiting>,
+    /// How many of `waiting` each session has, for `ws.max_pending_requests`.
+    per_session: HashMap<Uuid, usize>,
     /// Desktop requests delivered to browsers, by `reply_id`.
     asks: HashMap<String, Ask>,
     /// `reply_id`s in the order they were asked (all live [`ASK_TTL`]), for expiry.
@@ -52,6 +55,28 @@ struct Ask {
 }
 
 impl Requests {
+    /// How many browser requests `session` has waiting.
+    fn pending(&self, session: Uuid) -> usize {
+        self.per_session.get(&session).copied().unwrap_or(0)
+    }
+
+    fn wait(&mut self, id: String, waiting: Waiting) {
+        *self.per_session.entry(waiting.session).or_default() += 1;
+        self.waiting.insert(id, waiting);
+    }
+
+    /// Takes the browser request `id` off the waiting list.
+    fn take(&mut self, id: &str) -> Option<(String, Waiting)> {
+        let (id, waiting) = self.waiting.remove_entry(id)?;
+        if let Some(count) = self.per_session.get_mut(&waiting.session) {
+            *count -= 1;
+            if *count == 0 {
+                self.per_session.remove(&waiting.session);
+            }
+        }
+        Some((id, waiting))
+    }
+
     /// Drops asks older than [`ASK_TTL`].
     fn expire_asks(&mut self, now: Instant, metrics: &crate::metrics::Metrics) {
         while let Some((asked, _)) = self.ask_order.front() {
@@ -70,15 +95,24 @@ impl Requests {
 impl Router {
     /// A browser's `request`: published like an event, then waited for.
     pub(super) fn request(&mut self, msg: Publish, timeout: Duration, ctx: &mut Context<Self>) {
-        self.metrics.web_publish();
         let (session, reference) = (msg.session, msg.reference.clone());
+        let max = self.config.ws.max_pending_requests;
+        if self.requests.pending(session) >= max {
+            self.metrics.request("rate_limited");
+            let message = format!(
+                "{max} requests of this session are still waiting for their answer (ws.max_pending_requests); wait for some"
+            );
+            let refusal = Refusal::new(ErrorCode::RateLimited, message);
+            return self.refuse(session, Refusal { reference, ..refusal });
+        }
+        self.metrics.web_publish();
         let mut job = match self.prepare(msg) {
             Ok(job) => job,
             Err(refusal) => return self.refuse(session, Refusal { reference, ..refusal }),
         };
         job.kind = JobKind::Request;
         let id = job.id.clone();
-        self.requests.waiting.insert(
+        self.requests.wait(
             id.clone(),
             Waiting {
                 session,
@@ -92,7 +126,7 @@ impl Router {
     }
 
     fn timed_out(&mut self, id: &str, timeout: Duration) {
-        if let Some(waiting) = self.requests.waiting.remove(id) {
+        if let Some((_, waiting)) = self.requests.take(id) {
             self.metrics.request("timeout");
             let message = format!("no answer within {} ms", timeout.as_millis());
             self.answer_with_error(waiting, ErrorCode::Timeout, message);
@@ -112,7 +146,7 @@ impl Router {
         if routed {
             return;
         }
-        if let Some(waiting) = self.requests.waiting.remove(&job.id) {
+        if let Some((_, waiting)) = self.requests.take(&job.id) {
             self.metrics.request("no_responder");
             let message = format!(
                 "no desktop app listens for `{}` on exchange `{}`",
@@ -125,7 +159,7 @@ impl Router {
     /// A request could not be published.
     pub(super) fn request_failed(&mut self, job: &PublishJob, failure: PublishFailure) {
         self.metrics.publish_failed(failure);
-        if let Some(waiting) = self.requests.waiting.remove(&job.id) {
+        if let Some((_, waiting)) = self.requests.take(&job.id) {
             self.metrics.request("failed");
             self.answer_with_error(
                 waiting,
@@ -140,7 +174,7 @@ impl Router {
         let waiting = reply
             .correlation_id
             .as_deref()
-            .and_then(|id| self.requests.waiting.remove_entry(id));
+            .and_then(|id| self.requests.take(id));
         let Some((id, waiting)) = waiting else {
             return self.metrics.late_reply(reply.correlation_id.as_deref());
         };
@@ -189,6 +223,27 @@ impl Router {
     /// A browser's `reply`: published to the asker's `reply_to`, for the first answer only.
     pub(super) fn web_reply(&mut self, msg: ReplyFromWeb) {
         self.requests.expire_asks(Instant::now(), &self.metrics);
+        // Rights as they are now: a `refresh` since the ask may have taken the desk away.
+        let reached_but_forbidden = self.requests.asks.get(&msg.reply_id).and_then(|ask| {
+            let may_read = self.sessions.get(&msg.session).is_some_and(|entry| {
+                entry
+                    .identity
+                    .as_ref()
+                    .is_none_or(|identity| identity.1.allows(&ask.desk, Right::Subscribe))
+            });
+            (ask.sessions.contains(&msg.session) && !may_read).then(|| ask.desk.clone())
+        });
+        if let Some(desk) = reached_but_forbidden {
+            self.metrics.desktop_request("forbidden");
+            let message = format!(
+                "your token no longer allows `subscribe` on desk `{desk}`, so you cannot answer its requests"
+            );
+            let refusal = Refusal {
+                reference: msg.reference,
+                ..Refusal::new(ErrorCode::Forbidden, message)
+            };
+            return self.refuse(msg.session, refusal);
+        }
         let asks = &mut self.requests.asks;
         let may_answer = asks
             .get(&msg.reply_id)
@@ -240,5 +295,33 @@ impl Router {
             enqueued: Instant::now(),
         };
         self.submit(job);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn waiting(session: Uuid) -> Waiting {
+        Waiting {
+            session,
+            reference: None,
+        }
+    }
+
+    #[test]
+    fn pending_requests_are_counted_per_session() {
+        let (alice, bob) = (Uuid::new_v4(), Uuid::new_v4());
+        let mut requests = Requests::default();
+        requests.wait("a1".into(), waiting(alice));
+        requests.wait("a2".into(), waiting(alice));
+        requests.wait("b1".into(), waiting(bob));
+        assert_eq!((requests.pending(alice), requests.pending(bob)), (2, 1));
+        assert!(requests.take("a1").is_some());
+        assert!(requests.take("a1").is_none(), "taken once");
+        assert!(requests.take("b1").is_some());
+        assert_eq!((requests.pending(alice), requests.pending(bob)), (1, 0));
+        assert!(requests.take("a2").is_some());
+        assert!(requests.per_session.is_empty(), "no entry is left behind");
     }
 }
