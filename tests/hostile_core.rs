@@ -346,3 +346,37 @@ async fn a_message_the_broker_refuses_fails_alone_and_holds_nobody_else() {
         assert!(body.get("blob").is_none(), "a refused message was delivered");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ttl_above_rabbitmqs_maximum_is_refused_at_once() {
+    let bridge = TestBridge::start_healthy(test_config("hugettl")).await;
+    let _desktop = Listener::bind(&bridge.config.amqp.outbound_exchange, &["A_new_example"]);
+    let mut mallory = Browser::connect(&bridge).await;
+    for (op, reference) in [("publish", "t1"), ("request", "t2")] {
+        mallory
+            .send(json!({"op": op, "desk": "A", "event": "new_example", "data": {}, "ref": reference, "ttl_ms": 1_000_000_000_000_000u64}))
+            .await;
+        let error = mallory.recv().await;
+        assert_eq!(
+            (error["code"].as_str(), error["ref"].as_str()),
+            (Some("bad_request"), Some(reference)),
+            "{error}"
+        );
+        assert!(
+            error["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("315360000000")),
+            "{error}"
+        );
+    }
+    // The largest expiration RabbitMQ takes still goes out.
+    let ack = publish_frame(
+        &mut mallory,
+        json!({"op": "publish", "desk": "A", "event": "new_example", "data": {}, "ref": "t3", "ttl_ms": 315_360_000_000u64}),
+    )
+    .await;
+    assert_eq!(ack["op"], "ack", "{ack}");
+    bridge
+        .wait_metric("deskbridge_amqp_reconnects_total{link=\"publisher\"} 0")
+        .await;
+}
