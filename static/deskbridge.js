@@ -1,11 +1,11 @@
-// deskbridge browser client: one class over the bridge's WebSocket protocol (README, "WebSocket
-// protocol"; spec v2 sections A–C). An ES module with no build step and no dependency:
+// deskbridge browser client: one class over the bridge's WebSocket protocol (docs/protocol.md;
+// spec v2 sections A–C). An ES module with no build step and no dependency:
 //
 //   import { DeskBridge } from "/deskbridge.js";
 //   const bridge = new DeskBridge({ token: async () => fetchJwt() });
 //   bridge.on("event", (e) => console.log(e.desk, e.event, e.data));
-//   bridge.subscribe(["A"]);
 //   bridge.connect();
+//   await bridge.subscribe(["A"]); // resolves once confirmed: publish() needs an open connection
 //   const { id, routed } = await bridge.publish("A", "new_example", { px: 101.5 });
 //
 // Types: /deskbridge.d.ts.
@@ -682,8 +682,8 @@ export class DeskBridge extends EventTarget {
       return this.#pump();
     }
     if (error.code === "rate_limited") {
-      // README: a client that sees `rate_limited` must treat its unanswered requests of that
-      // second as dropped. Their outcome is unknown (`sent: true`): an early one may still be acked.
+      // docs/protocol.md: a client that sees `rate_limited` must treat its unanswered requests of
+      // that second as dropped. Their outcome is unknown (`sent: true`): an early one may still be acked.
       const since = Date.now() - 1000;
       for (const [ref, call] of this.#pending) {
         if (call.sentAt < since) continue;

@@ -476,7 +476,7 @@ async fn resume(bridge: SocketAddr, seen: &[Seen]) -> Browser {
 }
 
 /// The resumer: resumes after `seen` and reads until the desktop's last event. The bridge may
-/// close it with 1013 when the stream read serving its resume is cut by a failover (README:
+/// close it with 1013 when the stream read serving its resume is cut by a failover (docs/history.md:
 /// "a replay that cannot be read closes the session with 1013"); it then resumes again from
 /// its last event. Returns its events and how often it was closed.
 async fn resume_to_last(bridge: SocketAddr, mut seen: Vec<Seen>) -> (Vec<Seen>, usize) {

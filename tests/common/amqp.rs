@@ -23,13 +23,37 @@ pub fn connect(url: &str, how_to_start: &str) -> Connection {
         .unwrap_or_else(|error| panic!("cannot reach RabbitMQ at {url}: {error}\n{how_to_start}"))
 }
 
-/// Opens an AMQP connection to the tests' broker, or fails the test saying how to start RabbitMQ.
+/// What a test says when the tests' broker is not there: plain `cargo test` on a machine
+/// without RabbitMQ running is the usual reason.
+pub const NO_BROKER: &str = "These tests need a real RabbitMQ broker at AMQP_URL \
+     (default amqp://guest:guest@127.0.0.1:5672/%2f). Run them with `scripts/test`: it installs \
+     what is missing and brings a private RabbitMQ node for the run. Or start one yourself \
+     (`rabbitmq-server -detached`), or set AMQP_URL to one that runs.";
+
+/// Opens an AMQP connection to the tests' broker, or fails the test saying how to get one.
 pub fn broker() -> Connection {
-    connect(
-        &amqp_url(),
-        "These tests need a real broker. Start one with `rabbitmq-server -detached` \
-         (or set AMQP_URL to one that runs).",
-    )
+    connect(&amqp_url(), NO_BROKER)
+}
+
+/// Fails the test at once, saying how to get a broker, when nothing listens at the tests'
+/// broker address: the bridge would only report its links down until the test's deadline.
+pub fn require_broker() {
+    let url = amqp_url();
+    let address = url::Url::parse(&url).ok().and_then(|parsed| {
+        let host = parsed.host_str()?.trim_matches(['[', ']']).to_string();
+        Some((host, parsed.port().unwrap_or(5672)))
+    });
+    let Some((host, port)) = address else {
+        panic!("AMQP_URL `{url}` is not a URL like amqp://guest:guest@127.0.0.1:5672/%2f");
+    };
+    let reachable = std::net::ToSocketAddrs::to_socket_addrs(&(host.as_str(), port))
+        .map(|mut addrs| {
+            addrs.any(|addr| {
+                std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(2)).is_ok()
+            })
+        })
+        .unwrap_or(false);
+    assert!(reachable, "nothing listens at {host}:{port}. {NO_BROKER}");
 }
 
 /// A durable direct exchange, as deskbridge declares its own.

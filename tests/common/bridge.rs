@@ -8,7 +8,7 @@ use deskbridge::config::Config;
 use deskbridge::Transforms;
 use serde_json::Value;
 
-use super::amqp::{amqp_url, delete_topology, url};
+use super::amqp::{amqp_url, delete_topology, require_broker, url};
 use super::browser::{ws_url, Browser};
 use super::http::{http_get, wait_health};
 use super::{poll, unique, DEADLINE};
@@ -114,8 +114,17 @@ impl TestBridge {
         bridge
     }
 
-    /// Starts a bridge and waits until both AMQP links are up.
+    /// Starts a bridge and waits until both AMQP links are up; on the tests' broker, fails at
+    /// once (saying how to get one) when it is not there.
     pub async fn start_healthy(config: Config) -> TestBridge {
+        let on_the_tests_broker = config
+            .amqp
+            .urls
+            .first()
+            .is_some_and(|first| first.reveal() == amqp_url());
+        if on_the_tests_broker {
+            require_broker();
+        }
         let bridge = TestBridge::start(config);
         bridge.wait_health(200).await;
         bridge

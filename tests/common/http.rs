@@ -73,7 +73,13 @@ pub async fn wait_health(addr: SocketAddr, status: u16, within: Duration) -> Val
         if code == status {
             Ok(serde_json::from_str(&body).expect("health is JSON"))
         } else {
-            Err(format!("/health stayed {code} (wanted {status}): {body}"))
+            // Links that never come up are most often a broker that is not there.
+            let hint = if status == 200 {
+                format!("\n{}", super::amqp::NO_BROKER)
+            } else {
+                String::new()
+            };
+            Err(format!("/health stayed {code} (wanted {status}): {body}{hint}"))
         }
     })
     .await
