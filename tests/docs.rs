@@ -30,6 +30,10 @@ const MARKS: &[&str] = &[
     "js node",
     "js browser",
     "rust excerpt",
+    // Copies of deploy/'s files, which tests/deploy.rs parses and checks against docs/deploy.md.
+    "yaml deploy",
+    "toml deploy",
+    "nginx deploy",
 ];
 
 /// One fenced block: where it is, its info string and its text.
