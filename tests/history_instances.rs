@@ -15,7 +15,8 @@ use serde_json::{json, Value};
 use common::amqp::{delete_quietly, HistoryCleanup};
 use common::bridge::{history_config, wait_attached_at};
 use common::history::{
-    assert_every_event_once, events, events_through, events_until_closed, publish_desktop, Publisher, Seen,
+    events, events_through, events_until_closed, publish_desktop, resume_elsewhere_with_every_event_once,
+    Publisher,
 };
 use common::process::BridgeProcess;
 use common::{Browser, Listener, TestBridge, DEADLINE};
@@ -267,57 +268,12 @@ async fn browsers_of_a_killed_instance_resume_on_another_with_every_event_once()
     })
     .await;
 
-    let mut resumed = Vec::new();
-    for seen in &before {
-        let last = seen.last().expect("each browser saw events before the kill");
-        let mut browser = Browser::connect(&survivor).await;
-        assert_eq!(
-            browser.resume(last.offset, &last.epoch).await,
-            json!({"op": "subscribed", "desks": ["A"], "recovered": {"A": true}}),
-            "a resume from offset {} (n = {}) on the surviving instance",
-            last.offset,
-            last.n
-        );
-        resumed.push(browser);
-    }
-    // Still publishing: each browser crosses from the replay into live delivery meanwhile.
-    let live_from = publisher.published() + 200;
-    let mut after = Vec::new();
-    for browser in &mut resumed {
-        after.push(events_through(browser, live_from).await);
-    }
-    let total = publisher.stop();
-    for (browser, seen) in resumed.iter_mut().zip(&mut after) {
-        if seen.last().is_some_and(|event| event.n < total - 1) {
-            seen.extend(events_through(browser, total - 1).await);
-        }
-        browser.assert_quiet().await;
-    }
-
-    let on_survivor = events_through(&mut watcher, total - 1).await;
-    assert_every_event_once("the survivor's live browser", &on_survivor, total);
-    for (index, (before, after)) in before.iter().zip(&after).enumerate() {
-        let all: Vec<Seen> = before.iter().chain(after).cloned().collect();
-        let who = format!(
-            "browser {index} ({} events from the killed instance, {} after resuming)",
-            before.len(),
-            after.len()
-        );
-        assert_every_event_once(&who, &all, total);
-        let killed = &on_survivor[..before.len()];
-        assert_eq!(
-            before.as_slice(),
-            killed,
-            "{who}: the killed instance delivered each event at the offset the survivor did"
-        );
-    }
+    resume_elsewhere_with_every_event_once(survivor.addr, &before, publisher, &mut watcher, "killed").await;
     survivor
         .wait_metric_at_least("deskbridge_history_replayed_total", 1)
         .await;
 
-    watcher.assert_quiet().await;
-
-    drop((browsers, resumed, watcher, presence, doomed));
+    drop((browsers, watcher, presence, doomed));
     survivor.shut_down().await;
 }
 

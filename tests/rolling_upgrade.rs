@@ -7,14 +7,11 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use serde_json::json;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
 use common::amqp::HistoryCleanup;
 use common::bridge::{history_config, wait_attached_at};
-use common::history::{
-    assert_every_event_once, events, events_through, events_until_closed, Publisher, Seen,
-};
+use common::history::{events, events_until_closed, resume_elsewhere_with_every_event_once, Publisher};
 use common::process::BridgeProcess;
 use common::{Browser, DEADLINE};
 
@@ -77,51 +74,8 @@ async fn browsers_of_an_instance_stopped_by_sigterm_resume_on_the_next_with_ever
 
     // Each browser reconnects (through the load balancer, to the instance left) and resumes
     // after the last event it saw.
-    let mut resumed = Vec::new();
-    for seen in &before {
-        let last: &Seen = seen.last().expect("each browser saw events before the stop");
-        let mut browser = Browser::connect_to(new.addr).await;
-        assert_eq!(
-            browser.resume(last.offset, &last.epoch).await,
-            json!({"op": "subscribed", "desks": ["A"], "recovered": {"A": true}}),
-            "a resume from offset {} (n = {}) on the new instance",
-            last.offset,
-            last.n
-        );
-        resumed.push(browser);
-    }
-    // Still publishing: each resumed browser crosses from the replay into live delivery.
-    let live_from = publisher.published() + 200;
-    let mut after = Vec::new();
-    for browser in &mut resumed {
-        after.push(events_through(browser, live_from).await);
-    }
-    let total = publisher.stop();
-    for (browser, seen) in resumed.iter_mut().zip(&mut after) {
-        if seen.last().is_some_and(|event| event.n < total - 1) {
-            seen.extend(events_through(browser, total - 1).await);
-        }
-        browser.assert_quiet().await;
-    }
+    resume_elsewhere_with_every_event_once(new.addr, &before, publisher, &mut watcher, "old").await;
 
-    let on_new = events_through(&mut watcher, total - 1).await;
-    assert_every_event_once("the new instance's live browser", &on_new, total);
-    for (index, (before, after)) in before.iter().zip(&after).enumerate() {
-        let all: Vec<Seen> = before.iter().chain(after).cloned().collect();
-        let who = format!(
-            "browser {index} ({} events from the old instance, {} after resuming on the new one)",
-            before.len(),
-            after.len()
-        );
-        assert_every_event_once(&who, &all, total);
-        assert_eq!(
-            before.as_slice(),
-            &on_new[..before.len()],
-            "{who}: the old instance delivered each event at the offset the new one did"
-        );
-    }
-    watcher.assert_quiet().await;
-
-    drop((browsers, resumed, watcher));
+    drop((browsers, watcher));
     new.stop();
 }

@@ -178,3 +178,61 @@ impl Drop for Publisher {
         }
     }
 }
+
+/// The browsers that saw `before` on an instance that went away resume on the one at `addr`
+/// (`since` the last event each saw: it must be recovered) while `publisher` goes on; then the
+/// publisher stops, and each must have had every event once, in order, at the offsets that
+/// `watcher` (live on `addr` throughout) saw. `gone` names the old instance in messages.
+pub async fn resume_elsewhere_with_every_event_once(
+    addr: std::net::SocketAddr,
+    before: &[Vec<Seen>],
+    publisher: Publisher,
+    watcher: &mut Browser,
+    gone: &str,
+) {
+    let mut resumed = Vec::new();
+    for seen in before {
+        let last = seen
+            .last()
+            .expect("each browser saw events before its instance went");
+        let mut browser = Browser::connect_to(addr).await;
+        assert_eq!(
+            browser.resume(last.offset, &last.epoch).await,
+            json!({"op": "subscribed", "desks": ["A"], "recovered": {"A": true}}),
+            "a resume from offset {} (n = {}) after the {gone} instance went",
+            last.offset,
+            last.n
+        );
+        resumed.push(browser);
+    }
+    // Still publishing: each resumed browser crosses from the replay into live delivery.
+    let live_from = publisher.published() + 200;
+    let mut after = Vec::new();
+    for browser in &mut resumed {
+        after.push(events_through(browser, live_from).await);
+    }
+    let total = publisher.stop();
+    for (browser, seen) in resumed.iter_mut().zip(&mut after) {
+        if seen.last().is_some_and(|event| event.n < total - 1) {
+            seen.extend(events_through(browser, total - 1).await);
+        }
+        browser.assert_quiet().await;
+    }
+    let live = events_through(watcher, total - 1).await;
+    assert_every_event_once("the live browser on the instance left", &live, total);
+    for (index, (before, after)) in before.iter().zip(&after).enumerate() {
+        let all: Vec<Seen> = before.iter().chain(after).cloned().collect();
+        let who = format!(
+            "browser {index} ({} events from the {gone} instance, {} after resuming)",
+            before.len(),
+            after.len()
+        );
+        assert_every_event_once(&who, &all, total);
+        assert_eq!(
+            before.as_slice(),
+            &live[..before.len()],
+            "{who}: the {gone} instance delivered each event at the offset the other did"
+        );
+    }
+    watcher.assert_quiet().await;
+}
