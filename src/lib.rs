@@ -107,6 +107,9 @@ pub struct Bridge {
 /// they are up.
 pub async fn start(config: Config, mut transforms: Transforms) -> Result<Bridge, StartError> {
     let verifier = Verifier::from_config(&config.auth).map_err(StartError::Keys)?;
+    // Bound before any actor starts: a router started on a failed start would run its
+    // `started` after the caller's runtime is gone, and panic there.
+    let listeners = bind_http(&config)?;
     let config = Arc::new(config);
     let catalog = Arc::new(Catalog::new(&config.desks, &config.events));
     transforms.resolve(catalog.desks(), catalog.events());
@@ -149,7 +152,7 @@ pub async fn start(config: Config, mut transforms: Transforms) -> Result<Bridge,
         session_tasks: TaskTracker::new(),
     });
     let session_tasks = state.session_tasks.clone();
-    let (addr, server) = serve_http(&config, state)?;
+    let (addr, server) = serve_http(&config, state, listeners)?;
 
     // The AMQP workers start only once the port is ours: a failed start leaves nothing running.
     let (publisher, consumer) = spawn_workers(
@@ -225,23 +228,34 @@ fn spawn_workers(
     Ok((publisher, consumer))
 }
 
-/// Binds the configured address and builds the HTTP server on it (not yet running).
+/// Binds the configured address.
+fn bind_http(config: &Config) -> Result<Vec<std::net::TcpListener>, StartError> {
+    http::bind(&config.bind).map_err(|source| bind_error(config, source))
+}
+
+fn bind_error(config: &Config, source: std::io::Error) -> StartError {
+    StartError::Bind {
+        addr: config.bind.clone(),
+        source,
+    }
+}
+
+/// Builds the HTTP server on the bound `listeners` (not yet running).
 fn serve_http(
     config: &Config,
     state: web::Data<AppState>,
+    listeners: Vec<std::net::TcpListener>,
 ) -> Result<(SocketAddr, actix_web::dev::Server), StartError> {
     let workers = match config.workers {
         0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
         n => n,
     };
-    let bind_error = |source| StartError::Bind {
-        addr: config.bind.clone(),
-        source,
-    };
-    let listeners = http::bind(&config.bind).map_err(bind_error)?;
     // `bind` returns at least one listener, and a bound listener has an address.
-    let addr = listeners[0].local_addr().map_err(bind_error)?;
-    let server = http::server(state, listeners, workers, config.shutdown_timeout()).map_err(bind_error)?;
+    let addr = listeners[0]
+        .local_addr()
+        .map_err(|source| bind_error(config, source))?;
+    let server = http::server(state, listeners, workers, config.shutdown_timeout())
+        .map_err(|source| bind_error(config, source))?;
     Ok((addr, server))
 }
 

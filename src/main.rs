@@ -113,7 +113,8 @@ async fn run(config: Config) -> ExitCode {
     let transforms = Transforms::from_rules(&config.transforms);
     let bridge = match deskbridge::start(config, transforms).await {
         Ok(bridge) => bridge,
-        Err(error @ StartError::Keys(_)) => {
+        // Both are fixed by the configuration, like the errors found while reading it.
+        Err(error @ (StartError::Keys(_) | StartError::Bind { .. })) => {
             eprintln!("deskbridge: {error}");
             return ExitCode::from(2);
         }

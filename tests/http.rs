@@ -116,6 +116,30 @@ fn a_taken_port_is_refused_with_a_clear_error() {
     delete_topology(&config);
 }
 
+#[test]
+fn the_binary_on_a_taken_port_prints_the_message_and_exits_2_without_a_panic() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("a port");
+    let addr = taken.local_addr().expect("addr").to_string();
+    let mut config = test_config("takenbin");
+    config.bind = addr.clone();
+    let file = ConfigFile::write(&common::process::config_toml(&config));
+    let output = bridge_command(env!("CARGO_BIN_EXE_deskbridge"), file.path())
+        .env("RUST_BACKTRACE", "1")
+        .output()
+        .expect("run deskbridge");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains(&format!("cannot listen on {addr}")) && stderr.contains("--bind"),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains("panicked") && !stderr.contains("backtrace"),
+        "nothing but the message: {stderr}"
+    );
+    delete_topology(&config);
+}
+
 /// A WebSocket handshake request for `path`, with or without its `Sec-WebSocket-Key`.
 fn handshake(path: &str, key: bool) -> String {
     let key = if key {
