@@ -558,3 +558,116 @@ async fn a_desktop_message_for_one_session_reaches_only_that_session() {
     subscribed.assert_quiet().await; // the desk's subscribers did not get any of them
     target.assert_quiet().await;
 }
+
+/// Numbers as a price feed or an identifier scheme writes them: none survives a round trip
+/// through an `f64` as written.
+const EXACT: [&str; 3] = [
+    "101.50",
+    "123456789012345678901234567890",
+    "0.1000000000000000055511151231257827",
+];
+
+/// `data` with each of [`EXACT`] as written.
+fn exact_data() -> String {
+    format!(r#"{{"px":{},"id":{},"p":{}}}"#, EXACT[0], EXACT[1], EXACT[2])
+}
+
+fn assert_exact(text: &str, way: &str) {
+    for number in EXACT {
+        assert!(
+            text.contains(&format!(":{number}")),
+            "{way}: `{number}` arrives as written: {text}"
+        );
+    }
+}
+
+/// The next text frame as the bridge wrote it.
+async fn recv_text(browser: &mut Browser) -> String {
+    loop {
+        match browser.next_frame().await {
+            Some(tokio_tungstenite::tungstenite::Message::Text(text)) => return text.to_string(),
+            Some(tokio_tungstenite::tungstenite::Message::Ping(_)) => continue,
+            other => panic!("expected a text frame, got {other:?}"),
+        }
+    }
+}
+
+/// Every way `data` travels: desktop → web, web → desktop, web → web, a reply to a desktop
+/// request.
+async fn numbers_travel_exactly(config: deskbridge::Config, way: &str) {
+    let bridge = TestBridge::start_healthy(config).await;
+    let inbound = bridge.config.amqp.inbound_exchange.clone();
+    let outbound = bridge.config.amqp.outbound_exchange.clone();
+    let listener = Listener::bind(&outbound, &["A_new_example"]);
+    let answers = Listener::bind(&outbound, &[]);
+    let mut sender = Browser::connect(&bridge).await;
+    let mut peer = Browser::connect(&bridge).await;
+    sender.subscribe(&["A"]).await;
+    peer.subscribe(&["A"]).await;
+    let data = exact_data();
+
+    let mut desktop = Desktop::connect();
+    desktop.publish_with(
+        &inbound,
+        "A_new_example",
+        data.as_bytes(),
+        AmqpProperties::default(),
+    );
+    assert_exact(&recv_text(&mut peer).await, &format!("{way}, desktop → web"));
+    assert_exact(&recv_text(&mut sender).await, &format!("{way}, desktop → web"));
+
+    sender
+        .send_text(&format!(
+            r#"{{"op":"publish","desk":"A","event":"new_example","data":{data},"ref":"p1","ttl_ms":60000}}"#
+        ))
+        .await;
+    assert_eq!(sender.recv().await["op"], "ack");
+    let body = listener.next().body;
+    assert_exact(&String::from_utf8_lossy(&body), &format!("{way}, web → desktop"));
+    assert_exact(&recv_text(&mut peer).await, &format!("{way}, web → web"));
+
+    let mut headers = amiquip::FieldTable::new();
+    headers.insert("x-to-session".into(), AmqpValue::LongString(peer.session.clone()));
+    let ask = AmqpProperties::default()
+        .with_headers(headers)
+        .with_message_id("ask-n".into())
+        .with_reply_to(answers.queue.clone())
+        .with_correlation_id("n".into());
+    desktop.publish_with(&inbound, "A_new_example", data.as_bytes(), ask);
+    let event = recv_text(&mut peer).await;
+    assert_exact(&event, &format!("{way}, desktop request"));
+    peer.send_text(&format!(
+        r#"{{"op":"reply","reply_id":"ask-n","data":{data},"ref":"r1"}}"#
+    ))
+    .await;
+    assert_eq!(peer.recv().await["op"], "ack");
+    assert_exact(
+        &String::from_utf8_lossy(&answers.next().body),
+        &format!("{way}, reply"),
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn numbers_travel_exactly_as_written_in_every_direction() {
+    numbers_travel_exactly(test_config("exact"), "no transform").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn numbers_travel_exactly_as_written_through_transforms() {
+    let mut config = test_config("exacttr");
+    #[derive(serde::Deserialize)]
+    struct Rules {
+        transforms: Vec<TransformRule>,
+    }
+    let rules = r#"
+        [[transforms]]
+        direction = "to_web"
+        set = { via = "t" }
+
+        [[transforms]]
+        direction = "to_desktop"
+        set = { via = "t" }
+    "#;
+    config.transforms = toml::from_str::<Rules>(rules).expect("rules parse").transforms;
+    numbers_travel_exactly(config, "with transforms").await;
+}
