@@ -589,20 +589,74 @@ mod tests {
                     ttl_ms: None,
                 },
             ),
-            (
-                r#"{"op":"request","desk":"A","event":"new_example","data":{"px":101.50},"timeout_ms":5000,"ttl_ms":60000}"#,
-                ClientFrame::Request {
-                    desk: "A".into(),
-                    event: "new_example".into(),
-                    data: serde_json::from_str(r#"{"px":101.50}"#).unwrap_or_default(),
-                    reference: None,
-                    timeout_ms: Some(5000),
-                    ttl_ms: Some(60000),
-                },
-            ),
         ];
         for (text, expected) in cases {
             assert_eq!(parse_client_frame(text), Ok(expected), "{text}");
+        }
+    }
+
+    #[test]
+    fn numbers_keep_their_text_and_numeric_fields_parse_in_every_op() {
+        let exact =
+            r#"{"px":101.50,"id":123456789012345678901234567890,"p":0.1000000000000000055511151231257827}"#;
+        let publish = format!(r#"{{"op":"publish","desk":"A","event":"e","data":{exact},"ttl_ms":5000}}"#);
+        let Ok(ClientFrame::Publish { data, ttl_ms, .. }) = parse_client_frame(&publish) else {
+            panic!("publish parses: {publish}");
+        };
+        assert_eq!(ttl_ms, Some(5000));
+        assert_eq!(
+            serde_json::to_string(&data).expect("serializes"),
+            exact,
+            "data's numbers travel as written"
+        );
+        let request = format!(
+            r#"{{"op":"request","desk":"A","event":"e","data":{exact},"timeout_ms":2000,"ttl_ms":7}}"#
+        );
+        let Ok(ClientFrame::Request {
+            data,
+            timeout_ms,
+            ttl_ms,
+            ..
+        }) = parse_client_frame(&request)
+        else {
+            panic!("request parses: {request}");
+        };
+        assert_eq!((timeout_ms, ttl_ms), (Some(2000), Some(7)));
+        assert_eq!(serde_json::to_string(&data).expect("serializes"), exact);
+        let reply = format!(r#"{{"op":"reply","reply_id":"r","data":{exact}}}"#);
+        let Ok(ClientFrame::Reply { data, .. }) = parse_client_frame(&reply) else {
+            panic!("reply parses: {reply}");
+        };
+        assert_eq!(serde_json::to_string(&data).expect("serializes"), exact);
+        // serde_json's parser writes an exponent's sign out: `1e3` travels as `1e+3`, the same
+        // number (only data kept unparsed would keep it as written).
+        let exponent = r#"{"op":"reply","reply_id":"r","data":{"n":1e3}}"#;
+        let Ok(ClientFrame::Reply { data, .. }) = parse_client_frame(exponent) else {
+            panic!("reply parses: {exponent}");
+        };
+        assert_eq!(serde_json::to_string(&data).expect("serializes"), r#"{"n":1e+3}"#);
+        let since =
+            r#"{"op":"subscribe","desks":["A","B"],"since":{"A":{"offset":9,"epoch":"e"},"B":{"last":5}}}"#;
+        assert!(
+            matches!(
+                parse_client_frame(since),
+                Ok(ClientFrame::Subscribe { since: Some(_), .. })
+            ),
+            "{since}"
+        );
+        for wrong in [
+            r#"{"op":"publish","desk":"A","event":"e","data":{},"ttl_ms":-1}"#,
+            r#"{"op":"publish","desk":"A","event":"e","data":{},"ttl_ms":1.5}"#,
+            r#"{"op":"request","desk":"A","event":"e","data":{},"timeout_ms":"7"}"#,
+            r#"{"op":"subscribe","desks":["A"],"since":{"A":{"offset":-3,"epoch":"e"}}}"#,
+        ] {
+            let refusal = parse_client_frame(wrong).expect_err(wrong);
+            assert_eq!(
+                refusal.code,
+                ErrorCode::BadRequest,
+                "{wrong}: {}",
+                refusal.message
+            );
         }
     }
 

@@ -525,3 +525,154 @@ async fn live_runs_keep_each_desks_order_with_targeted_events_and_web_publishes_
     bridge.shut_down().await;
     delete_history(&config);
 }
+
+/// Desktop events `{"n": 0..}` on desk A at a steady rate, from a thread of their own.
+struct Traffic {
+    published: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Traffic {
+    fn start(config: &Config, per_second: u64) -> Traffic {
+        use std::sync::atomic::Ordering;
+        let published = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let exchange = config.amqp.inbound_exchange.clone();
+        let thread = std::thread::spawn({
+            let (published, stop) = (published.clone(), stop.clone());
+            move || {
+                let mut connection = common::amqp::broker();
+                let channel = connection.open_channel(None).expect("channel");
+                let began = std::time::Instant::now();
+                let mut n = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    // Paced by the clock, one event at a time (no waiting for confirms), so
+                    // events arrive all the time, as from a busy desktop app.
+                    let due = began + std::time::Duration::from_micros(n * 1_000_000 / per_second);
+                    if let Some(wait) = due.checked_duration_since(std::time::Instant::now()) {
+                        std::thread::sleep(wait);
+                    }
+                    let body = serde_json::to_vec(&json!({"n": n})).expect("json");
+                    channel
+                        .basic_publish(
+                            exchange.as_str(),
+                            amiquip::Publish::new(&body, key("A", "new_example")),
+                        )
+                        .expect("publish");
+                    n += 1;
+                    published.store(n, Ordering::Relaxed);
+                }
+                let _ = connection.close();
+            }
+        });
+        Traffic {
+            published,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// How many events were sent so far.
+    fn published(&self) -> u64 {
+        self.published.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl Drop for Traffic {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// The value of counter `name` on the bridge's `/metrics`.
+async fn counter(bridge: &TestBridge, name: &str) -> u64 {
+    let (_, body) = common::http::http_get(bridge.addr, "/metrics").await;
+    body.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse::<f64>().ok())
+        .unwrap_or(0.0) as u64
+}
+
+#[actix_web::test]
+async fn a_resume_read_from_the_stream_under_steady_traffic_reaches_live_and_stays_there() {
+    let mut config = history_config("tolive");
+    // A tail of about 4 000 events (over a second of this traffic); the resume below starts
+    // 15 000 events back. At this rate the unfixed bridge chased the tail for ever: a live
+    // batch came in during nearly every replay.
+    config.history.memory_bytes = 1024 * 1024;
+    config.history.replay_batch = 200;
+    let bridge = ready_bridge(config.clone()).await;
+    let mut first = Browser::connect(&bridge).await;
+    first.subscribe(&["A"]).await;
+    let traffic = Traffic::start(&config, 3_000);
+    let frame = first.recv().await;
+    let (mut next, after) = (
+        frame["data"]["n"].as_u64().expect("n") + 1,
+        frame["offset"].as_u64().expect("offset"),
+    );
+    let epoch = frame["epoch"].as_str().expect("epoch").to_owned();
+    drop(first);
+    common::poll(common::DEADLINE, std::time::Duration::from_millis(20), || {
+        let sent = traffic.published();
+        async move {
+            if sent >= 15_000 {
+                Ok(())
+            } else {
+                Err(format!("only {sent} sent"))
+            }
+        }
+    })
+    .await;
+
+    // The attach probes resumed too.
+    let caught_up = counter(&bridge, "deskbridge_history_caught_up_total").await;
+    let mut back = Browser::connect(&bridge).await;
+    assert_eq!(
+        back.resume(after, &epoch).await,
+        json!({"op": "subscribed", "desks": ["A"], "recovered": {"A": true}})
+    );
+    // Every event once and in order, until the session is live: a bound set by the replay's
+    // speed, not by how long the traffic lasts (before the fix it chased the tail for ever).
+    let live_by = std::time::Instant::now() + std::time::Duration::from_secs(45);
+    loop {
+        for (n, _) in events(&mut back, 50).await {
+            assert_eq!(n, next, "every event once, in order");
+            next += 1;
+        }
+        if counter(&bridge, "deskbridge_history_caught_up_total").await > caught_up {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < live_by,
+            "the resumed session never went live (at n = {next}, {} sent)",
+            traffic.published()
+        );
+    }
+    // Live, and it stays so: another second of traffic arrives whole and in order with no
+    // more reads from the stream.
+    let replayed = counter(&bridge, "deskbridge_history_replayed_total").await;
+    let fresh = traffic.published() + 3_000;
+    while next <= fresh {
+        for (n, _) in events(&mut back, 1).await {
+            assert_eq!(n, next, "every event once, in order");
+            next += 1;
+        }
+    }
+    assert_eq!(
+        counter(&bridge, "deskbridge_history_replayed_total").await,
+        replayed,
+        "a live session reads nothing more from the stream"
+    );
+    assert_eq!(
+        counter(&bridge, "deskbridge_history_caught_up_total").await,
+        caught_up + 1,
+        "it went live once and never fell behind again"
+    );
+
+    drop((back, traffic));
+    bridge.shut_down().await;
+    delete_history(&config);
+}

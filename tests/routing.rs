@@ -189,88 +189,6 @@ async fn transforms_apply_in_both_directions() {
         .await;
 }
 
-/// Numbers as desktop apps and browsers write them: trailing zeros, more digits than an f64
-/// holds, more than a u64 holds, a negative zero, nested ones. (An exponent keeps its value and
-/// digits, but its letter and sign are written `e+`/`e-`: serde_json's exact-number mode.)
-const EXACT: &str = r#"{"px":101.50,"qty":1000,"big":123456789012345678901234567890,"f":0.1000000000000000055511151231257827,"neg":-0.0,"nested":{"px":[99.990,1.0e-7]}}"#;
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn numbers_travel_exactly_as_written_both_ways_with_and_without_transforms() {
-    let mut config = test_config("exact-numbers");
-    // Desk A has a rule each way; desk B has none.
-    let rules = r#"
-        [[transforms]]
-        desk = "A"
-        direction = "to_web"
-        set = { via = "A" }
-
-        [[transforms]]
-        desk = "A"
-        direction = "to_desktop"
-        rename = { px = "Px" }
-    "#;
-    #[derive(serde::Deserialize)]
-    struct Rules {
-        transforms: Vec<TransformRule>,
-    }
-    config.transforms = toml::from_str::<Rules>(rules).expect("rules parse").transforms;
-    let bridge = TestBridge::start_healthy(config).await;
-    let mut browser = Browser::connect(&bridge).await;
-    let mut peer = Browser::connect(&bridge).await;
-    browser.subscribe(&["A", "B"]).await;
-    peer.subscribe(&["A", "B"]).await;
-    let listener = Listener::bind(
-        &bridge.config.amqp.outbound_exchange,
-        &["A_new_example", "B_new_example"],
-    );
-    let mut desktop = Desktop::connect();
-    let inbound = bridge.config.amqp.inbound_exchange.clone();
-    let exact_fields = &EXACT[1..EXACT.len() - 1];
-
-    // Desktop → web.
-    let props = || AmqpProperties::default().with_content_type("application/json".into());
-    desktop.publish_with(&inbound, "B_new_example", EXACT.as_bytes(), props());
-    let event = browser.recv_text().await;
-    assert!(
-        event.contains(&format!(r#""data":{EXACT}"#)),
-        "desk B, no transform: {event}"
-    );
-    desktop.publish_with(&inbound, "A_new_example", EXACT.as_bytes(), props());
-    let event = browser.recv_text().await;
-    assert!(
-        event.contains(&format!(r#""data":{{{exact_fields},"via":"A"}}"#)),
-        "desk A, after a transform: {event}"
-    );
-    assert_eq!(peer.recv().await["desk"], "B");
-    assert_eq!(peer.recv().await["desk"], "A");
-
-    // Web → desktop, and web → web. (A rename moves the renamed field to the end.)
-    let renamed = r#"{"qty":1000,"big":123456789012345678901234567890,"f":0.1000000000000000055511151231257827,"neg":-0.0,"nested":{"px":[99.990,1.0e-7]},"Px":101.50}"#;
-    for (desk, expected_body) in [("B", EXACT), ("A", renamed)] {
-        browser
-            .send_text(&format!(
-                r#"{{"op":"publish","desk":"{desk}","event":"new_example","ref":"{desk}","data":{EXACT}}}"#
-            ))
-            .await;
-        let ack = browser.recv().await;
-        assert_eq!(
-            (ack["op"].as_str(), ack["ref"].as_str()),
-            (Some("ack"), Some(desk)),
-            "{ack}"
-        );
-        let body = String::from_utf8(listener.next().body).expect("UTF-8 body");
-        assert_eq!(
-            body, expected_body,
-            "desk {desk}: the desktop gets the numbers as written"
-        );
-        let event = peer.recv_text().await;
-        assert!(
-            event.contains(&format!(r#""data":{EXACT}"#)),
-            "desk {desk}, web → web: {event}"
-        );
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn code_registered_transforms_run() {
     struct Stamp;
@@ -639,4 +557,106 @@ async fn a_desktop_message_for_one_session_reaches_only_that_session() {
     bridge.wait_metric("deskbridge_undeliverable_total 2").await;
     subscribed.assert_quiet().await; // the desk's subscribers did not get any of them
     target.assert_quiet().await;
+}
+
+/// Numbers as a price feed or an identifier scheme writes them: none survives a round trip
+/// through an `f64` as written.
+const EXACT: [&str; 3] = [
+    "101.50",
+    "123456789012345678901234567890",
+    "0.1000000000000000055511151231257827",
+];
+
+/// `data` with each of [`EXACT`] as written.
+fn exact_data() -> String {
+    format!(r#"{{"px":{},"id":{},"p":{}}}"#, EXACT[0], EXACT[1], EXACT[2])
+}
+
+fn assert_exact(text: &str, way: &str) {
+    for number in EXACT {
+        assert!(
+            text.contains(&format!(":{number}")),
+            "{way}: `{number}` arrives as written: {text}"
+        );
+    }
+}
+
+/// Every way `data` travels: desktop → web, web → desktop, web → web, a reply to a desktop
+/// request.
+async fn numbers_travel_exactly(config: deskbridge::Config, way: &str) {
+    let bridge = TestBridge::start_healthy(config).await;
+    let inbound = bridge.config.amqp.inbound_exchange.clone();
+    let outbound = bridge.config.amqp.outbound_exchange.clone();
+    let listener = Listener::bind(&outbound, &["A_new_example"]);
+    let answers = Listener::bind(&outbound, &[]);
+    let mut sender = Browser::connect(&bridge).await;
+    let mut peer = Browser::connect(&bridge).await;
+    sender.subscribe(&["A"]).await;
+    peer.subscribe(&["A"]).await;
+    let data = exact_data();
+
+    let mut desktop = Desktop::connect();
+    desktop.publish_with(
+        &inbound,
+        "A_new_example",
+        data.as_bytes(),
+        AmqpProperties::default(),
+    );
+    assert_exact(&peer.recv_text().await, &format!("{way}, desktop → web"));
+    assert_exact(&sender.recv_text().await, &format!("{way}, desktop → web"));
+
+    sender
+        .send_text(&format!(
+            r#"{{"op":"publish","desk":"A","event":"new_example","data":{data},"ref":"p1","ttl_ms":60000}}"#
+        ))
+        .await;
+    assert_eq!(sender.recv().await["op"], "ack");
+    let body = listener.next().body;
+    assert_exact(&String::from_utf8_lossy(&body), &format!("{way}, web → desktop"));
+    assert_exact(&peer.recv_text().await, &format!("{way}, web → web"));
+
+    let mut headers = amiquip::FieldTable::new();
+    headers.insert("x-to-session".into(), AmqpValue::LongString(peer.session.clone()));
+    let ask = AmqpProperties::default()
+        .with_headers(headers)
+        .with_message_id("ask-n".into())
+        .with_reply_to(answers.queue.clone())
+        .with_correlation_id("n".into());
+    desktop.publish_with(&inbound, "A_new_example", data.as_bytes(), ask);
+    let event = peer.recv_text().await;
+    assert_exact(&event, &format!("{way}, desktop request"));
+    peer.send_text(&format!(
+        r#"{{"op":"reply","reply_id":"ask-n","data":{data},"ref":"r1"}}"#
+    ))
+    .await;
+    assert_eq!(peer.recv().await["op"], "ack");
+    assert_exact(
+        &String::from_utf8_lossy(&answers.next().body),
+        &format!("{way}, reply"),
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn numbers_travel_exactly_as_written_in_every_direction() {
+    numbers_travel_exactly(test_config("exact"), "no transform").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn numbers_travel_exactly_as_written_through_transforms() {
+    let mut config = test_config("exacttr");
+    #[derive(serde::Deserialize)]
+    struct Rules {
+        transforms: Vec<TransformRule>,
+    }
+    let rules = r#"
+        [[transforms]]
+        direction = "to_web"
+        set = { via = "t" }
+
+        [[transforms]]
+        direction = "to_desktop"
+        set = { via = "t" }
+    "#;
+    config.transforms = toml::from_str::<Rules>(rules).expect("rules parse").transforms;
+    numbers_travel_exactly(config, "with transforms").await;
 }

@@ -341,7 +341,130 @@ async fn recovery(args: &Args) {
     let other = start_bridge(args, &streams).await;
     print_row(&recovery_row(args, &other, (offset, &epoch), count, "stream").await);
     other.stop();
+    print_row(&to_live(args, &streams, (offset, &epoch), count).await);
     drop(streams);
+}
+
+/// Desktop events of desk A from `seq` on at `per_second`, paced by the clock, on a thread of
+/// their own until the returned flag is set; the counter says how many were sent.
+fn live_traffic(
+    args: &Args,
+    seq: u64,
+    per_second: u64,
+) -> (
+    Arc<std::sync::atomic::AtomicBool>,
+    Arc<std::sync::atomic::AtomicU64>,
+    std::thread::JoinHandle<()>,
+) {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    let stop = Arc::new(AtomicBool::new(false));
+    let sent = Arc::new(AtomicU64::new(0));
+    let url = args.amqp_url.clone();
+    let thread = std::thread::spawn({
+        let (stop, sent) = (Arc::clone(&stop), Arc::clone(&sent));
+        move || {
+            let mut connection = bench_broker(&url);
+            let channel = connection.open_channel(None).expect("channel");
+            let (began, epoch) = (Instant::now(), Instant::now());
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let due = began + Duration::from_micros(n * 1_000_000 / per_second);
+                if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                    std::thread::sleep(wait);
+                }
+                let text = body(seq + n, epoch);
+                channel
+                    .basic_publish(
+                        NAMES.inbound,
+                        amiquip::Publish::new(text.as_bytes(), "A_new_example"),
+                    )
+                    .expect("publish");
+                n += 1;
+                sent.store(n, Ordering::Relaxed);
+            }
+            let _ = connection.close();
+        }
+    });
+    (stop, sent, thread)
+}
+
+/// Live desktop traffic while a browser resumes `count` events from the stream (issue #21):
+/// how long until it is live (`deskbridge_history_caught_up_total` moves), and how far behind
+/// the newest event it is then.
+async fn to_live(args: &Args, streams: &Arc<Streams>, (offset, epoch): (u64, &str), count: usize) -> Value {
+    const RATE: u64 = 1_000;
+    let mut config = streams.config.clone();
+    // The tail the soak of #21 ran with: its memory holds about a quarter second of this traffic.
+    config.history.memory_bytes = 256 * 1024;
+    let process = launch_bridge(args, &config).await;
+    super::common::bridge::wait_attached_at(process.addr, &["A", "B"]).await;
+    let bridge = Bridge {
+        process: Some(process),
+        streams: Some(Arc::clone(streams)),
+    };
+    let (stop, sent, traffic) = live_traffic(args, count as u64 + 1, RATE);
+    // Until the memory tail is full and moving.
+    while sent.load(std::sync::atomic::Ordering::Relaxed) < 2 * RATE {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let series = "deskbridge_history_caught_up_total";
+    let before = metric(&bridge, series).await.unwrap_or(0.0);
+    let replayed_before = metric(&bridge, "deskbridge_history_replayed_total")
+        .await
+        .unwrap_or(0.0);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let (mut ws, _) = tokio_tungstenite::connect_async(ws_url(bridge.addr))
+        .await
+        .expect("the browser connects");
+    let _welcome = next_text(&mut ws).await;
+    let since = format!(
+        r#"{{"op":"subscribe","desks":["A"],"since":{{"A":{{"offset":{offset},"epoch":"{epoch}"}}}}}}"#
+    );
+    let asked = Instant::now();
+    ws.send(Message::Text(since)).await.expect("send subscribe");
+    let (mut next, mut out_of_order, mut live_after, mut lag) = (1u64, 0u64, None, None);
+    let mut checked = Instant::now();
+    loop {
+        let frame = match tokio::time::timeout_at(deadline, ws.next()).await {
+            Ok(Some(Ok(Message::Text(text)))) => text,
+            Ok(Some(Ok(_))) => continue,
+            _ => break,
+        };
+        if let Some(seq) = field_u64(&frame, "\"seq\":").filter(|_| frame.starts_with(r#"{"op":"event""#)) {
+            if seq != next {
+                out_of_order += 1;
+            }
+            next = seq + 1;
+        }
+        if checked.elapsed() >= Duration::from_millis(50) {
+            checked = Instant::now();
+            if metric(&bridge, series).await.unwrap_or(0.0) > before {
+                live_after = Some(asked.elapsed().as_secs_f64());
+                let newest = count as u64 + sent.load(std::sync::atomic::Ordering::Relaxed);
+                lag = Some(newest.saturating_sub(next - 1));
+                break;
+            }
+        }
+    }
+    let replayed = metric(&bridge, "deskbridge_history_replayed_total")
+        .await
+        .unwrap_or(0.0)
+        - replayed_before;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = traffic.join();
+    bridge.stop();
+    json!({
+        "scenario": "recovery",
+        "target": Target::DeskbridgeHistory.name(),
+        "source": "stream+live",
+        "events": count,
+        "live_rate": RATE,
+        "memory_bytes": config.history.memory_bytes,
+        "seconds_to_live": live_after,
+        "lag_events_when_live": lag,
+        "out_of_order": out_of_order,
+        "replayed_from_stream": replayed,
+    })
 }
 
 async fn recovery_row(
@@ -826,6 +949,11 @@ pub(super) fn row(result: &Value) -> String {
     };
     let target = result["target"].as_str().unwrap_or("");
     match result["scenario"].as_str().unwrap_or("") {
+        "recovery" if result["source"] == "stream+live" => format!(
+            "{target:<18} recovery from stream under {} msg/s live (memory_bytes {}) events={} live after={}s lag then={} events out_of_order={} replayed={}",
+            result["live_rate"], result["memory_bytes"], result["events"], f(&["seconds_to_live"]),
+            result["lag_events_when_live"], result["out_of_order"], result["replayed_from_stream"]
+        ),
         "recovery" => format!(
             "{target:<18} recovery from {:<6} events={} received={} lost={} out_of_order={} recovered={} events/s={} seconds={} cpu bridge={}s ({}µs/event) broker={}s replayed={} ended={}",
             result["source"].as_str().unwrap_or(""), result["events"], result["received"], result["lost"], result["out_of_order"],

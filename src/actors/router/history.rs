@@ -349,11 +349,16 @@ impl Router {
         }
         let covered = behind.after.is_some_and(|after| state.log.covers(after));
         if !covered {
+            // Up to the newest event seen, not to the oldest one held: by the time a read to
+            // the log's base returned, the base had moved on, and the session chased it one
+            // log behind for as long as traffic flowed. Read to the end, its cursor is where
+            // the log ended when it asked, which the log still covers unless more than its
+            // whole length came meanwhile.
             let request = ReplayRequest {
                 session,
                 desk: desk.to_owned(),
                 from: behind.after.map_or(Start::First, Start::At),
-                until: state.log.base().unwrap_or_default(),
+                until: state.log.last().unwrap_or_default(),
                 max_events: self.config.history.replay_batch,
                 keep_last: None,
             };
