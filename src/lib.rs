@@ -26,6 +26,7 @@ pub mod config;
 pub mod delivery;
 pub mod desk_log;
 pub mod fd_limit;
+pub mod heap;
 pub mod history;
 pub mod http;
 pub mod lane;
