@@ -10,8 +10,8 @@
 //! - what the actors talk through and report to: [`amqp`] (connect, topology), [`link`]
 //!   (link state for `/health`), [`metrics`], [`port_watch`], [`backoff`], [`tag_queue`].
 //! - pure types and rules, no I/O: [`protocol`] (wire types), [`config`], [`catalog`] (desks,
-//!   events, routing keys), [`transform`], [`broker_url`], [`panics`], [`fd_limit`],
-//!   [`frame_limit`] (`ws.max_frame_bytes` on frame headers), [`host`] (the loopback `Host`
+//!   events, routing keys), [`transform`], [`broker_url`], [`panics`], [`fd_limit`], [`heap`]
+//!   (freed memory back to the OS), [`frame_limit`] (`ws.max_frame_bytes` on frame headers), [`host`] (the loopback `Host`
 //!   check), [`log_text`] (untrusted text made safe for a log line).
 //! - beside them, for the binary only: [`probe`] (`deskbridge health`, the image's health check).
 //!
@@ -30,6 +30,7 @@ pub mod delivery;
 pub mod desk_log;
 pub mod fd_limit;
 pub mod frame_limit;
+pub mod heap;
 pub mod history;
 pub mod host;
 pub mod http;

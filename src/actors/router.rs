@@ -63,6 +63,8 @@ pub struct Router {
     requests: requests::Requests,
     /// Who watches which desk, and the other instances' sessions.
     presence: presence::Presence,
+    /// A session ended since the heap was last trimmed (see `heartbeat`).
+    ended_since_trim: bool,
 }
 
 impl Router {
@@ -97,6 +99,7 @@ impl Router {
             publisher,
             metrics,
             shutting_down: false,
+            ended_since_trim: false,
         }
     }
 
@@ -240,6 +243,7 @@ impl Router {
         let Some(entry) = self.sessions.remove(&session) else {
             return;
         };
+        self.ended_since_trim = true;
         for desk in &entry.desks {
             if let Some(subscribers) = self.desks.get_mut(desk) {
                 subscribers.remove(&session);

@@ -23,6 +23,12 @@ impl Router {
 
     /// Pings every session that showed life in time and closes the others.
     fn sweep(&mut self) {
+        // With nobody left, what the sessions held is free (their lanes went with them by
+        // the next tick): give it back, once per time the bridge emptied, not per session.
+        if self.sessions.is_empty() && self.ended_since_trim {
+            self.ended_since_trim = false;
+            crate::heap::release_free_memory();
+        }
         let timeout = Duration::from_millis(self.config.ws.client_timeout_ms);
         let ping = Frame::ping();
         for (id, entry) in &self.sessions {
