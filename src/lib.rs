@@ -11,8 +11,8 @@
 //!   (link state for `/health`), [`metrics`], [`port_watch`], [`backoff`], [`tag_queue`].
 //! - pure types and rules, no I/O: [`protocol`] (wire types), [`config`], [`catalog`] (desks,
 //!   events, routing keys), [`transform`], [`broker_url`], [`panics`], [`fd_limit`], [`heap`]
-//!   (freed memory back to the OS), [`frame_limit`] (`ws.max_frame_bytes` on frame headers), [`host`] (the loopback `Host`
-//!   check), [`log_text`] (untrusted text made safe for a log line).
+//!   (freed memory back to the OS), [`frame_limit`] (`ws.max_frame_bytes` on frame headers),
+//!   [`host`] (the loopback `Host` check), [`log_text`] (untrusted text made safe for a log line).
 //! - beside them, for the binary only: [`probe`] (`deskbridge health`, the image's health check).
 //!
 //! [`start`] wires them together and returns a [`Bridge`]; `main.rs` only parses the
