@@ -348,6 +348,57 @@ async fn a_message_the_broker_refuses_fails_alone_and_holds_nobody_else() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_right_behind_a_refused_message_keeps_the_connection() {
+    use common::private_broker::{NodeOptions, PrivateBroker};
+    // amiquip sends a publish as several frames; one the broker's channel.close cuts short
+    // makes RabbitMQ close the whole connection (505). So publishes queued right behind a
+    // message the broker refuses must not be on the wire when its close comes.
+    let node = tokio::task::block_in_place(|| {
+        PrivateBroker::start(NodeOptions {
+            max_message_size: Some(4096),
+            ..NodeOptions::default()
+        })
+    });
+    let mut config = test_config("poisonburst");
+    config.amqp.urls = vec![url(&node.amqp_url())];
+    config.ws.max_frames_per_second = 100_000;
+    let bridge = TestBridge::start_healthy(config).await;
+    let outbound = bridge.config.amqp.outbound_exchange.clone();
+    let _desktop = Listener::bind_at(&node.amqp_url(), &outbound, &["A_new_example"]);
+    let mut mallory = Browser::connect(&bridge).await;
+    let publish = |data: Value, reference: String| json!({"op": "publish", "desk": "A", "event": "new_example", "data": data, "ref": reference});
+    const BURST: usize = 1000;
+    for round in 0..3 {
+        mallory
+            .send(publish(
+                json!({"blob": "x".repeat(8 * 1024)}),
+                format!("p{round}"),
+            ))
+            .await;
+        for n in 0..BURST {
+            mallory
+                .send(publish(json!({"n": n}), format!("g{round}-{n}")))
+                .await;
+        }
+        for _ in 0..=BURST {
+            let answer = mallory.recv().await;
+            let reference = answer["ref"].as_str().unwrap_or_default();
+            if reference.starts_with('p') {
+                assert_eq!(answer["code"], "broker_unavailable", "{answer}");
+            } else {
+                assert_eq!(answer["op"], "ack", "{answer}");
+            }
+        }
+    }
+    bridge
+        .wait_metric("deskbridge_publish_failures_total{reason=\"refused\"} 3")
+        .await;
+    bridge
+        .wait_metric("deskbridge_amqp_reconnects_total{link=\"publisher\"} 0")
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_ttl_above_rabbitmqs_maximum_is_refused_at_once() {
     let bridge = TestBridge::start_healthy(test_config("hugettl")).await;
     let _desktop = Listener::bind(&bridge.config.amqp.outbound_exchange, &["A_new_example"]);

@@ -17,6 +17,13 @@
 //! confirms asynchronously, so earlier ones may be unconfirmed too), so those are published
 //! again one at a time, and the one that closes the channel alone is the one refused. The
 //! connection, the link state and every other user's messages are left alone.
+//!
+//! Nothing may be published behind a message the broker might refuse: amiquip sends a publish
+//! as several frames, and when the broker's channel.close arrives between them it drops the
+//! rest and answers close-ok, so the broker sees a publish cut short — which RabbitMQ before
+//! 3.13 answers by closing the whole connection (505 UNEXPECTED_FRAME). A message larger than
+//! any the broker has confirmed on this connection is such a message (RabbitMQ refuses by
+//! size): it goes out with nothing behind it until it is confirmed or refused.
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
@@ -68,6 +75,9 @@ pub struct AmqpPublisher {
     /// How many jobs at the front of `buffer` are suspected of a refusal and go out one at a
     /// time, each after the previous one's confirm.
     suspects: usize,
+    /// The largest body the broker has confirmed on this connection: no larger message can
+    /// be refused by size (see the module docs).
+    accepted_size: usize,
 }
 
 impl AmqpPublisher {
@@ -96,6 +106,7 @@ impl AmqpPublisher {
             buffer: VecDeque::new(),
             pipeline: Pipeline::default(),
             suspects: 0,
+            accepted_size: 0,
         }
     }
 }
@@ -118,6 +129,9 @@ struct Pipeline {
     smoother: ConfirmSmoother,
     /// message_ids the broker returned as unroutable, awaiting their confirm.
     returned: HashSet<String>,
+    /// The tag of a message larger than the broker has accepted, while it is in flight: it is
+    /// the newest, and nothing goes out behind it.
+    probe: Option<u64>,
 }
 
 impl Default for Pipeline {
@@ -128,6 +142,7 @@ impl Default for Pipeline {
             in_flight: TagQueue::default(),
             smoother: ConfirmSmoother::default(),
             returned: HashSet::new(),
+            probe: None,
         }
     }
 }
@@ -136,6 +151,14 @@ impl Default for Pipeline {
 type Settled = (PublishJob, Result<Confirmed, PublishFailure>);
 
 impl Pipeline {
+    /// Tracks `job`, published on this channel; a `probe` holds back everything behind it.
+    fn sent_probe(&mut self, job: PublishJob, probe: bool) {
+        if probe {
+            self.probe = Some(self.next_tag);
+        }
+        self.sent(job);
+    }
+
     fn sent(&mut self, job: PublishJob) {
         self.in_flight.push(
             self.next_tag,
@@ -167,6 +190,9 @@ impl Pipeline {
                 Confirm::Nack(payload) => (payload.delivery_tag, false),
             };
             let done = self.in_flight.pop(tag)?;
+            if self.probe == Some(tag) {
+                self.probe = None;
+            }
             let was_returned = self.returned.remove(&done.job.id);
             let result = if acked {
                 Ok(Confirmed {
@@ -308,6 +334,8 @@ impl AmqpPublisher {
         stop: &StopSignal,
         life: &mut LinkLife,
     ) -> Result<(), AmqpError> {
+        // Another connection may reach another node, with another size limit.
+        self.accepted_size = 0;
         let blocked = connection.listen_for_connection_blocked()?;
         let mut outbound = self.open_outbound(connection)?;
         // Answers to this instance's requests: on a channel of their own, acked once handed on.
@@ -427,7 +455,7 @@ impl AmqpPublisher {
                     }
                     // The router is gone: nothing more will come.
                     Err(_) => {
-                        self.stop(reply_channel, confirms, returns, Instant::now())?;
+                        self.stop(channel, reply_channel, (confirms, returns), Instant::now())?;
                         return Ok(ChannelEnd::Stopped);
                     }
                 },
@@ -472,7 +500,7 @@ impl AmqpPublisher {
                     // presence messages among them) still goes out.
                     self.buffer.extend(self.jobs.try_iter());
                     self.send_buffered(channel)?;
-                    self.stop(reply_channel, confirms, returns, deadline)?;
+                    self.stop(channel, reply_channel, (confirms, returns), deadline)?;
                     return Ok(ChannelEnd::Stopped);
                 }
             }
@@ -483,12 +511,12 @@ impl AmqpPublisher {
     /// gets no more answers; a crashed one's queue expires by itself).
     fn stop(
         &mut self,
+        channel: &Channel,
         reply_channel: &Channel,
-        confirms: &Receiver<Confirm>,
-        returns: &Receiver<Return>,
+        (confirms, returns): (&Receiver<Confirm>, &Receiver<Return>),
         deadline: Instant,
     ) -> Result<(), AmqpError> {
-        let drained = self.drain(confirms, returns, deadline);
+        let drained = self.drain(channel, confirms, returns, deadline);
         if let Err(error) =
             reply_channel.queue_delete(self.reply_queue.as_str(), QueueDeleteOptions::default())
         {
@@ -507,10 +535,11 @@ impl AmqpPublisher {
     fn send_buffered(&mut self, channel: &Channel) -> Result<(), amiquip::Error> {
         let ttl = self.ttl();
         while let Some(job) = self.buffer.front() {
-            if self.suspects > 0 && !self.pipeline.in_flight.is_empty() {
+            if self.pipeline.probe.is_some() || (self.suspects > 0 && !self.pipeline.in_flight.is_empty()) {
                 break;
             }
             let expired = job.expired(ttl);
+            let probe = job.body.get().len() > self.accepted_size;
             if !expired {
                 self.publish(channel, job)?;
             }
@@ -519,7 +548,7 @@ impl AmqpPublisher {
                 self.suspects = self.suspects.saturating_sub(1);
                 self.finish_one(job, Err(PublishFailure::Expired));
             } else {
-                self.pipeline.sent(job);
+                self.pipeline.sent_probe(job, probe);
             }
         }
         Ok(())
@@ -604,20 +633,30 @@ impl AmqpPublisher {
         }
         // Suspects go out one at a time: whatever settled here was one.
         self.suspects = self.suspects.saturating_sub(settled.len());
+        for (job, result) in &settled {
+            if result.is_ok() {
+                self.accepted_size = self.accepted_size.max(job.body.get().len());
+            }
+        }
         self.report(settled);
         result
     }
 
-    /// Shutdown: waits for outstanding confirms until `deadline`, then fails what is left.
+    /// Shutdown: waits for outstanding confirms until `deadline`, publishing what waited
+    /// behind a probe or suspect meanwhile, then fails what is left.
     fn drain(
         &mut self,
+        channel: &Channel,
         confirms: &Receiver<Confirm>,
         returns: &Receiver<Return>,
         deadline: Instant,
     ) -> Result<(), AmqpError> {
         while !self.pipeline.in_flight.is_empty() {
             match confirms.recv_deadline(deadline) {
-                Ok(confirm) => self.confirm(confirm, confirms, returns)?,
+                Ok(confirm) => {
+                    self.confirm(confirm, confirms, returns)?;
+                    self.send_buffered(channel)?;
+                }
                 Err(_) => break,
             }
         }
@@ -716,5 +755,27 @@ mod tests {
         assert!(settled.is_empty(), "nobody is told their message arrived");
         let left: Vec<String> = pipeline.in_flight.drain().map(|f| f.job.id).collect();
         assert_eq!(left, ["alice", "bob"], "both are kept, to be published again");
+    }
+
+    #[test]
+    fn a_probe_holds_the_pipeline_until_its_own_confirm() {
+        let mut pipeline = Pipeline::default();
+        pipeline.sent_probe(job("small"), false);
+        pipeline.sent_probe(job("large"), true);
+        assert_eq!(pipeline.probe, Some(2), "the larger message is the probe");
+        let mut settled = Vec::new();
+        let returns = crossbeam_channel::never();
+        pipeline
+            .confirm(ack(1, false), &returns, &mut settled)
+            .expect("in step");
+        assert_eq!(
+            pipeline.probe,
+            Some(2),
+            "a confirm of an earlier message does not release it"
+        );
+        pipeline
+            .confirm(ack(2, false), &returns, &mut settled)
+            .expect("in step");
+        assert_eq!(pipeline.probe, None, "its confirm releases what waits behind it");
     }
 }
