@@ -29,6 +29,7 @@ fn stderr(output: &Output) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_health_command_passes_on_a_serving_bridge_and_fails_with_the_reason_otherwise() {
     let config = test_config("probe");
+    let _topology = common::amqp::TopologyCleanup(config.clone());
     let bridge = BridgeProcess::launch(env!("CARGO_BIN_EXE_deskbridge"), &config).expect("start deskbridge");
     bridge.wait_healthy(DEADLINE).await;
     let port = bridge.addr.port();

@@ -604,6 +604,7 @@ async fn a_resume_read_from_the_stream_under_steady_traffic_reaches_live_and_sta
     // batch came in during nearly every replay.
     config.history.memory_bytes = 1024 * 1024;
     config.history.replay_batch = 200;
+    let _history = common::amqp::HistoryCleanup(config.clone());
     let bridge = ready_bridge(config.clone()).await;
     let mut first = Browser::connect(&bridge).await;
     first.subscribe(&["A"]).await;

@@ -72,6 +72,7 @@ async fn the_amqp_password_stays_out_of_the_log_even_at_trace_level() {
     let user = BrokerUser::add("secret");
     let mut config = test_config("secretlog");
     config.amqp.urls = vec![url(&user.url())];
+    let _topology = common::amqp::TopologyCleanup(config.clone());
     let bridge = BridgeProcess::launch_logging(
         env!("CARGO_BIN_EXE_deskbridge"),
         &config,
@@ -100,6 +101,7 @@ async fn a_refresh_with_a_huge_alg_writes_one_bounded_log_line() {
     let mut config = test_config("hugealg");
     config.auth.mode = deskbridge::config::AuthMode::Jwt;
     config.auth.jwt.hs256_secret_file = Some(secret_file.path().to_path_buf());
+    let _topology = common::amqp::TopologyCleanup(config.clone());
     let bridge = BridgeProcess::launch(env!("CARGO_BIN_EXE_deskbridge"), &config).expect("start deskbridge");
     bridge.wait_healthy(DEADLINE).await;
     let token = common::bridge::hs256_token(

@@ -23,11 +23,18 @@
 //! rest and answers close-ok, so the broker sees a publish cut short — which RabbitMQ before
 //! 3.13 answers by closing the whole connection (505 UNEXPECTED_FRAME). A message larger than
 //! any the broker has confirmed on this connection is such a message (RabbitMQ refuses by
-//! size): it goes out with nothing behind it until it is confirmed or refused.
+//! size): it goes out with nothing behind it until it is confirmed or refused. Messages up to
+//! [`NEVER_REFUSED_BY_SIZE`] never wait so: a probe drains the whole confirm window first, and
+//! probing every new largest small message halved the browser-publish rate in the ingest
+//! benchmark (29 k → 16–23 k acked/s).
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+/// Bodies no broker is assumed to refuse by size: RabbitMQ's `max_message_size` defaults to
+/// 128 MiB, and a limit below 4 KiB would refuse ordinary events. Only larger bodies are probed.
+const NEVER_REFUSED_BY_SIZE: usize = 4096;
 
 use actix::Recipient;
 use amiquip::{
@@ -106,7 +113,7 @@ impl AmqpPublisher {
             buffer: VecDeque::new(),
             pipeline: Pipeline::default(),
             suspects: 0,
-            accepted_size: 0,
+            accepted_size: NEVER_REFUSED_BY_SIZE,
         }
     }
 }
@@ -335,7 +342,7 @@ impl AmqpPublisher {
         life: &mut LinkLife,
     ) -> Result<(), AmqpError> {
         // Another connection may reach another node, with another size limit.
-        self.accepted_size = 0;
+        self.accepted_size = NEVER_REFUSED_BY_SIZE;
         let blocked = connection.listen_for_connection_blocked()?;
         let mut outbound = self.open_outbound(connection)?;
         // Answers to this instance's requests: on a channel of their own, acked once handed on.

@@ -204,6 +204,16 @@ pub fn delete_history(config: &Config) {
 /// the bridges stopped, on success and on failure alike.
 pub struct HistoryCleanup(pub Config);
 
+/// Deletes what a bridge process launched on `test_config` declared (queue, dead letters,
+/// exchanges) when dropped: declared before the process, it goes after it, also on failure.
+pub struct TopologyCleanup(pub Config);
+
+impl Drop for TopologyCleanup {
+    fn drop(&mut self) {
+        delete_topology(&self.0);
+    }
+}
+
 impl Drop for HistoryCleanup {
     fn drop(&mut self) {
         delete_history(&self.0);
