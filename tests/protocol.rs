@@ -446,6 +446,11 @@ async fn a_router_that_cannot_keep_up_bounds_its_intake_and_says_so_once() {
         )
         .await;
     release.send(()).expect("the gate listens");
+    // Checked once the router runs again, so that a failure does not leave it held.
+    assert!(
+        busy["ref"].as_str().is_some_and(|r| r.starts_with('f')),
+        "the frame was read: its ref is echoed: {busy}"
+    );
     // What the router admitted is acked.
     for _ in 0..2 {
         let reply = browser.recv().await;
