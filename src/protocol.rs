@@ -29,11 +29,17 @@ pub enum ClientFrame {
         /// Also get `join` / `leave` when sessions (on any instance) come and go on these desks.
         #[serde(default)]
         presence: bool,
+        /// Client's correlation id, echoed in the answer.
+        #[serde(rename = "ref", default, deserialize_with = "reference")]
+        reference: Option<String>,
     },
     /// Stop receiving the events of these desks.
     Unsubscribe {
         /// Desk names.
         desks: Vec<String>,
+        /// Client's correlation id, echoed in the answer.
+        #[serde(rename = "ref", default, deserialize_with = "reference")]
+        reference: Option<String>,
     },
     /// Publish an event for a desk to the desktop apps (and the desk's other browsers).
     Publish {
@@ -44,7 +50,7 @@ pub enum ClientFrame {
         /// Event payload; must be a JSON object.
         data: Data,
         /// Client's correlation id, echoed in the `ack` or `error`.
-        #[serde(rename = "ref", default)]
+        #[serde(rename = "ref", default, deserialize_with = "reference")]
         reference: Option<String>,
         /// Milliseconds the message stays worth delivering (AMQP `expiration`).
         #[serde(default, deserialize_with = "ttl_ms")]
@@ -59,7 +65,7 @@ pub enum ClientFrame {
         /// Request payload; must be a JSON object.
         data: Data,
         /// Client's correlation id, echoed in the `reply` or `error`.
-        #[serde(rename = "ref", default)]
+        #[serde(rename = "ref", default, deserialize_with = "reference")]
         reference: Option<String>,
         /// How long to wait for the answer (default 10 000, at most 60 000).
         #[serde(default)]
@@ -75,29 +81,77 @@ pub enum ClientFrame {
         /// Answer payload; must be a JSON object.
         data: Data,
         /// Client's correlation id, echoed in the `ack` or `error`.
-        #[serde(rename = "ref", default)]
+        #[serde(rename = "ref", default, deserialize_with = "reference")]
         reference: Option<String>,
     },
     /// Who is subscribed to a desk, on every instance.
     Presence {
         /// Desk name.
         desk: String,
-        /// Echoed in the answer (the spec's answer has none; clients may match on it).
-        #[serde(rename = "ref", default)]
+        /// Client's correlation id, echoed in the `presence` or `error`.
+        #[serde(rename = "ref", default, deserialize_with = "reference")]
         reference: Option<String>,
     },
     /// Liveness probe; answered with `pong`.
-    Ping,
+    Ping {
+        /// Client's correlation id, echoed in the answer.
+        #[serde(rename = "ref", default, deserialize_with = "reference")]
+        reference: Option<String>,
+    },
     /// The session's token, when it did not come on `?token=` (`auth.mode = "jwt"`).
     Auth {
         /// The JWT.
         token: Token,
+        /// Client's correlation id, echoed in the answer.
+        #[serde(rename = "ref", default, deserialize_with = "reference")]
+        reference: Option<String>,
     },
     /// A newer token for the same user, before the current one expires.
     Refresh {
         /// The JWT.
         token: Token,
+        /// Client's correlation id, echoed in the answer.
+        #[serde(rename = "ref", default, deserialize_with = "reference")]
+        reference: Option<String>,
     },
+}
+
+impl ClientFrame {
+    /// The frame's `ref`, for an answer that does not come from handling the op itself (a
+    /// refusal before `auth`, a full router intake).
+    pub fn into_reference(self) -> Option<String> {
+        match self {
+            ClientFrame::Subscribe { reference, .. }
+            | ClientFrame::Unsubscribe { reference, .. }
+            | ClientFrame::Publish { reference, .. }
+            | ClientFrame::Request { reference, .. }
+            | ClientFrame::Reply { reference, .. }
+            | ClientFrame::Presence { reference, .. }
+            | ClientFrame::Ping { reference }
+            | ClientFrame::Auth { reference, .. }
+            | ClientFrame::Refresh { reference, .. } => reference,
+        }
+    }
+}
+
+/// The longest `ref` a client op may carry, in characters (spec v3 E).
+pub const MAX_REF_CHARS: usize = 128;
+
+/// Whether `reference` is short enough to be echoed.
+fn ref_fits(reference: &str) -> bool {
+    // Bytes bound characters from above: most refs are decided without counting.
+    reference.len() <= MAX_REF_CHARS || reference.chars().count() <= MAX_REF_CHARS
+}
+
+/// `ref`, refused while the frame is parsed when it is not a string of at most
+/// [`MAX_REF_CHARS`] characters.
+fn reference<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<String>, D::Error> {
+    match Option::<String>::deserialize(deserializer)? {
+        Some(reference) if !ref_fits(&reference) => Err(serde::de::Error::custom(format!(
+            "`ref` must be a string of at most {MAX_REF_CHARS} characters"
+        ))),
+        reference => Ok(reference),
+    }
 }
 
 /// Where a resumed subscription starts.
@@ -299,6 +353,9 @@ pub enum ServerFrame<'a> {
         /// The token's `exp`, Unix seconds (with `auth.mode = "jwt"`).
         #[serde(skip_serializing_if = "Option::is_none")]
         expires_at: Option<u64>,
+        /// The `auth` op's `ref`, when this welcome answers one.
+        #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
+        reference: Option<&'a str>,
     },
     /// Reply to `subscribe`: the desks of that request.
     Subscribed {
@@ -310,6 +367,9 @@ pub enum ServerFrame<'a> {
         /// Per desk not recovered: the offset delivery starts at (the gap ends before it).
         #[serde(skip_serializing_if = "Option::is_none")]
         first_offset: Option<&'a BTreeMap<String, u64>>,
+        /// The op's `ref`, if it had one.
+        #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
+        reference: Option<&'a str>,
     },
     /// A `latest` desk's session is current again; `dropped` older values were skipped.
     Gap {
@@ -326,6 +386,9 @@ pub enum ServerFrame<'a> {
         /// Why the bridge left them (`permission`: a refreshed token no longer allows them).
         #[serde(skip_serializing_if = "Option::is_none")]
         reason: Option<&'a str>,
+        /// The op's `ref`, if it had one.
+        #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
+        reference: Option<&'a str>,
     },
     /// The session's token expires within a minute: send `refresh`.
     Expiring {
@@ -336,6 +399,9 @@ pub enum ServerFrame<'a> {
     Refreshed {
         /// The new token's `exp`, Unix seconds.
         expires_at: u64,
+        /// The op's `ref`, if it had one.
+        #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
+        reference: Option<&'a str>,
     },
     /// The broker confirmed a publish.
     Ack {
@@ -398,7 +464,11 @@ pub enum ServerFrame<'a> {
         user: Option<&'a str>,
     },
     /// Reply to `ping`.
-    Pong,
+    Pong {
+        /// The op's `ref`, if it had one.
+        #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
+        reference: Option<&'a str>,
+    },
     /// An event for a subscribed desk.
     Event {
         /// Desk name.
@@ -495,7 +565,12 @@ fn diagnose(text: &str, typed_error: Option<serde_json::Error>) -> Refusal {
     let Value::Object(object) = value else {
         return Refusal::new(ErrorCode::BadRequest, "frame must be a JSON object");
     };
-    let reference = object.get("ref").and_then(Value::as_str).map(String::from);
+    // A `ref` that is not a string, or too long, is not echoed: the browser could not match it.
+    let reference = object
+        .get("ref")
+        .and_then(Value::as_str)
+        .filter(|reference| ref_fits(reference))
+        .map(String::from);
     let refusal = match object.get("op") {
         None => Refusal::new(ErrorCode::BadRequest, "frame has no `op` field"),
         Some(Value::String(op)) if !CLIENT_OPS.contains(&op.as_str()) => Refusal::new(
@@ -519,13 +594,24 @@ mod tests {
     #[test]
     fn valid_frames_parse() {
         let cases = [
-            (r#"{"op":"ping"}"#, ClientFrame::Ping),
+            (r#"{"op":"ping"}"#, ClientFrame::Ping { reference: None }),
+            (
+                r#"{"op":"ping","ref":"g1"}"#,
+                ClientFrame::Ping {
+                    reference: Some("g1".into()),
+                },
+            ),
+            (
+                r#"{"op":"ping","ref":null}"#,
+                ClientFrame::Ping { reference: None },
+            ),
             (
                 r#"{"op":"subscribe","desks":["A","B"]}"#,
                 ClientFrame::Subscribe {
                     desks: vec!["A".into(), "B".into()],
                     since: None,
                     presence: false,
+                    reference: None,
                 },
             ),
             (
@@ -534,6 +620,7 @@ mod tests {
                     desks: vec!["A".into()],
                     since: None,
                     presence: true,
+                    reference: None,
                 },
             ),
             (
@@ -561,22 +648,65 @@ mod tests {
                         .into(),
                     ),
                     presence: false,
+                    reference: None,
+                },
+            ),
+            (
+                r#"{"op":"subscribe","desks":["A"],"ref":"s1"}"#,
+                ClientFrame::Subscribe {
+                    desks: vec!["A".into()],
+                    since: None,
+                    presence: false,
+                    reference: Some("s1".into()),
                 },
             ),
             (
                 r#"{"op":"unsubscribe","desks":[]}"#,
-                ClientFrame::Unsubscribe { desks: vec![] },
+                ClientFrame::Unsubscribe {
+                    desks: vec![],
+                    reference: None,
+                },
+            ),
+            (
+                r#"{"op":"unsubscribe","desks":["A"],"ref":"u1"}"#,
+                ClientFrame::Unsubscribe {
+                    desks: vec!["A".into()],
+                    reference: Some("u1".into()),
+                },
             ),
             (
                 r#"{"op":"auth","token":"a.b.c"}"#,
                 ClientFrame::Auth {
                     token: Token("a.b.c".into()),
+                    reference: None,
+                },
+            ),
+            (
+                r#"{"op":"auth","token":"a.b.c","ref":"a1"}"#,
+                ClientFrame::Auth {
+                    token: Token("a.b.c".into()),
+                    reference: Some("a1".into()),
                 },
             ),
             (
                 r#"{"op":"refresh","token":"x.y.z"}"#,
                 ClientFrame::Refresh {
                     token: Token("x.y.z".into()),
+                    reference: None,
+                },
+            ),
+            (
+                r#"{"op":"refresh","token":"x.y.z","ref":"r1"}"#,
+                ClientFrame::Refresh {
+                    token: Token("x.y.z".into()),
+                    reference: Some("r1".into()),
+                },
+            ),
+            (
+                // 128 characters of 2 bytes each: the limit counts characters.
+                &format!(r#"{{"op":"ping","ref":"{}"}}"#, "é".repeat(128)),
+                ClientFrame::Ping {
+                    reference: Some("é".repeat(128)),
                 },
             ),
             (
@@ -591,7 +721,13 @@ mod tests {
             ),
         ];
         for (text, expected) in cases {
-            assert_eq!(parse_client_frame(text), Ok(expected), "{text}");
+            assert_eq!(parse_client_frame(text), Ok(expected.clone()), "{text}");
+            assert_eq!(
+                parse_client_frame(text)
+                    .ok()
+                    .and_then(ClientFrame::into_reference),
+                expected.into_reference()
+            );
         }
     }
 
@@ -662,6 +798,10 @@ mod tests {
 
     #[test]
     fn each_mistake_gets_its_code() {
+        let too_long = "x".repeat(MAX_REF_CHARS + 1);
+        let too_long_ping = format!(r#"{{"op":"ping","ref":"{too_long}"}}"#);
+        let too_long_publish =
+            format!(r#"{{"op":"publish","desk":"A","event":"e","data":{{}},"ref":"{too_long}"}}"#);
         let cases = [
             ("{nope", ErrorCode::BadJson, None),
             ("", ErrorCode::BadJson, None),
@@ -716,12 +856,44 @@ mod tests {
                 ErrorCode::BadRequest,
                 None,
             ),
+            (r#"{"op":"ping","ref":7}"#, ErrorCode::BadRequest, None),
+            (
+                r#"{"op":"subscribe","desks":["A"],"ref":["s1"]}"#,
+                ErrorCode::BadRequest,
+                None,
+            ),
+            (
+                r#"{"op":"auth","token":"a.b.c","ref":{}}"#,
+                ErrorCode::BadRequest,
+                None,
+            ),
+            (&too_long_ping, ErrorCode::BadRequest, None),
+            (&too_long_publish, ErrorCode::BadRequest, None),
+            (
+                r#"{"op":"subscribe","ref":"s2"}"#,
+                ErrorCode::BadRequest,
+                Some("s2"),
+            ),
+            (
+                r#"{"op":"unsubscribe","desks":"A","ref":"u2"}"#,
+                ErrorCode::BadRequest,
+                Some("u2"),
+            ),
+            (
+                r#"{"op":"refresh","ref":"r2"}"#,
+                ErrorCode::BadRequest,
+                Some("r2"),
+            ),
         ];
         for (text, code, reference) in cases {
             let refusal = parse_client_frame(text).expect_err(text);
             assert_eq!(refusal.code, code, "{text}: {}", refusal.message);
             assert_eq!(refusal.reference.as_deref(), reference, "{text}");
             assert!(!refusal.message.is_empty());
+            assert!(
+                !refusal.message.contains(&too_long),
+                "{text}: the message holds no unreadable ref"
+            );
         }
     }
 
@@ -730,19 +902,44 @@ mod tests {
         let data = json!({"px": 1.5}).as_object().cloned().unwrap_or_default();
         let desks = ["A".to_string()];
         let cases = [
-            (ServerFrame::Pong, json!({"op": "pong"})),
+            (ServerFrame::Pong { reference: None }, json!({"op": "pong"})),
+            (
+                ServerFrame::Pong {
+                    reference: Some("g1"),
+                },
+                json!({"op": "pong", "ref": "g1"}),
+            ),
             (
                 ServerFrame::Subscribed {
                     desks: &desks,
                     recovered: None,
                     first_offset: None,
+                    reference: None,
                 },
                 json!({"op": "subscribed", "desks": ["A"]}),
+            ),
+            (
+                ServerFrame::Subscribed {
+                    desks: &desks,
+                    recovered: None,
+                    first_offset: None,
+                    reference: Some("s1"),
+                },
+                json!({"op": "subscribed", "desks": ["A"], "ref": "s1"}),
+            ),
+            (
+                ServerFrame::Unsubscribed {
+                    desks: &desks,
+                    reason: None,
+                    reference: Some("u1"),
+                },
+                json!({"op": "unsubscribed", "desks": ["A"], "ref": "u1"}),
             ),
             (
                 ServerFrame::Unsubscribed {
                     desks: &desks,
                     reason: Some("permission"),
+                    reference: None,
                 },
                 json!({"op": "unsubscribed", "desks": ["A"], "reason": "permission"}),
             ),
@@ -753,8 +950,9 @@ mod tests {
                     desks: &desks,
                     user: Some("alice"),
                     expires_at: Some(7),
+                    reference: Some("a1"),
                 },
-                json!({"op": "welcome", "session": "s", "version": "1", "desks": ["A"], "user": "alice", "expires_at": 7}),
+                json!({"op": "welcome", "session": "s", "version": "1", "desks": ["A"], "user": "alice", "expires_at": 7, "ref": "a1"}),
             ),
             (
                 ServerFrame::Welcome {
@@ -763,6 +961,7 @@ mod tests {
                     desks: &desks,
                     user: None,
                     expires_at: None,
+                    reference: None,
                 },
                 json!({"op": "welcome", "session": "s", "version": "1", "desks": ["A"]}),
             ),
@@ -771,8 +970,18 @@ mod tests {
                 json!({"op": "expiring", "expires_at": 9}),
             ),
             (
-                ServerFrame::Refreshed { expires_at: 9 },
+                ServerFrame::Refreshed {
+                    expires_at: 9,
+                    reference: None,
+                },
                 json!({"op": "refreshed", "expires_at": 9}),
+            ),
+            (
+                ServerFrame::Refreshed {
+                    expires_at: 9,
+                    reference: Some("r1"),
+                },
+                json!({"op": "refreshed", "expires_at": 9, "ref": "r1"}),
             ),
             (
                 ServerFrame::Ack {
@@ -829,6 +1038,7 @@ mod tests {
                     desks: &desks,
                     recovered: Some(&[("A".to_string(), false)].into()),
                     first_offset: Some(&[("A".to_string(), 7)].into()),
+                    reference: None,
                 },
                 json!({"op": "subscribed", "desks": ["A"], "recovered": {"A": false}, "first_offset": {"A": 7}}),
             ),
@@ -912,12 +1122,12 @@ mod tests {
                     let text = serde_json::json!({"op": op, "token": token}).to_string();
                     let frame = parse_client_frame(&text).map_err(|r| TestCaseError::fail(r.message))?;
                     let got = match frame {
-                        ClientFrame::Auth { token } | ClientFrame::Refresh { token } => token.0,
+                        ClientFrame::Auth { token, .. } | ClientFrame::Refresh { token, .. } => token.0,
                         other => return Err(TestCaseError::fail(format!("{other:?}"))),
                     };
                     prop_assert_eq!(&got, &token);
-                    let debug = format!("{:?}", ClientFrame::Auth { token: Token(got) });
-                    prop_assert_eq!(debug.as_str(), "Auth { token: Token(***) }", "Debug hides the token");
+                    let debug = format!("{:?}", ClientFrame::Auth { token: Token(got), reference: None });
+                    prop_assert_eq!(debug.as_str(), "Auth { token: Token(***), reference: None }", "Debug hides the token");
                     let wrong = serde_json::json!({"op": op, "tokn": token}).to_string();
                     let refusal = parse_client_frame(&wrong).expect_err("no token field");
                     prop_assert_eq!(refusal.code, ErrorCode::BadRequest);

@@ -87,7 +87,8 @@ export interface ErrorDetail {
 
 export interface DeskBridgeEventMap {
   state: StateDetail;
-  welcome: { op: "welcome"; session: string; version: string; desks: string[]; user?: string; expires_at?: number };
+  /** `ref`: the bridge echoes the `ref` of the op an answer answers; this client sends none on `auth` and `refresh`. */
+  welcome: { op: "welcome"; session: string; version: string; desks: string[]; user?: string; expires_at?: number; ref?: string };
   event: EventFrame;
   /** An event dropped because its id (or offset) was seen already. */
   duplicate: EventFrame;
@@ -96,7 +97,7 @@ export interface DeskBridgeEventMap {
   /** The bridge left these desks (`reason: "permission"` after a refresh). */
   unsubscribed: { op: "unsubscribed"; desks: string[]; reason: string };
   expiring: { op: "expiring"; expires_at: number };
-  refreshed: { op: "refreshed"; expires_at: number };
+  refreshed: { op: "refreshed"; expires_at: number; ref?: string };
   /** Errors not tied to a promise: refused resubscriptions, `rate_limited`, token provider failures. */
   error: ErrorDetail;
   /** Every frame in and out (tokens shown as `***`). */

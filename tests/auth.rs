@@ -252,6 +252,84 @@ async fn the_auth_frame_opens_a_session_and_nothing_else_does() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auth_and_refresh_answers_echo_their_ref() {
+    let bridge = TestBridge::start_healthy(jwt_config("authref")).await;
+    let url = ws_url(bridge.addr);
+
+    let mut gina = Browser::unauthenticated(handshake(url.as_str()).await.expect("upgrade"));
+    gina.send(json!({"op": "subscribe", "desks": ["A"], "ref": "x1"}))
+        .await;
+    let early = gina.recv().await;
+    assert_eq!(
+        (early["code"].as_str(), early["ref"].as_str()),
+        (Some("unauthenticated"), Some("x1")),
+        "{early}"
+    );
+    let token = hs256(&claims("gina", 300, json!({"*": ["subscribe"]})));
+    gina.send(json!({"op": "auth", "token": token, "ref": "a1"}))
+        .await;
+    let welcome = gina.welcomed().await;
+    assert_eq!(
+        (welcome["user"].as_str(), welcome["ref"].as_str()),
+        (Some("gina"), Some("a1")),
+        "{welcome}"
+    );
+
+    gina.send(json!({"op": "auth", "token": token, "ref": "a2"}))
+        .await;
+    let again = gina.recv().await;
+    assert_eq!(
+        (again["code"].as_str(), again["ref"].as_str()),
+        (Some("bad_request"), Some("a2")),
+        "{again}"
+    );
+    gina.send(json!({"op": "refresh", "token": "not.a.jwt", "ref": "r0"}))
+        .await;
+    let bad = gina.recv().await;
+    assert_eq!(
+        (bad["op"].as_str(), bad["code"].as_str(), bad["ref"].as_str()),
+        (Some("error"), Some("unauthorized"), Some("r0")),
+        "{bad}"
+    );
+    let other = hs256(&claims("mallory", 600, json!({"*": ["subscribe"]})));
+    gina.send(json!({"op": "refresh", "token": other, "ref": "r9"}))
+        .await;
+    let forbidden = gina.recv().await;
+    assert_eq!(
+        (forbidden["code"].as_str(), forbidden["ref"].as_str()),
+        (Some("forbidden"), Some("r9")),
+        "{forbidden}"
+    );
+    let newer = claims("gina", 600, json!({"*": ["subscribe"]}));
+    gina.send(json!({"op": "refresh", "token": hs256(&newer), "ref": "r1"}))
+        .await;
+    assert_eq!(
+        gina.recv().await,
+        json!({"op": "refreshed", "expires_at": newer["exp"], "ref": "r1"})
+    );
+    gina.assert_quiet().await;
+
+    let on_query = signed_in(&bridge, &token).await;
+    assert_eq!(
+        on_query.welcome.get("ref"),
+        None,
+        "a welcome that answers no auth op has no ref"
+    );
+
+    let mut forged = Browser::unauthenticated(handshake(url.as_str()).await.expect("upgrade"));
+    forged
+        .send(json!({"op": "auth", "token": "not.a.jwt", "ref": "a3"}))
+        .await;
+    let refused = forged.recv().await;
+    assert_eq!(
+        (refused["code"].as_str(), refused["ref"].as_str()),
+        (Some("unauthorized"), Some("a3")),
+        "{refused}"
+    );
+    assert_eq!(forged.closed().await.map(|c| c.code), Some(CloseCode::from(4401)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rights_are_per_desk_and_a_forbidden_subscribe_changes_nothing() {
     let bridge = TestBridge::start_healthy(jwt_config("rights")).await;
     let exchange = bridge.config.amqp.inbound_exchange.clone();

@@ -278,10 +278,16 @@ async fn a_snapshot_delivers_the_last_k_events_then_live() {
 
     for k in [3, 20] {
         let mut browser = Browser::connect(&bridge).await;
+        // The ref is echoed whether `subscribed` goes out at once (k = 3, from memory) or
+        // after the stream was read (k = 20).
+        let reference = format!("k{k}");
         browser
-            .send(json!({"op": "subscribe", "desks": ["A"], "since": {"A": {"last": k}}}))
+            .send(json!({"op": "subscribe", "desks": ["A"], "since": {"A": {"last": k}}, "ref": reference}))
             .await;
-        assert_eq!(browser.recv().await, json!({"op": "subscribed", "desks": ["A"]}));
+        assert_eq!(
+            browser.recv().await,
+            json!({"op": "subscribed", "desks": ["A"], "ref": reference})
+        );
         let got = events(&mut browser, k).await;
         let expected: Vec<u64> = (31 - k as u64..31).collect();
         assert_eq!(
@@ -432,10 +438,11 @@ async fn since_without_history_is_a_clear_error() {
     let bridge = TestBridge::start_healthy(config.clone()).await;
     let mut browser = Browser::connect(&bridge).await;
     browser
-        .send(json!({"op": "subscribe", "desks": ["A"], "since": {"A": {"last": 5}}}))
+        .send(json!({"op": "subscribe", "desks": ["A"], "since": {"A": {"last": 5}}, "ref": "h1"}))
         .await;
     let reply = browser.recv().await;
     assert_eq!(reply["code"], "bad_request", "{reply}");
+    assert_eq!(reply["ref"], "h1", "{reply}");
     assert!(reply["message"]
         .as_str()
         .unwrap_or_default()

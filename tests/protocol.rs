@@ -33,6 +33,101 @@ async fn welcome_ping_subscribe_unsubscribe() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ops_sent_together_are_each_answered_with_their_ref() {
+    let bridge = TestBridge::start_healthy(test_config("refs")).await;
+    let mut browser = Browser::connect(&bridge).await;
+    let ops = [
+        json!({"op": "subscribe", "desks": ["A"], "ref": "s1"}),
+        json!({"op": "presence", "desk": "A", "ref": "p1"}),
+        json!({"op": "ping", "ref": "g1"}),
+        json!({"op": "unsubscribe", "desks": ["A"], "ref": "u1"}),
+        json!({"op": "subscribe", "desks": ["Z"], "ref": "s2"}),
+        json!({"op": "publish", "desk": "A", "event": "new_example", "data": {"n": 1}, "ref": "c1"}),
+    ];
+    // All outstanding at once: the answers come in whatever order the bridge produces them.
+    for op in ops {
+        browser.send(op).await;
+    }
+    let mut answers = std::collections::BTreeMap::new();
+    while answers.len() < 6 {
+        let answer = browser.recv().await;
+        let reference = answer["ref"]
+            .as_str()
+            .unwrap_or_else(|| panic!("every answer carries its op's ref: {answer}"))
+            .to_string();
+        assert!(
+            answers.insert(reference, answer.clone()).is_none(),
+            "one answer per op: {answer}"
+        );
+    }
+    assert_eq!(
+        answers["s1"],
+        json!({"op": "subscribed", "desks": ["A"], "ref": "s1"})
+    );
+    let presence = &answers["p1"];
+    assert_eq!(
+        (presence["op"].as_str(), presence["desk"].as_str()),
+        (Some("presence"), Some("A")),
+        "{presence}"
+    );
+    assert_eq!(answers["g1"], json!({"op": "pong", "ref": "g1"}));
+    assert_eq!(
+        answers["u1"],
+        json!({"op": "unsubscribed", "desks": ["A"], "ref": "u1"})
+    );
+    let refused = &answers["s2"];
+    assert_eq!(
+        (refused["op"].as_str(), refused["code"].as_str()),
+        (Some("error"), Some("unknown_desk")),
+        "{refused}"
+    );
+    let ack = &answers["c1"];
+    assert_eq!(ack["op"], "ack", "{ack}");
+    browser.assert_quiet().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ref_that_is_too_long_or_not_a_string_is_refused_and_not_echoed() {
+    let bridge = TestBridge::start_healthy(test_config("badref")).await;
+    let mut browser = Browser::connect(&bridge).await;
+    let longest = "r".repeat(128);
+    let too_long = "r".repeat(129);
+    let cases = [
+        json!({"op": "subscribe", "desks": ["A"], "ref": too_long}),
+        json!({"op": "ping", "ref": too_long}),
+        json!({"op": "publish", "desk": "A", "event": "new_example", "data": {}, "ref": too_long}),
+        json!({"op": "unsubscribe", "desks": ["A"], "ref": 7}),
+        json!({"op": "ping", "ref": ["g"]}),
+    ];
+    for frame in cases {
+        browser.send(frame.clone()).await;
+        let reply = browser.recv().await;
+        assert_eq!(
+            (reply["op"].as_str(), reply["code"].as_str()),
+            (Some("error"), Some("bad_request")),
+            "{frame} → {reply}"
+        );
+        assert_eq!(reply.get("ref"), None, "{frame} → {reply}");
+        assert!(
+            !reply["message"].as_str().unwrap_or_default().contains(&too_long),
+            "{reply}"
+        );
+        browser.assert_quiet().await;
+    }
+    browser.send(json!({"op": "ping", "ref": longest})).await;
+    assert_eq!(browser.recv().await, json!({"op": "pong", "ref": longest}));
+    browser
+        .send(json!({"op": "auth", "token": "a.b.c", "ref": "a1"}))
+        .await;
+    let refused = browser.recv().await;
+    assert_eq!(
+        (refused["code"].as_str(), refused["ref"].as_str()),
+        (Some("bad_request"), Some("a1")),
+        "auth.mode = none refuses auth, with its ref: {refused}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_bad_frame_gets_its_error_code_and_the_session_stays_usable() {
     let bridge = TestBridge::start_healthy(test_config("errors")).await;
     let mut browser = Browser::connect(&bridge).await;
@@ -351,6 +446,11 @@ async fn a_router_that_cannot_keep_up_bounds_its_intake_and_says_so_once() {
         )
         .await;
     release.send(()).expect("the gate listens");
+    // Checked once the router runs again, so that a failure does not leave it held.
+    assert!(
+        busy["ref"].as_str().is_some_and(|r| r.starts_with('f')),
+        "the frame was read: its ref is echoed: {busy}"
+    );
     // What the router admitted is acked.
     for _ in 0..2 {
         let reply = browser.recv().await;

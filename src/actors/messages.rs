@@ -53,12 +53,14 @@ pub enum FromSession {
         since: Option<Box<BTreeMap<String, Since>>>,
         /// Also send `join` / `leave` for these desks.
         presence: bool,
+        /// The op's `ref`, echoed in `subscribed` or `error`.
+        reference: Option<String>,
     },
     /// A session that fell behind has room again (see [`Outbox::mark_behind`]); said by its
     /// connection's pump.
     Drained(Uuid),
-    /// A browser's `unsubscribe`.
-    Unsubscribe(Uuid, Vec<String>),
+    /// A browser's `unsubscribe`, with its `ref`.
+    Unsubscribe(Uuid, Vec<String>, Option<String>),
     /// A browser's `publish`.
     Publish(Publish),
     /// A browser's `request`, answered within the timeout or refused.
@@ -70,6 +72,24 @@ pub enum FromSession {
     /// The session's user and rights (its token, at sign-in and at every refresh): leave the
     /// desks they no longer allow; targeted messages find the session by this user.
     Identify(Uuid, Arc<str>, Rights),
+}
+
+impl FromSession {
+    /// The `ref` of the browser op this message carries (for a refusal when the router's
+    /// intake is full).
+    pub fn into_reference(self) -> Option<String> {
+        match self {
+            FromSession::Subscribe { reference, .. }
+            | FromSession::Unsubscribe(_, _, reference)
+            | FromSession::Presence(_, _, reference) => reference,
+            FromSession::Publish(publish) | FromSession::Request(publish, _) => publish.reference,
+            FromSession::Reply(reply) => reply.reference,
+            FromSession::Connect(..)
+            | FromSession::Disconnect(_)
+            | FromSession::Drained(_)
+            | FromSession::Identify(..) => None,
+        }
+    }
 }
 
 /// Every session's way to the router: one sender shared by all of them. Sharing it costs a

@@ -364,10 +364,16 @@ impl Handler<FromSession> for Router {
                 desks,
                 since,
                 presence,
-            } => self.subscribe_request(session, desks, since.map(|since| *since), presence),
+                reference,
+            } => {
+                let since = since.map(|since| *since);
+                self.subscribe_request(session, desks, since, presence, reference)
+            }
             FromSession::Presence(session, desk, reference) => self.presence_query(session, desk, reference),
             FromSession::Drained(session) => self.drained(session),
-            FromSession::Unsubscribe(session, desks) => self.unsubscribe(session, desks),
+            FromSession::Unsubscribe(session, desks, reference) => {
+                self.unsubscribe(session, desks, reference)
+            }
             FromSession::Publish(publish) => self.publish(publish),
             FromSession::Request(request, timeout) => self.request(request, timeout, ctx),
             FromSession::Reply(reply) => self.web_reply(reply),
@@ -377,13 +383,15 @@ impl Handler<FromSession> for Router {
 }
 
 impl Router {
-    /// A `subscribe`, live or resumed; the desks it added are announced (presence).
+    /// A `subscribe`, live or resumed; the desks it added are announced (presence). Its
+    /// answer (`subscribed` or `error`) echoes `reference`.
     fn subscribe_request(
         &mut self,
         session: Uuid,
         desks: Vec<String>,
         since: Option<BTreeMap<String, Since>>,
         presence: bool,
+        reference: Option<String>,
     ) {
         let had = |router: &Router, desk: &String| {
             router
@@ -393,10 +401,10 @@ impl Router {
         };
         let fresh: Vec<String> = desks.iter().filter(|desk| !had(self, desk)).cloned().collect();
         match since {
-            None => self.subscribe(session, desks.clone()),
+            None => self.subscribe(session, desks.clone(), reference),
             Some(since) => match self.check_desks(&desks) {
-                Some(refusal) => self.refuse(session, refusal),
-                None => self.subscribe_since(session, desks.clone(), since),
+                Some(refusal) => self.refuse(session, Refusal { reference, ..refusal }),
+                None => self.subscribe_since(session, desks.clone(), since, reference),
             },
         }
         let added: Vec<String> = fresh.into_iter().filter(|desk| had(self, desk)).collect();
@@ -405,9 +413,9 @@ impl Router {
         self.announce(Change::Subscribed, (session, user), added, None);
     }
 
-    fn subscribe(&mut self, session: Uuid, desks: Vec<String>) {
+    fn subscribe(&mut self, session: Uuid, desks: Vec<String>, reference: Option<String>) {
         if let Some(refusal) = self.check_desks(&desks) {
-            return self.refuse(session, refusal);
+            return self.refuse(session, Refusal { reference, ..refusal });
         }
         for desk in &desks {
             self.join_live(session, desk);
@@ -416,6 +424,7 @@ impl Router {
             desks: &desks,
             recovered: None,
             first_offset: None,
+            reference: reference.as_deref(),
         };
         self.reply(session, subscribed.framed());
     }
@@ -443,9 +452,9 @@ impl Router {
         }
     }
 
-    fn unsubscribe(&mut self, session: Uuid, desks: Vec<String>) {
+    fn unsubscribe(&mut self, session: Uuid, desks: Vec<String>, reference: Option<String>) {
         if let Some(refusal) = self.check_desks(&desks) {
-            return self.refuse(session, refusal);
+            return self.refuse(session, Refusal { reference, ..refusal });
         }
         let Some(entry) = self.sessions.get_mut(&session) else {
             return;
@@ -461,6 +470,7 @@ impl Router {
         let unsubscribed = ServerFrame::Unsubscribed {
             desks: &desks,
             reason: None,
+            reference: reference.as_deref(),
         };
         self.reply(session, unsubscribed.framed());
         let user = self.user_of(session);
@@ -507,6 +517,7 @@ impl Router {
         let unsubscribed = ServerFrame::Unsubscribed {
             desks: &left,
             reason: Some("permission"),
+            reference: None,
         };
         self.reply(session, unsubscribed.framed());
         let reason = Some(Reason::Permission);

@@ -169,7 +169,10 @@ impl WsSession {
     /// `unauthenticated`.
     fn refuse_frame(&self, refusal: Refusal) {
         match self.access {
-            Access::Waiting(_) => self.refuse(unauthenticated()),
+            Access::Waiting(_) => self.refuse(Refusal {
+                reference: refusal.reference,
+                ..unauthenticated()
+            }),
             _ => self.refuse(refusal),
         }
     }
@@ -205,14 +208,16 @@ impl WsSession {
         }
         self.rate.frames += 1;
         if self.rate.frames > self.env.config.ws.max_frames_per_second {
-            self.dropped(Dropped::RateLimited);
+            // Dropped unread: parsing it for its `ref` is the work the budget saves.
+            self.dropped(Dropped::RateLimited, None);
             return false;
         }
         true
     }
 
-    /// Counts a dropped frame; the first drop of a window is told to the browser.
-    fn dropped(&mut self, reason: Dropped) {
+    /// Counts a dropped frame; the first drop of a window is told to the browser, with the
+    /// frame's `ref` when it was read.
+    fn dropped(&mut self, reason: Dropped, reference: Option<String>) {
         self.env.metrics.frame_dropped(reason);
         if std::mem::replace(&mut self.rate.told, true) {
             return;
@@ -227,14 +232,17 @@ impl WsSession {
                                     notice until the second is over: retry later"
                 .to_string(),
         };
-        self.refuse(Refusal::new(ErrorCode::RateLimited, message));
+        self.refuse(Refusal {
+            reference,
+            ..Refusal::new(ErrorCode::RateLimited, message)
+        });
     }
 
     /// Hands a request to the router without waiting; a full router intake drops it.
     fn ask_router(&mut self, request: FromSession) {
         match self.env.router.try_send(request) {
             Ok(()) => {}
-            Err(SendError::Full(_)) => self.dropped(Dropped::RouterBusy),
+            Err(SendError::Full(request)) => self.dropped(Dropped::RouterBusy, request.into_reference()),
             // The router stops only at shutdown, which closes this session too.
             Err(SendError::Closed(_)) => {}
         }
@@ -249,18 +257,34 @@ impl WsSession {
             Err(refusal) => return self.refuse_frame(refusal),
         };
         match (&self.access, frame) {
-            (_, ClientFrame::Ping) => self.send(&ServerFrame::Pong.framed()),
-            (Access::Closed, _) => {}
-            (Access::Waiting(_), ClientFrame::Auth { token }) => self.authenticate(&token, ctx),
-            (Access::Waiting(_), _) => self.refuse(unauthenticated()),
-            (Access::Signed(_), ClientFrame::Refresh { token }) => self.refresh(&token, ctx),
-            (Access::Open, ClientFrame::Auth { .. } | ClientFrame::Refresh { .. }) => {
-                let message = "auth.mode is \"none\" on this bridge: no token is needed";
-                self.refuse(Refusal::new(ErrorCode::BadRequest, message));
+            (_, ClientFrame::Ping { reference }) => {
+                let reference = reference.as_deref();
+                self.send(&ServerFrame::Pong { reference }.framed())
             }
-            (Access::Signed(_), ClientFrame::Auth { .. }) => {
+            (Access::Closed, _) => {}
+            (Access::Waiting(_), ClientFrame::Auth { token, reference }) => {
+                self.authenticate(&token, reference, ctx)
+            }
+            (Access::Waiting(_), frame) => self.refuse(Refusal {
+                reference: frame.into_reference(),
+                ..unauthenticated()
+            }),
+            (Access::Signed(_), ClientFrame::Refresh { token, reference }) => {
+                self.refresh(&token, reference, ctx)
+            }
+            (Access::Open, frame @ (ClientFrame::Auth { .. } | ClientFrame::Refresh { .. })) => {
+                let message = "auth.mode is \"none\" on this bridge: no token is needed";
+                self.refuse(Refusal {
+                    reference: frame.into_reference(),
+                    ..Refusal::new(ErrorCode::BadRequest, message)
+                });
+            }
+            (Access::Signed(_), ClientFrame::Auth { reference, .. }) => {
                 let message = "this session is authenticated already; send `refresh` for a new token";
-                self.refuse(Refusal::new(ErrorCode::BadRequest, message));
+                self.refuse(Refusal {
+                    reference,
+                    ..Refusal::new(ErrorCode::BadRequest, message)
+                });
             }
             (_, request) => self.request(request),
         }
@@ -270,28 +294,32 @@ impl WsSession {
     fn request(&mut self, frame: ClientFrame) {
         let session = self.id;
         match frame {
-            ClientFrame::Subscribe { desks, .. } | ClientFrame::Unsubscribe { desks }
+            ClientFrame::Subscribe { desks, reference, .. }
+            | ClientFrame::Unsubscribe { desks, reference }
                 if desks.len() > self.env.config.ws.max_desks_per_subscribe =>
             {
                 let message = format!(
                     "at most {} desks per request (ws.max_desks_per_subscribe)",
                     self.env.config.ws.max_desks_per_subscribe
                 );
-                self.refuse(Refusal::new(ErrorCode::BadRequest, message));
+                let refusal = Refusal::new(ErrorCode::BadRequest, message);
+                self.refuse(Refusal { reference, ..refusal });
             }
             ClientFrame::Subscribe {
                 desks,
                 since,
                 presence,
+                reference,
             } => match self.allowed(&desks, Right::Subscribe) {
                 // All or nothing: one forbidden desk refuses the whole request.
-                Err(refusal) => self.refuse(refusal),
+                Err(refusal) => self.refuse(Refusal { reference, ..refusal }),
                 Ok(()) => {
                     let subscribe = FromSession::Subscribe {
                         session,
                         desks,
                         since: since.map(Box::new),
                         presence,
+                        reference,
                     };
                     self.ask_router(subscribe)
                 }
@@ -303,7 +331,9 @@ impl WsSession {
                     Ok(()) => self.ask_router(FromSession::Presence(session, desk, reference)),
                 }
             }
-            ClientFrame::Unsubscribe { desks } => self.ask_router(FromSession::Unsubscribe(session, desks)),
+            ClientFrame::Unsubscribe { desks, reference } => {
+                self.ask_router(FromSession::Unsubscribe(session, desks, reference))
+            }
             ClientFrame::Publish {
                 desk,
                 event,
@@ -351,7 +381,7 @@ impl WsSession {
                 };
                 self.ask_router(FromSession::Reply(reply));
             }
-            ClientFrame::Ping | ClientFrame::Auth { .. } | ClientFrame::Refresh { .. } => {}
+            ClientFrame::Ping { .. } | ClientFrame::Auth { .. } | ClientFrame::Refresh { .. } => {}
         }
     }
 
@@ -471,8 +501,8 @@ impl WsSession {
         }
     }
 
-    /// The `auth` frame of a waiting session: welcome, or 4401.
-    fn authenticate(&mut self, token: &Token, ctx: &mut Context<Self>) {
+    /// The `auth` frame of a waiting session: welcome, or 4401 (both with the op's `ref`).
+    fn authenticate(&mut self, token: &Token, reference: Option<String>, ctx: &mut Context<Self>) {
         match self.verifier().verify(&token.0) {
             Ok(identity) => {
                 let peer = match &self.access {
@@ -480,16 +510,20 @@ impl WsSession {
                     _ => None,
                 };
                 self.sign_in(identity, peer, ctx);
-                self.welcome();
+                self.welcome(reference.as_deref());
             }
-            Err(error) => self.turn_away(error, ctx),
+            Err(error) => self.turn_away(error, reference, ctx),
         }
     }
 
-    /// Counts and logs a refused token, tells the browser why, and closes with 4401.
-    fn turn_away(&mut self, error: AuthError, ctx: &mut Context<Self>) {
+    /// Counts and logs a refused token, tells the browser why (echoing the `auth` op's `ref`),
+    /// and closes with 4401.
+    fn turn_away(&mut self, error: AuthError, reference: Option<String>, ctx: &mut Context<Self>) {
         self.env.metrics.auth_failed(&self.peer(), &error);
-        let refusal = Refusal::new(ErrorCode::Unauthorized, error.to_string());
+        let refusal = Refusal {
+            reference,
+            ..Refusal::new(ErrorCode::Unauthorized, error.to_string())
+        };
         self.shut_out(ctx, refusal, "unauthorized");
     }
 
@@ -536,13 +570,14 @@ impl WsSession {
 
     /// `refresh`: the same user's newer token replaces the rights and the expiry; desks it no
     /// longer allows are left (the router says so with `reason: permission`).
-    fn refresh(&mut self, token: &Token, ctx: &mut Context<Self>) {
+    fn refresh(&mut self, token: &Token, reference: Option<String>, ctx: &mut Context<Self>) {
         let identity = match self.verifier().verify(&token.0) {
             Ok(identity) => identity,
             Err(error) => {
                 self.env.metrics.auth_failed(&self.peer(), &error);
                 let message = format!("{error}; the current token stays in force until it expires");
-                return self.refuse(Refusal::new(ErrorCode::Unauthorized, message));
+                let refusal = Refusal::new(ErrorCode::Unauthorized, message);
+                return self.refuse(Refusal { reference, ..refusal });
             }
         };
         let Access::Signed(signed) = &self.access else {
@@ -551,10 +586,18 @@ impl WsSession {
         if identity.user != signed.identity.user {
             let error = AuthError::OtherUser;
             self.env.metrics.auth_failed(&self.peer(), &error);
-            return self.refuse(Refusal::new(ErrorCode::Forbidden, error.to_string()));
+            let refusal = Refusal::new(ErrorCode::Forbidden, error.to_string());
+            return self.refuse(Refusal { reference, ..refusal });
         }
         let (expires_at, peer) = (identity.expires_at, signed.peer);
-        self.send(&ServerFrame::Refreshed { expires_at }.framed());
+        let reference = reference.as_deref();
+        self.send(
+            &ServerFrame::Refreshed {
+                expires_at,
+                reference,
+            }
+            .framed(),
+        );
         // Tells the router the new rights too (desks no longer allowed are left).
         self.sign_in(identity, peer, ctx);
     }
@@ -569,7 +612,8 @@ impl WsSession {
         self.shut_out(ctx, refusal, "token expired");
     }
 
-    fn welcome(&self) {
+    /// The first frame; `reference` is the `ref` of the `auth` op it answers.
+    fn welcome(&self, reference: Option<&str>) {
         let session = self.id.to_string();
         let signed = match &self.access {
             Access::Signed(signed) => Some(&signed.identity),
@@ -581,6 +625,7 @@ impl WsSession {
             desks: &self.env.config.desks,
             user: signed.map(|identity| &*identity.user),
             expires_at: signed.map(|identity| identity.expires_at),
+            reference,
         };
         self.send(&welcome.framed());
     }
@@ -588,7 +633,7 @@ impl WsSession {
     /// No `auth` frame in `auth.timeout_ms`: 4401.
     fn auth_timed_out(&mut self, ctx: &mut Context<Self>) {
         if matches!(self.access, Access::Waiting(_)) {
-            self.turn_away(AuthError::Timeout, ctx);
+            self.turn_away(AuthError::Timeout, None, ctx);
         }
     }
 }
@@ -613,7 +658,7 @@ impl Actor for WsSession {
     fn started(&mut self, ctx: &mut Self::Context) {
         // The welcome is the first frame: queued before the router knows the session.
         if !matches!(self.access, Access::Waiting(_)) {
-            self.welcome();
+            self.welcome(None);
         }
         // do_send: connect and disconnect must never be dropped, whatever the intake holds.
         self.env

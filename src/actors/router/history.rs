@@ -89,6 +89,8 @@ struct PendingSubscribe {
     waiting: HashSet<String>,
     /// Events the first replay of each desk read, held until `subscribed` goes out.
     held: HashMap<String, ReplayedEvents>,
+    /// The subscribe's `ref`, echoed in `subscribed`.
+    reference: Option<String>,
 }
 
 /// How a resumed desk starts: its cursor, and the stream read it needs first (none: the log
@@ -166,9 +168,10 @@ impl Router {
         session: Uuid,
         desks: Vec<String>,
         since: BTreeMap<String, Since>,
+        reference: Option<String>,
     ) {
         if let Some(refusal) = self.check_since(session, &desks, &since) {
-            return self.refuse(session, refusal);
+            return self.refuse(session, Refusal { reference, ..refusal });
         }
         let Some(outbox) = self.sessions.get(&session).map(|entry| entry.outbox.clone()) else {
             return;
@@ -179,6 +182,7 @@ impl Router {
             first_offset: BTreeMap::new(),
             waiting: HashSet::new(),
             held: HashMap::new(),
+            reference,
         };
         let max_snapshot = self.config.history.max_snapshot;
         let batch = self.config.history.replay_batch;
@@ -269,6 +273,7 @@ impl Router {
             desks: &pending.desks,
             recovered: any_resume.then_some(&pending.recovered),
             first_offset: (!pending.first_offset.is_empty()).then_some(&pending.first_offset),
+            reference: pending.reference.as_deref(),
         };
         self.reply(session, subscribed.framed());
         for desk in &pending.desks {
