@@ -1,10 +1,10 @@
 //! [`Untrusted`]: text that came from a browser, a token or the broker, made safe for a log line.
 //!
 //! Anything an attacker can choose (a token header's `alg`, a desk or event name, a routing
-//! key, a header value, a broker's close reason) is written through it: cut to
-//! [`MAX_CHARS`] characters as shown (an escape counts its length), so that one frame cannot write kilobytes of log, and with CR, LF
-//! and every other control character escaped, so that it cannot forge a second log line or
-//! drive a terminal. It formats in place, with no allocation.
+//! key, a header value, a broker's close reason) is written through it: cut to [`MAX_CHARS`]
+//! characters as shown (an escape counts its length), so that one frame cannot write kilobytes
+//! of log, and with CR, LF and every other control character escaped, so that it cannot forge a
+//! second log line or drive a terminal. It formats in place, with no allocation.
 
 use std::fmt::{self, Display, Write};
 

@@ -270,19 +270,25 @@ async fn a_session_may_hold_only_ws_max_pending_requests_unanswered() {
     hoarder.assert_quiet().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_message_the_broker_refuses_fails_alone_and_holds_nobody_else() {
+/// A private broker node that takes at most 4 KiB per message (a larger publish closes its
+/// channel with 406 PRECONDITION_FAILED, a refusal of that one message), and a config for `test`
+/// on it.
+fn on_a_4_kib_broker(test: &str) -> (common::private_broker::PrivateBroker, deskbridge::Config) {
     use common::private_broker::{NodeOptions, PrivateBroker};
-    // A broker that takes at most 4 KiB per message: a larger publish closes its channel with
-    // 406 PRECONDITION_FAILED, a refusal of that one message.
     let node = tokio::task::block_in_place(|| {
         PrivateBroker::start(NodeOptions {
             max_message_size: Some(4096),
             ..NodeOptions::default()
         })
     });
-    let mut config = test_config("poison");
+    let mut config = test_config(test);
     config.amqp.urls = vec![url(&node.amqp_url())];
+    (node, config)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_the_broker_refuses_fails_alone_and_holds_nobody_else() {
+    let (node, config) = on_a_4_kib_broker("poison");
     let bridge = TestBridge::start_healthy(config).await;
     let outbound = bridge.config.amqp.outbound_exchange.clone();
     let desktop = Listener::bind_at(&node.amqp_url(), &outbound, &["A_new_example", "B_new_example"]);
@@ -351,18 +357,10 @@ async fn a_message_the_broker_refuses_fails_alone_and_holds_nobody_else() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_right_behind_a_refused_message_keeps_the_connection() {
-    use common::private_broker::{NodeOptions, PrivateBroker};
     // amiquip sends a publish as several frames; one the broker's channel.close cuts short
     // makes RabbitMQ close the whole connection (505). So publishes queued right behind a
     // message the broker refuses must not be on the wire when its close comes.
-    let node = tokio::task::block_in_place(|| {
-        PrivateBroker::start(NodeOptions {
-            max_message_size: Some(4096),
-            ..NodeOptions::default()
-        })
-    });
-    let mut config = test_config("poisonburst");
-    config.amqp.urls = vec![url(&node.amqp_url())];
+    let (node, mut config) = on_a_4_kib_broker("poisonburst");
     config.ws.max_frames_per_second = 100_000;
     let bridge = TestBridge::start_healthy(config).await;
     let outbound = bridge.config.amqp.outbound_exchange.clone();
